@@ -1,0 +1,95 @@
+"""Attention kernels: dense causal (PyTorch SDPA) and block-wise sparse (window + strided + global).
+
+Both take queries/keys/values shaped (batch, heads, time, head_dim). The sparse kernel never
+builds a time x time tensor: it walks query blocks and gives SDPA only the keys a block can see,
+so memory grows like T * (window + T/stride + n_global).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_BLOCK = 128
+
+
+def dense_causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> torch.Tensor:
+    """Causal attention where the T queries are the last T of the S keys."""
+    n_query, n_key = q_BHTD.shape[2], k_BHSD.shape[2]
+    gqa = q_BHTD.shape[1] != k_BHSD.shape[1]
+    if n_query == n_key:
+        return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True, enable_gqa=gqa)
+    if n_query == 1:
+        return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, enable_gqa=gqa)
+    offset = n_key - n_query
+    q_pos = torch.arange(offset, n_key, device=q_BHTD.device)
+    mask_TS = torch.arange(n_key, device=q_BHTD.device)[None, :] <= q_pos[:, None]
+    return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask_TS, enable_gqa=gqa)
+
+
+def sparse_causal_attention(
+    q_BHTD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    *,
+    window: int,
+    stride: int,
+    q_start: int = 0,
+    k_start: int = 0,
+    k_extra_BHED: torch.Tensor | None = None,
+    v_extra_BHED: torch.Tensor | None = None,
+    block: int = DEFAULT_BLOCK,
+) -> torch.Tensor:
+    """Sparse causal attention over a contiguous run of keys plus always-visible extra keys.
+
+    Queries sit at absolute positions q_start.., keys of the run at k_start.. (k_start <= q_start,
+    the run reaching the last query). Query i sees run key j when j <= i and either
+    j > i - window (local) or (j + 1) % stride == 0 (strided summary). The extra keys (the
+    layer's global slots, and during decoding the strided entries evicted from the run) are
+    visible to every query. Training calls this with q_start = k_start = 0.
+    """
+    n_head = q_BHTD.shape[1]
+    k_BHSD, v_BHSD = _repeat_kv(k_BHSD, n_head), _repeat_kv(v_BHSD, n_head)
+    if k_extra_BHED is not None:
+        k_extra_BHED, v_extra_BHED = _repeat_kv(k_extra_BHED, n_head), _repeat_kv(v_extra_BHED, n_head)
+    n_query = q_BHTD.shape[2]
+    outs = []
+    for b0 in range(0, n_query, block):
+        b1 = min(b0 + block, n_query)
+        first, last = q_start + b0, q_start + b1 - 1  # absolute positions of the block's queries
+        span_start = max(k_start, first - window + 1)
+        far_idx = strided_positions(k_start, span_start, stride, q_BHTD.device) - k_start
+        span = slice(span_start - k_start, last + 1 - k_start)
+        keys = [k_BHSD.index_select(2, far_idx), k_BHSD[:, :, span]]
+        values = [v_BHSD.index_select(2, far_idx), v_BHSD[:, :, span]]
+        if k_extra_BHED is not None:
+            keys.insert(0, k_extra_BHED)
+            values.insert(0, v_extra_BHED)
+        n_always = sum(t.shape[2] for t in keys[:-1])
+        mask = _block_mask(first, last, span_start, n_always, window, stride, q_BHTD.device)
+        q_blk = q_BHTD[:, :, b0:b1]
+        outs.append(F.scaled_dot_product_attention(q_blk, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask))
+    return torch.cat(outs, dim=2)
+
+
+def _repeat_kv(x_BHSD: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Grouped-query attention: share each key/value head across n_head / n_kv_head query heads."""
+    n_kv = x_BHSD.shape[1]
+    return x_BHSD if n_kv == n_head else x_BHSD.repeat_interleave(n_head // n_kv, dim=1)
+
+
+def strided_positions(begin: int, end: int, stride: int, device: torch.device) -> torch.Tensor:
+    """Absolute positions p in [begin, end) with (p + 1) % stride == 0."""
+    first = begin + (-(begin + 1)) % stride
+    return torch.arange(first, max(first, end), stride, device=device)
+
+
+def _block_mask(
+    first: int, last: int, span_start: int, n_always: int, window: int, stride: int, device: torch.device
+) -> torch.Tensor:
+    """Mask (queries, n_always + span keys): always-visible columns, then the local/strided span."""
+    q_pos = torch.arange(first, last + 1, device=device)[:, None]
+    k_pos = torch.arange(span_start, last + 1, device=device)[None, :]
+    visible = (k_pos <= q_pos) & ((k_pos > q_pos - window) | ((k_pos + 1) % stride == 0))
+    always = torch.ones(q_pos.shape[0], n_always, dtype=torch.bool, device=device)
+    return torch.cat([always, visible], dim=1)

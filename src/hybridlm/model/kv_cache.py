@@ -1,0 +1,88 @@
+"""Decoding caches. Dense layers keep every key; sparse layers keep only what they can still see.
+
+A sparse layer's cache holds the last window-1 keys (the rolling local run) plus the strided
+summary keys that have left the window, so its size is O(window + T/stride); the global slots
+are parameters and are not copied.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hybridlm.model.attention import strided_positions, dense_causal_attention, sparse_causal_attention
+
+
+class DenseKVCache:
+    """Full key/value history in a buffer sized for the whole context."""
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.k_BHSD: torch.Tensor | None = None
+        self.v_BHSD: torch.Tensor | None = None
+
+    def attend(self, q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> torch.Tensor:
+        if self.k_BHSD is None:
+            shape = (*k_BHTD.shape[:2], self.max_len, k_BHTD.shape[3])
+            self.k_BHSD = k_BHTD.new_empty(shape)
+            self.v_BHSD = v_BHTD.new_empty(shape)
+        end = self.length + k_BHTD.shape[2]
+        self.k_BHSD[:, :, self.length : end] = k_BHTD
+        self.v_BHSD[:, :, self.length : end] = v_BHTD
+        self.length = end
+        return dense_causal_attention(q_BHTD, self.k_BHSD[:, :, :end], self.v_BHSD[:, :, :end])
+
+    def nbytes(self) -> int:
+        """Bytes of cached keys and values actually in use."""
+        if self.k_BHSD is None:
+            return 0
+        per_pos = self.k_BHSD[:, :, :1].nelement() * self.k_BHSD.element_size()
+        return 2 * per_pos * self.length
+
+
+class SparseKVCache:
+    """Rolling local run + evicted strided keys for one sparse layer."""
+
+    def __init__(self, window: int, stride: int) -> None:
+        self.window, self.stride = window, stride
+        self.length = 0  # tokens seen so far
+        self.run_start = 0  # absolute position of run_k[:, :, 0]
+        self.run_k = self.run_v = self.far_k = self.far_v = None
+
+    def attend(
+        self,
+        q_BHTD: torch.Tensor,
+        k_BHTD: torch.Tensor,
+        v_BHTD: torch.Tensor,
+        k_global_BHGD: torch.Tensor | None,
+        v_global_BHGD: torch.Tensor | None,
+    ) -> torch.Tensor:
+        run_k = k_BHTD if self.run_k is None else torch.cat([self.run_k, k_BHTD], dim=2)
+        run_v = v_BHTD if self.run_v is None else torch.cat([self.run_v, v_BHTD], dim=2)
+        extra_k = [t for t in (k_global_BHGD, self.far_k) if t is not None]
+        extra_v = [t for t in (v_global_BHGD, self.far_v) if t is not None]
+        out = sparse_causal_attention(
+            q_BHTD, run_k, run_v, window=self.window, stride=self.stride,
+            q_start=self.length, k_start=self.run_start,
+            k_extra_BHED=torch.cat(extra_k, 2) if extra_k else None,
+            v_extra_BHED=torch.cat(extra_v, 2) if extra_v else None,
+        )
+        self._roll(run_k, run_v, self.length + k_BHTD.shape[2])
+        return out
+
+    def _roll(self, run_k: torch.Tensor, run_v: torch.Tensor, new_length: int) -> None:
+        """Keep the last window-1 keys; move strided keys that leave the run to the far store."""
+        keep_from = max(self.run_start, new_length - (self.window - 1))
+        evicted = strided_positions(self.run_start, keep_from, self.stride, run_k.device) - self.run_start
+        if evicted.numel():
+            far_k, far_v = run_k.index_select(2, evicted), run_v.index_select(2, evicted)
+            self.far_k = far_k if self.far_k is None else torch.cat([self.far_k, far_k], 2)
+            self.far_v = far_v if self.far_v is None else torch.cat([self.far_v, far_v], 2)
+        cut = keep_from - self.run_start
+        self.run_k, self.run_v = run_k[:, :, cut:].contiguous(), run_v[:, :, cut:].contiguous()
+        self.run_start, self.length = keep_from, new_length
+
+    def nbytes(self) -> int:
+        """Bytes of cached keys and values (run + strided store)."""
+        tensors = (self.run_k, self.run_v, self.far_k, self.far_v)
+        return sum(t.nelement() * t.element_size() for t in tensors if t is not None)

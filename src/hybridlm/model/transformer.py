@@ -1,0 +1,158 @@
+"""The hybrid-attention transformer: embeddings, pre-norm blocks, LM head.
+
+Each block's attention kind comes from its LayerSpec (see layout.py); the forward pass is the
+same for dense and sparse layers except for the attention call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridlm.config import ModelConfig
+from hybridlm.model.attention import dense_causal_attention, sparse_causal_attention
+from hybridlm.model.kv_cache import DenseKVCache, SparseKVCache
+from hybridlm.model.layout import LayerSpec, resolve_layers
+from hybridlm.model.positions import Rotary, sinusoidal_table
+
+LayerCache = DenseKVCache | SparseKVCache
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Attention(nn.Module):
+    """Multi-head (optionally grouped-query) attention of one kind: dense or sparse."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, rotary: Rotary | None) -> None:
+        super().__init__()
+        self.spec, self.rotary = spec, rotary
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if spec.sparse and spec.n_global:
+            self.k_global = nn.Parameter(torch.zeros(cfg.n_kv_head, spec.n_global, cfg.head_dim))
+            self.v_global = nn.Parameter(torch.zeros(cfg.n_kv_head, spec.n_global, cfg.head_dim))
+        else:
+            self.k_global = self.v_global = None
+
+    def forward(self, x_BTC: torch.Tensor, start: int, cache: LayerCache | None) -> torch.Tensor:
+        B, T, _ = x_BTC.shape
+        q, k, v = self.qkv(x_BTC).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q_BHTD = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k_BHTD = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v_BHTD = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            q_BHTD, k_BHTD = self.rotary(q_BHTD, start), self.rotary(k_BHTD, start)
+        y_BHTD = self._attend(q_BHTD, k_BHTD, v_BHTD, cache)
+        return self.dropout(self.proj(y_BHTD.transpose(1, 2).reshape(B, T, -1)))
+
+    def _attend(self, q, k, v, cache: LayerCache | None) -> torch.Tensor:
+        if not self.spec.sparse:
+            return dense_causal_attention(q, k, v) if cache is None else cache.attend(q, k, v)
+        kg = vg = None
+        if self.k_global is not None:
+            batch = q.shape[0]
+            kg = self.k_global.to(k.dtype).expand(batch, -1, -1, -1)
+            vg = self.v_global.to(v.dtype).expand(batch, -1, -1, -1)
+        if cache is not None:
+            return cache.attend(q, k, v, kg, vg)
+        return sparse_causal_attention(
+            q, k, v, window=self.spec.window, stride=self.spec.stride, k_extra_BHED=kg, v_extra_BHED=vg
+        )
+
+
+class FeedForward(nn.Module):
+    """GELU MLP or SwiGLU."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gated = cfg.ffn == "swiglu"
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.gated else 1), bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = self.up(x_BTC).chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.gelu(self.up(x_BTC), approximate="tanh")
+        return self.dropout(self.down(hidden))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, rotary: Rotary | None) -> None:
+        super().__init__()
+        self.norm1, self.attn = _norm(cfg), Attention(cfg, spec, rotary)
+        self.norm2, self.ffn = _norm(cfg), FeedForward(cfg)
+
+    def forward(self, x_BTC: torch.Tensor, start: int, cache: LayerCache | None) -> torch.Tensor:
+        x_BTC = x_BTC + self.attn(self.norm1(x_BTC), start, cache)
+        return x_BTC + self.ffn(self.norm2(x_BTC))
+
+
+class HybridLM(nn.Module):
+    """Decoder-only language model with per-layer dense or sparse attention."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.specs = resolve_layers(cfg)
+        rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        if cfg.position == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, spec, rotary) for spec in self.specs)
+        self.norm_f = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "ffn.down.weight")):
+                nn.init.normal_(p, std=residual_std)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def new_cache(self) -> list[LayerCache]:
+        """Empty per-layer caches for incremental decoding."""
+        return [
+            SparseKVCache(spec.window, spec.stride) if spec.sparse else DenseKVCache(self.cfg.max_seq_len)
+            for spec in self.specs
+        ]
+
+    def forward(self, ids_BT: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab). With a cache, ids continue the sequence the cache has seen."""
+        start = 0 if cache is None else cache[0].length
+        T = ids_BT.shape[1]
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.max_seq_len}")
+        x_BTC = self.tok_emb(ids_BT)
+        if self.pos_emb is not None:
+            x_BTC = x_BTC + self.pos_emb(torch.arange(start, start + T, device=ids_BT.device))
+        elif self.cfg.position == "sinusoidal":
+            x_BTC = x_BTC + self.pos_table[start : start + T]
+        x_BTC = self.drop(x_BTC)
+        for i, block in enumerate(self.blocks):
+            x_BTC = block(x_BTC, start, None if cache is None else cache[i])
+        return self.lm_head(self.norm_f(x_BTC))

@@ -1,0 +1,208 @@
+"""The `hybridlm` command: one small typed function per verb, each calling the library.
+
+Contract (DESIGN.md section 4): `--json` prints exactly one JSON document on stdout, progress
+goes to stderr; exit 0 on success, 2 on bad input (one line saying what to fix), 1 on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from hybridlm.errors import UserError
+
+
+def _emit(obj: dict, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(obj, indent=2) if as_json else text)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hybridlm")
+def app() -> None:
+    """hybridlm: hybrid-attention language models from raw text to generated text."""
+
+
+@app.group()
+def model() -> None:
+    """Inspect model configs."""
+
+
+@model.command("info")
+@click.option("--preset", "preset_name", required=True, help="Preset name (tiny, small, gpt2-124m, paper-7b, paper-30b).")
+@click.option("--context", type=int, default=None, help="Context length N (default: the preset's).")
+@json_option
+def model_info_cmd(preset_name: str, context: int | None, as_json: bool) -> None:
+    """Parameters, FLOPs per token, KV cache and training memory of a preset."""
+    from hybridlm.config import preset
+    from hybridlm.model.info import model_info
+
+    if context is not None and context <= 0:
+        raise UserError(f"--context must be > 0 (got {context})")
+    info = {"preset": preset_name, **model_info(preset(preset_name), context)}
+    _emit(info, as_json, _format_info(info))
+
+
+def _format_info(info: dict) -> str:
+    gib = 1024**3
+    return "\n".join([
+        f"preset            {info['preset']} ({info['layer_pattern']})",
+        f"parameters        {info['params']:,} ({info['params_non_embedding']:,} outside embeddings)",
+        f"FLOPs/token       {info['flops_per_token']:.4g} (all-dense: {info['flops_per_token_dense']:.4g}) at context {info['context']:,}",
+        f"KV cache          {info['kv_cache_bytes'] / gib:.3f} GiB (all-dense: {info['kv_cache_bytes_dense'] / gib:.3f} GiB), bf16",
+        f"training memory   {info['train_memory_bytes'] / gib:.2f} GiB ({info['train_memory_note']})",
+    ])
+
+
+@app.group()
+def tokenizer() -> None:
+    """Train tokenizers."""
+
+
+@tokenizer.command("train")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Where to write tokenizer.json.")
+@click.option("--kind", type=click.Choice(["bpe", "unigram"]), default="bpe", show_default=True)
+@click.option("--vocab-size", type=int, default=8192, show_default=True)
+@click.option("--field", default="text", show_default=True, help="JSONL field holding the text.")
+@click.option("--doc-split", type=click.Choice(["paragraph", "line", "file"]), default="paragraph", show_default=True)
+@json_option
+def tokenizer_train_cmd(sources, out: Path, kind: str, vocab_size: int, field: str, doc_split: str, as_json: bool) -> None:
+    """Train a byte-level BPE or Unigram tokenizer on SOURCES (files, dirs, globs, stdlib-docs)."""
+    from hybridlm.data.sources import iter_documents, resolve_source
+    from hybridlm.tokenizer import train_tokenizer
+
+    resolved = [resolve_source(s, field=field, doc_split=doc_split) for s in sources]
+    texts = (doc for src in resolved for doc in iter_documents(src))
+    tok = train_tokenizer(texts, kind=kind, vocab_size=vocab_size)
+    out = out / "tokenizer.json" if out.is_dir() else out
+    tok.save(out)
+    _emit({"path": str(out), "vocab_size": tok.vocab_size, "kind": kind}, as_json,
+          f"wrote {out} ({kind}, {tok.vocab_size} tokens)")
+
+
+@app.command("prepare")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output data directory.")
+@click.option("--val-fraction", type=float, default=0.05, show_default=True)
+@click.option("--field", default="text", show_default=True, help="JSONL field holding the text.")
+@click.option("--doc-split", type=click.Choice(["paragraph", "line", "file"]), default="paragraph", show_default=True)
+@json_option
+def prepare_cmd(sources, tokenizer_path: Path, out: Path, val_fraction: float, field: str, doc_split: str,
+                as_json: bool) -> None:
+    """Tokenize SOURCES into train/validation token shards plus meta.json."""
+    from hybridlm.data.prepare import prepare
+
+    meta = prepare(list(sources), tokenizer_path, out, val_fraction=val_fraction, field=field, doc_split=doc_split)
+    splits = meta["splits"]
+    _emit({"out": str(out), **{s: {k: v[k] for k in ("tokens", "bytes", "docs")} for s, v in splits.items()}},
+          as_json, f"wrote {out}: train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} tokens")
+
+
+@app.command("train", context_settings={"ignore_unknown_options": True})
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="TOML config file.")
+@click.option("--resume", is_flag=True, help="Continue the run in train.out from its last valid checkpoint.")
+@click.argument("overrides", nargs=-1)
+@json_option
+def train_cmd(config_path: Path | None, resume: bool, overrides, as_json: bool) -> None:
+    """Train a model: hybridlm train --config FILE.toml [section.key=value ...]."""
+    from hybridlm.train.args import load_run_config
+    from hybridlm.train.trainer import train
+
+    result = train(load_run_config(config_path, list(overrides)), resume=resume)
+    _emit(result, as_json, f"trained {result['steps']} steps -> {result['run_dir']} "
+                           f"(val bpb {result.get('val_bpb', float('nan')):.3f})")
+
+
+@app.command("generate")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Run directory.")
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@json_option
+def generate_cmd(model_dir: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                 repetition_penalty: float, seed: int | None, stop, as_json: bool) -> None:
+    """Continue PROMPT with a trained model, streaming text to stdout."""
+    from hybridlm.inference.generate import generate_text
+    from hybridlm.inference.sampling import SamplingParams
+    from hybridlm.run import load_run
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
+    run = load_run(model_dir)
+    pieces = generate_text(run, prompt, params)
+    if as_json:
+        _emit({"prompt": prompt, "text": "".join(pieces)}, True, "")
+        return
+    click.echo(prompt, nl=False)
+    for piece in pieces:
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@app.group("eval")
+def eval_group() -> None:
+    """Evaluate models."""
+
+
+@eval_group.command("perplexity")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Run directory.")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
+              help="A text file, or a prepared data directory (its validation split).")
+@click.option("--stride", type=int, default=None, help="Sliding-window stride in tokens (default: the context).")
+@json_option
+def eval_perplexity_cmd(model_dir: Path, data_path: Path, stride: int | None, as_json: bool) -> None:
+    """Loss, perplexity and bits per byte of a model on a text file or a validation split."""
+    from hybridlm.eval.perplexity import evaluate_path
+    from hybridlm.run import load_run
+
+    result = evaluate_path(load_run(model_dir), data_path, stride)
+    _emit(result, as_json, f"loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  bpb {result['bpb']:.4f}  "
+                           f"({result['tokens']:,} tokens, {result['bytes']:,} bytes)")
+
+
+@app.command("quickstart")
+@click.option("--preset", "preset_name", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/quickstart"), show_default=True)
+@json_option
+def quickstart_cmd(preset_name: str, out: Path, as_json: bool) -> None:
+    """Tokenizer -> prepare -> train -> evaluate -> generate on the built-in stdlib-docs corpus."""
+    from hybridlm.quickstart import format_summary, run_quickstart
+
+    summary = run_quickstart(preset_name, out, progress=True)
+    _emit(summary, as_json, format_summary(summary))
+
+
+def main() -> None:
+    """Entry point: map bad input to exit 2 and failures to exit 1, each with one line."""
+    try:
+        app.main(standalone_mode=False, prog_name="hybridlm")
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if os.environ.get("HYBRIDLM_DEBUG"):
+            traceback.print_exc()
+        click.echo(f"error: {type(exc).__name__}: {exc} (set HYBRIDLM_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""Data: document sources, the built-in corpus, token shards and the batch loader."""

@@ -1,0 +1,1 @@
+"""Inference: sampling, the token-id engine, and text streaming with stop strings."""

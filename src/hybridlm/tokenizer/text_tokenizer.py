@@ -1,0 +1,81 @@
+"""A thin wrapper over a Hugging Face `tokenizers.Tokenizer` with our special tokens.
+
+Text is encoded with special-token matching off, so a document that happens to contain
+"<|eos|>" is encoded as plain bytes and decodes back exactly; special tokens enter only by id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from hybridlm.errors import UserError
+from hybridlm.fileio import atomic_write_text
+
+SPECIAL_TOKENS: dict[str, str] = {
+    "bos": "<|bos|>",
+    "eos": "<|eos|>",
+    "pad": "<|pad|>",
+    "mask": "<|mask|>",
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "end": "<|end|>",
+}
+
+
+class TextTokenizer:
+    """Text <-> token ids, plus the ids of the special tokens."""
+
+    def __init__(self, hf: Tokenizer) -> None:
+        missing = [tok for tok in SPECIAL_TOKENS.values() if hf.token_to_id(tok) is None]
+        if missing:
+            raise UserError(f"tokenizer lacks special tokens {missing}; train it with `hybridlm tokenizer train`")
+        hf.encode_special_tokens = True
+        self.hf = hf
+        self.special_ids = {role: hf.token_to_id(tok) for role, tok in SPECIAL_TOKENS.items()}
+
+    @classmethod
+    def load(cls, path: Path) -> "TextTokenizer":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"tokenizer file not found: {path}; train one with `hybridlm tokenizer train`")
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as exc:  # the Rust side raises plain Exception with its parse error
+            raise UserError(f"{path} is not a valid tokenizer.json ({exc}); retrain it") from None
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, self.to_json())
+
+    def to_json(self) -> str:
+        return self.hf.to_str(pretty=True)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids["eos"]
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once; the Rust side spreads the batch over all cores."""
+        return [enc.ids for enc in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)

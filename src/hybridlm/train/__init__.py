@@ -1,0 +1,1 @@
+"""Training: run config, optimizer and schedule, checkpoints, the loop."""

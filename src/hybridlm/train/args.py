@@ -1,0 +1,97 @@
+"""Training configuration and the resolved run config (model + training) built from TOML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from hybridlm.config import ModelConfig, preset
+from hybridlm.errors import UserError
+from hybridlm.settings import apply_overrides, build, checked_kwargs, load_toml
+
+DTYPES = ("auto", "bf16", "fp32")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """How to train: data, run directory, optimisation and bookkeeping."""
+
+    data: str = ""
+    """Prepared data directory (from `hybridlm prepare`)."""
+    out: str = "runs/run"
+    """Run directory to write."""
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seq_len: int = 256
+    """Tokens per training sequence (at most model.max_seq_len)."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine decay, as a fraction of lr."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices and embeddings (not on norms and biases)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    dtype: str = "auto"
+    """auto (bf16 where the hardware has it), bf16 (autocast, fp32 master weights) or fp32."""
+    eval_every: int = 100
+    """Evaluate on the validation split every N steps (and at the end); 0 = only at the end."""
+    eval_tokens: int = 65536
+    """Validation tokens per evaluation."""
+    checkpoint_every: int = 100
+    """Write a checkpoint every N steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    log_every: int = 10
+    """Write a training record to metrics.jsonl every N steps."""
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_tokens", "checkpoint_every",
+                     "keep_checkpoints", "log_every"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be > 0 (got {getattr(self, name)})")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise UserError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise UserError("train.warmup_steps, eval_every, grad_clip and weight_decay must be >= 0")
+        if self.dtype not in DTYPES:
+            raise UserError(f"train.dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
+
+
+def load_run_config(path: Path | None, overrides: list[str]) -> RunConfig:
+    """Read a TOML config (sections [model] and [train]), apply overrides, validate."""
+    doc = apply_overrides(load_toml(path) if path else {}, overrides)
+    unknown = sorted(set(doc) - {"model", "train"})
+    if unknown:
+        raise UserError(f"unknown config section(s) {', '.join(unknown)}; known sections: model, train")
+    return run_config_from_dict(doc)
+
+
+def run_config_from_dict(doc: dict) -> RunConfig:
+    """[model] takes any ModelConfig field plus `preset` (fields then override the preset)."""
+    model_kwargs = checked_kwargs(ModelConfig, dict(doc.get("model", {})), "model", extra={"preset": str})
+    preset_name = model_kwargs.pop("preset", None)
+    model = preset(preset_name, **model_kwargs) if preset_name else ModelConfig(**model_kwargs)
+    train = build(TrainConfig, dict(doc.get("train", {})), "train")
+    if train.seq_len > model.max_seq_len:
+        raise UserError(f"train.seq_len ({train.seq_len}) exceeds model.max_seq_len ({model.max_seq_len})")
+    return RunConfig(model=model, train=train)

@@ -1,0 +1,105 @@
+"""The CLI end to end in real subprocesses: the tiny quickstart, generation, evaluation, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import shared_file
+
+
+def hybridlm(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hybridlm", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("qs") / "quick"
+    result = hybridlm("quickstart", "--preset", "tiny", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def test_quickstart_tiny_beats_the_unigram_baseline(quickstart):
+    for key in ("run_dir", "params", "train_tokens", "seconds", "val_bpb", "unigram_bpb", "sample"):
+        assert key in quickstart
+    assert quickstart["val_bpb"] < quickstart["unigram_bpb"]
+    run = Path(quickstart["run_dir"])
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "metrics.jsonl", "lineage.json"):
+        assert (run / name).is_file(), name
+    lineage = json.loads((run / "lineage.json").read_text())
+    assert lineage["sources"][0]["spec"] == "stdlib-docs" and len(lineage["sources"][0]["sha256"]) == 64
+    assert quickstart["sample"]
+
+
+def test_generate_is_seeded_streams_and_stops(quickstart):
+    run = quickstart["run_dir"]
+    args = ("generate", "--model", run, "--prompt", "The value", "--seed", "3", "--max-new-tokens", "40", "--json")
+    first, second = hybridlm(*args), hybridlm(*args)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["text"] == json.loads(second.stdout)["text"]
+    text = json.loads(first.stdout)["text"]
+    stop = text.strip()[:3]
+    stopped = hybridlm(*args, "--stop", stop)
+    assert stop not in json.loads(stopped.stdout)["text"]
+    plain = hybridlm("generate", "--model", run, "--prompt", "The value", "--seed", "3", "--max-new-tokens", "40")
+    assert plain.stdout.rstrip("\n") == "The value" + text
+
+
+def test_eval_perplexity_on_a_text_file(quickstart):
+    path = shared_file("tinyshakespeare/input.txt")
+    result = hybridlm("eval", "perplexity", "--model", quickstart["run_dir"], "--data", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["bytes"] == path.stat().st_size
+    assert metrics["tokens"] > 100_000 and metrics["bpb"] > 0 and metrics["ppl"] > 1
+
+
+def test_model_info_json():
+    result = hybridlm("model", "info", "--preset", "small", "--context", "8192", "--json")
+    info = json.loads(result.stdout)
+    assert {"params", "flops_per_token", "kv_cache_bytes", "kv_cache_bytes_dense"} <= info.keys()
+    assert info["kv_cache_bytes"] * 2 < info["kv_cache_bytes_dense"]
+
+
+def _bad(result: subprocess.CompletedProcess, needle: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert needle in lines[0], lines[0]
+
+
+def test_bad_inputs_get_one_line_and_exit_2(tmp_path, quickstart):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    tok = str(Path(quickstart["run_dir"]) / "tokenizer.json")
+    _bad(hybridlm("tokenizer", "train", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.json")),
+         "not a file, directory or glob")
+    _bad(hybridlm("tokenizer", "train", str(empty), "--out", str(tmp_path / "t.json")), "is empty")
+    _bad(hybridlm("tokenizer", "train", "stdlib-docs:qa", "--vocab-size", "100", "--out", str(tmp_path / "t.json")),
+         "at least 264")
+    _bad(hybridlm("prepare", str(empty), "--tokenizer", tok, "--out", str(tmp_path / "d")), "is empty")
+    _bad(hybridlm("train", 'model.preset="tiny"', "model.windw=3"), "known keys:")
+    _bad(hybridlm("train", 'model.preset="tiny"', "model.n_layer=4", "model.n_dense_layers=6"),
+         "n_dense_layers (6) is larger than model.n_layer (4)")
+    _bad(hybridlm("train", 'model.preset="tiny"', "model.window=0"), "model.window must be > 0")
+    _bad(hybridlm("train", "--resume", f"train.out={tmp_path / 'nothing'}"), "nothing to resume")
+    _bad(hybridlm("generate", "--model", quickstart["run_dir"], "--prompt", "word " * 400), "shorten the prompt")
+    _bad(hybridlm("generate", "--model", str(tmp_path), "--prompt", "x"), "not a hybridlm run directory")
+    _bad(hybridlm("model", "info", "--preset", "huge"), "known presets")
+    _bad(hybridlm("model", "info"), "Missing option '--preset'")
+
+
+def test_tampered_model_is_refused_and_nothing_is_damaged(tmp_path, quickstart):
+    run = tmp_path / "run"
+    shutil.copytree(quickstart["run_dir"], run)
+    weights = run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    _bad(hybridlm("generate", "--model", str(run), "--prompt", "x"), "does not match its recorded sha256")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -1,0 +1,115 @@
+"""Sources, token shards and the batch loader, on real files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import shared_file
+from hybridlm.data.loader import BatchSampler, TokenStream
+from hybridlm.data.prepare import prepare, token_dtype
+from hybridlm.data.sources import iter_documents, resolve_source
+from hybridlm.errors import UserError
+from hybridlm.tokenizer import TextTokenizer, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    text = shared_file("tinyshakespeare/input.txt").read_text()
+    train_tokenizer(text.split("\n\n"), vocab_size=500).save(path)
+    return path
+
+
+def test_text_file_splits_into_paragraphs(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("one\ntwo\n\n\nthree\n\nfour")
+    assert list(iter_documents(resolve_source(str(f)))) == ["one\ntwo", "three", "four"]
+    assert list(iter_documents(resolve_source(str(f), doc_split="line"))) == ["one", "two", "three", "four"]
+
+
+def test_directory_glob_and_jsonl(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "b.txt").write_text("bee")
+    (tmp_path / "d" / "a.md").write_text("ay")
+    (tmp_path / "d" / "skip.bin").write_bytes(b"\x00")
+    assert list(iter_documents(resolve_source(str(tmp_path / "d")))) == ["ay", "bee"]
+    assert list(iter_documents(resolve_source(str(tmp_path / "d" / "*.txt")))) == ["bee"]
+    jl = tmp_path / "x.jsonl"
+    jl.write_text(json.dumps({"body": "first"}) + "\n\n" + json.dumps({"body": "second"}) + "\n")
+    assert list(iter_documents(resolve_source(str(jl), field="body"))) == ["first", "second"]
+
+
+def test_builtin_corpus_parts_are_deterministic():
+    first = list(iter_documents(resolve_source("stdlib-docs:qa")))
+    assert len(first) > 500 and first[0].startswith("Question: What does `")
+    assert first == list(iter_documents(resolve_source("stdlib-docs:qa")))
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [("/no/such/file.txt", "not a file, directory or glob"), ("stdlib-docs:nope", "unknown part")],
+)
+def test_bad_sources(spec, message):
+    with pytest.raises(UserError, match=message):
+        resolve_source(spec)
+
+
+def test_empty_file_is_refused(tmp_path):
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(UserError, match="empty"):
+        resolve_source(str(tmp_path / "e.txt"))
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    jl = tmp_path / "bad.jsonl"
+    jl.write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(UserError, match="bad.jsonl:2"):
+        list(iter_documents(resolve_source(str(jl))))
+
+
+def test_prepare_is_deterministic_and_splits_by_document(tmp_path, tok_path):
+    src = str(shared_file("tinyshakespeare/input.txt"))
+    meta_a = prepare([src], tok_path, tmp_path / "a", val_fraction=0.1, shard_tokens=50_000)
+    meta_b = prepare([src], tok_path, tmp_path / "b", val_fraction=0.1, shard_tokens=50_000)
+    assert meta_a["splits"] == meta_b["splits"]
+    train, val = meta_a["splits"]["train"], meta_a["splits"]["val"]
+    assert len(train["shards"]) > 1 and meta_a["dtype"] == "uint16"
+    assert val["docs"] == (train["docs"] + val["docs"]) // 10
+    assert train["bytes"] + val["bytes"] == meta_a["sources"][0]["bytes"]
+    tokenizer = TextTokenizer.load(tok_path)
+    stream = TokenStream(tmp_path / "a", "val")
+    assert stream.tokens == val["tokens"]
+    first_doc = stream.window(0, stream.tokens)
+    end = int(np.argmax(first_doc == tokenizer.eos_id))
+    assert tokenizer.decode(first_doc[:end].tolist()) in shared_file("tinyshakespeare/input.txt").read_text()
+
+
+def test_token_dtype_widens_for_large_vocabularies():
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+def test_failed_prepare_leaves_existing_output_intact(tmp_path, tok_path):
+    src = tmp_path / "in.txt"
+    src.write_text("hello there\n\ngeneral\n\n" * 50)
+    prepare([str(src)], tok_path, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(UserError):
+        prepare([str(src), str(tmp_path / "missing.txt")], tok_path, tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_batches_depend_only_on_step(tmp_path, tok_path):
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"line {i} of text\n\n" for i in range(500)))
+    prepare([str(src)], tok_path, tmp_path / "d")
+    stream = TokenStream(tmp_path / "d", "train")
+    a = BatchSampler(stream, 16, 4, seed=1)
+    b = BatchSampler(stream, 16, 4, seed=1)
+    x1, y1 = a.batch(7)
+    x2, y2 = b.batch(7)
+    assert x1.equal(x2) and y1.equal(y2)
+    assert x1[:, 1:].equal(y1[:, :-1])  # targets are inputs shifted by one
+    assert not a.batch(8)[0].equal(x1)

@@ -1,0 +1,57 @@
+"""Sampling rules and stop-string streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridlm.errors import UserError
+from hybridlm.inference.sampling import SamplingParams, choose_token
+from hybridlm.inference.text import stream_text
+from hybridlm.tokenizer import train_tokenizer
+
+LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0])
+NONE = torch.tensor([], dtype=torch.long)
+
+
+def _draws(params: SamplingParams, seen=NONE, n=300) -> set[int]:
+    gen = torch.Generator().manual_seed(0)
+    return {choose_token(LOGITS, params, seen, gen) for _ in range(n)}
+
+
+def test_greedy_and_top_k_1_pick_the_argmax():
+    assert _draws(SamplingParams(temperature=0)) == {1}
+    assert _draws(SamplingParams(temperature=1.0, top_k=1)) == {1}
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    assert _draws(SamplingParams(temperature=1.0, top_k=2)) == {1, 2}
+    assert _draws(SamplingParams(temperature=1.0, top_p=0.5)) == {1}  # p(1) ~ 0.52 alone reaches 0.5
+    assert _draws(SamplingParams(temperature=5.0), n=2000) == {0, 1, 2, 3, 4}
+
+
+def test_repetition_penalty_demotes_seen_tokens():
+    assert _draws(SamplingParams(temperature=0, repetition_penalty=2.0), seen=torch.tensor([1])) == {2}
+
+
+def test_same_seed_same_draws():
+    params = SamplingParams(temperature=1.0)
+    a = [choose_token(LOGITS, params, NONE, torch.Generator().manual_seed(5)) for _ in range(1)]
+    b = [choose_token(LOGITS, params, NONE, torch.Generator().manual_seed(5)) for _ in range(1)]
+    assert a == b
+
+
+def test_invalid_params():
+    with pytest.raises(UserError):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(UserError):
+        SamplingParams(top_p=0)
+
+
+def test_stream_stops_at_stop_string_and_never_leaks_it():
+    tok = train_tokenizer(["hello world. STOP here. more text"] * 10, vocab_size=300)
+    ids = tok.encode("hello world. STOP here. more text")
+    pieces = list(stream_text(tok, ids, stop=("STOP",)))
+    assert "".join(pieces) == "hello world. "
+    assert all("S" not in p for p in pieces)
+    assert "".join(stream_text(tok, ids)) == "hello world. STOP here. more text"

@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_BLOCK = 128
+from hybridlm.model.sparse_flash import FAST_DTYPES, SparseFlashAttention
+
+DEFAULT_BLOCK = 256  # query block of the block loop; measured fastest of 64/128/256 at n = 256..1024
+FLASH_BLOCK = 64  # query block of the fused path; measured faster than 32/128/256 at n = 1024..16384
+FUSED_MIN_LEN = 1024  # below this the fused path's two kernel calls cost more than the block loop
 
 
 def dense_causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> torch.Tensor:
@@ -47,7 +51,63 @@ def sparse_causal_attention(
     j > i - window (local) or (j + 1) % stride == 0 (strided summary). The extra keys (the
     layer's global slots, and during decoding the strided entries evicted from the run) are
     visible to every query. Training calls this with q_start = k_start = 0.
+
+    Whole sequences on the CPU in fp32/bf16 take the fused path (sparse_flash.py); other calls
+    (decoding with a cache, other devices or dtypes) take the block loop below.
     """
+    if _fused_path_applies(q_BHTD, k_BHSD, q_start, k_start):
+        return fused_sparse_attention(
+            q_BHTD, k_BHSD, v_BHSD, window=window, stride=stride, k_extra_BHED=k_extra_BHED, v_extra_BHED=v_extra_BHED
+        )
+    return blockwise_sparse_attention(
+        q_BHTD, k_BHSD, v_BHSD, window=window, stride=stride, q_start=q_start, k_start=k_start,
+        k_extra_BHED=k_extra_BHED, v_extra_BHED=v_extra_BHED, block=block,
+    )
+
+
+def _fused_path_applies(q: torch.Tensor, k: torch.Tensor, q_start: int, k_start: int) -> bool:
+    return (
+        q_start == 0 and k_start == 0 and q.shape[2] == k.shape[2] and q.shape[2] >= FUSED_MIN_LEN
+        and q.device.type == "cpu" and q.dtype in FAST_DTYPES and k.dtype == q.dtype
+    )
+
+
+def fused_sparse_attention(
+    q_BHTD: torch.Tensor,
+    k_BHTD: torch.Tensor,
+    v_BHTD: torch.Tensor,
+    *,
+    window: int,
+    stride: int,
+    k_extra_BHED: torch.Tensor | None = None,
+    v_extra_BHED: torch.Tensor | None = None,
+    block: int = FLASH_BLOCK,
+) -> torch.Tensor:
+    """Whole-sequence sparse attention on PyTorch's fused CPU kernel (see sparse_flash.py)."""
+    n_head = q_BHTD.shape[1]
+    k_BHTD, v_BHTD = _repeat_kv(k_BHTD, n_head).contiguous(), _repeat_kv(v_BHTD, n_head).contiguous()
+    if k_extra_BHED is not None:
+        k_extra_BHED = _repeat_kv(k_extra_BHED, n_head).contiguous()
+        v_extra_BHED = _repeat_kv(v_extra_BHED, n_head).contiguous()
+    return SparseFlashAttention.apply(
+        q_BHTD.contiguous(), k_BHTD, v_BHTD, k_extra_BHED, v_extra_BHED, window, stride, block
+    )
+
+
+def blockwise_sparse_attention(
+    q_BHTD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    *,
+    window: int,
+    stride: int,
+    q_start: int = 0,
+    k_start: int = 0,
+    k_extra_BHED: torch.Tensor | None = None,
+    v_extra_BHED: torch.Tensor | None = None,
+    block: int = DEFAULT_BLOCK,
+) -> torch.Tensor:
+    """The general block loop: one SDPA call per query block over the keys it can see."""
     n_head = q_BHTD.shape[1]
     k_BHSD, v_BHSD = _repeat_kv(k_BHSD, n_head), _repeat_kv(v_BHSD, n_head)
     if k_extra_BHED is not None:

@@ -186,6 +186,56 @@ def quickstart_cmd(preset_name: str, out: Path, as_json: bool) -> None:
     _emit(summary, as_json, format_summary(summary))
 
 
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{name} takes comma-separated integers (got {text!r})") from None
+    if not values or min(values) <= 0:
+        raise UserError(f"{name} needs positive integers (got {text!r})")
+    return values
+
+
+def _bench_command(bench: str, default_seq: str, default_pass: str):
+    @click.option("--seq", default=default_seq, show_default=True, help="Comma-separated sequence lengths.")
+    @click.option("--dtype", default="bf16", show_default=True, help="Comma-separated: bf16, fp32.")
+    @click.option("--pass", "passes", default=default_pass, show_default=True, help="Comma-separated passes.")
+    @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per point (median).")
+    @click.option("--preset", "preset_name", default=None, help="Model preset (train, generate).")
+    @json_option
+    def command(seq: str, dtype: str, passes: str, repeats: int, preset_name: str | None, as_json: bool) -> None:
+        from hybridlm.bench.runner import compare, format_row
+
+        dtypes = [d for d in dtype.split(",") if d]
+        if not dtypes or set(dtypes) - {"bf16", "fp32"}:
+            raise UserError(f"--dtype takes bf16 and/or fp32 (got {dtype!r})")
+        if repeats <= 0:
+            raise UserError(f"--repeats must be > 0 (got {repeats})")
+        options = {"preset": preset_name} if preset_name and bench != "attention" else {}
+        if preset_name:
+            from hybridlm.config import preset
+
+            preset(preset_name)  # validates the name before any subprocess starts
+        show = None if as_json else (lambda row: click.echo(format_row(row)))
+        results = compare(bench, _int_list(seq, "--seq"), dtypes, [p for p in passes.split(",") if p], repeats,
+                          options, progress=show)
+        if as_json:
+            click.echo(json.dumps({"bench": bench, "results": results}, indent=2))
+
+    command.__doc__ = f"Time hybridlm's sparse and dense paths side by side ({bench})."
+    return command
+
+
+@app.group()
+def bench() -> None:
+    """Benchmarks: sparse vs dense in the same run, each point in a fresh process."""
+
+
+bench.command("attention")(_bench_command("attention", "1024,4096,16384", "fwd,fwdbwd"))
+bench.command("train")(_bench_command("train", "1024,4096", "train"))
+bench.command("generate")(_bench_command("generate", "1024,8192", "decode"))
+
+
 def main() -> None:
     """Entry point: map bad input to exit 2 and failures to exit 1, each with one line."""
     try:

@@ -103,3 +103,19 @@ def test_tampered_model_is_refused_and_nothing_is_damaged(tmp_path, quickstart):
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     _bad(hybridlm("generate", "--model", str(run), "--prompt", "x"), "does not match its recorded sha256")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_bench_json_pairs_dense_and_sparse():
+    result = hybridlm("bench", "attention", "--seq", "300", "--pass", "fwdbwd", "--dtype", "fp32", "--repeats", "1",
+                      "--json")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["results"]
+    assert (row["seq"], row["dtype"], row["pass"]) == (300, "fp32", "fwdbwd")
+    assert row["dense_s"] > 0 and row["sparse_s"] > 0
+    assert row["speedup"] == pytest.approx(row["dense_s"] / row["sparse_s"])
+    assert row["dense_peak_mb"] >= 0 and row["sparse_peak_mb"] >= 0
+    gen = hybridlm("bench", "generate", "--preset", "tiny", "--seq", "200", "--repeats", "1", "--json")
+    assert gen.returncode == 0, gen.stderr
+    (row,) = json.loads(gen.stdout)["results"]
+    assert row["pass"] == "decode" and row["sparse_kv_cache_mb"] < row["dense_kv_cache_mb"]
+    _bad(hybridlm("bench", "train", "--pass", "decode"), "measures passes train")

@@ -1,0 +1,1 @@
+"""`hybridlm bench`: sparse vs dense, measured side by side in fresh processes."""

@@ -7,7 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridlm.model.attention import blockwise_sparse_attention, fused_sparse_attention, sparse_causal_attention
+from hybridlm.model.attention import FLASH_BLOCK, blockwise_sparse_attention, fused_sparse_attention, sparse_causal_attention
+from hybridlm.model.sparse_flash import SparseFlashAttention
+from hybridlm.model.sparse_kernel_bf16 import SparseAttentionBF16, kernel_applies
 from reference import masked_sparse_attention, sparse_mask
 
 # Both kernel paths, and the dispatcher the model calls (which picks one by length).
@@ -74,12 +76,27 @@ def test_sparse_matches_masked_dense_random_shapes(batch, heads, n, window, stri
     _check(batch, heads, heads, n, 8, window, stride, n_global, block, seed, kernel)
 
 
-@pytest.mark.parametrize("n,window,stride,n_global", [(300, 64, 32, 4), (1000, 128, 128, 8), (130, 16, 200, 0)])
-def test_bf16_fused_is_as_accurate_as_pytorch_bf16_attention(n, window, stride, n_global):
+def _cpp_kernel(*args):
+    if not kernel_applies(torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16)):
+        pytest.skip("the C++ kernel needs a CPU with avx512_bf16 and a C++ compiler")
+    return SparseAttentionBF16.apply(*args)
+
+
+BF16_KERNELS = {"pytorch-kernel": SparseFlashAttention.apply, "cpp": _cpp_kernel}
+
+
+@pytest.mark.parametrize("kernel", BF16_KERNELS)
+@pytest.mark.parametrize(
+    "n,window,stride,n_global",
+    [(300, 64, 32, 4), (1000, 128, 128, 8), (130, 16, 200, 0), (77, 200, 3, 0), (1, 4, 4, 2), (515, 7, 5, 3)],
+)
+def test_bf16_fused_is_as_accurate_as_pytorch_bf16_attention(n, window, stride, n_global, kernel):
     """bf16 tolerance, justified by a peer: PyTorch's own fused bf16 CPU attention, run densely with
-    the same mask. Against an fp32 reference, our mean error may be at most 1.5x the peer's, and our
-    worst relative error at most 2x the peer's (our outputs are rounded to bf16 twice: once per key
-    set, once after the exact log-sum-exp merge; bf16 keeps 8 significant bits)."""
+    the same mask. Against an fp32 reference, our mean error may be at most 1.5x the peer's and our
+    worst relative error at most 3x the peer's. bf16 keeps 8 significant bits, so each rounding
+    costs up to 2^-9 relative; our paths round once more than the peer (the PyTorch-kernel path
+    rounds each key set's output before the exact log-sum-exp merge; the C++ kernel rounds the
+    normalised probabilities before P.V)."""
     tensors = _inputs(2, 4, 4, n, 64, n_global, seed=7, dtype=torch.bfloat16)
     q, k, v = tensors[:3]
     kg, vg = tensors[3:] if n_global else (None, None)
@@ -91,8 +108,7 @@ def test_bf16_fused_is_as_accurate_as_pytorch_bf16_attention(n, window, stride, 
         return [out, *torch.autograd.grad((out.float() * upstream).sum(), ins)]
 
     def fused(q, k, v, *g):
-        return fused_sparse_attention(q, k, v, window=window, stride=stride,
-                                       k_extra_BHED=g[0] if g else None, v_extra_BHED=g[1] if g else None)
+        return BF16_KERNELS[kernel](q, k, v, *(g or (None, None)), window, stride, FLASH_BLOCK)
 
     def masked(q, k, v, *g):
         return masked_sparse_attention(q, k, v, window, stride, *(g or (None, None)))
@@ -111,7 +127,7 @@ def test_bf16_fused_is_as_accurate_as_pytorch_bf16_attention(n, window, stride, 
         assert our_err.mean() <= 1.5 * peer_err.mean(), (our_err.mean().item(), peer_err.mean().item())
         scale = want.abs() + want.abs().mean()  # near-zero elements are not held to zero error
         our_rel, peer_rel = (our_err / scale).max().item(), (peer_err / scale).max().item()
-        assert our_rel <= 2 * peer_rel, (our_rel, peer_rel)
+        assert our_rel <= 3 * peer_rel, (tuple(want.shape), our_rel, peer_rel)
 
 
 def test_reference_mask_matches_the_definition():

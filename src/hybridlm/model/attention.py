@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.model.sparse_flash import FAST_DTYPES, SparseFlashAttention
+from hybridlm.model.sparse_kernel_bf16 import SparseAttentionBF16, kernel_applies
 
 DEFAULT_BLOCK = 256  # query block of the block loop; measured fastest of 64/128/256 at n = 256..1024
-FLASH_BLOCK = 64  # query block of the fused path; measured faster than 32/128/256 at n = 1024..16384
-FUSED_MIN_LEN = 1024  # below this the fused path's two kernel calls cost more than the block loop
+FLASH_BLOCK = 64  # query block of both fused paths; measured no slower than 32/128 at n = 1024..16384
+FLASH_MIN_LEN = 1024  # below this, PyTorch-kernel path's two kernel calls cost more than the block loop
 
 
 def dense_causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> torch.Tensor:
@@ -52,8 +53,9 @@ def sparse_causal_attention(
     layer's global slots, and during decoding the strided entries evicted from the run) are
     visible to every query. Training calls this with q_start = k_start = 0.
 
-    Whole sequences on the CPU in fp32/bf16 take the fused path (sparse_flash.py); other calls
-    (decoding with a cache, other devices or dtypes) take the block loop below.
+    Whole sequences on the CPU take a fused path: our C++ kernel in bf16 (sparse_kernel_bf16.py), or
+    PyTorch's fused kernel per key set (sparse_flash.py) for fp32 and where the C++ kernel cannot
+    be built. Other calls (decoding with a cache, other devices or dtypes) take the block loop.
     """
     if _fused_path_applies(q_BHTD, k_BHSD, q_start, k_start):
         return fused_sparse_attention(
@@ -66,10 +68,10 @@ def sparse_causal_attention(
 
 
 def _fused_path_applies(q: torch.Tensor, k: torch.Tensor, q_start: int, k_start: int) -> bool:
-    return (
-        q_start == 0 and k_start == 0 and q.shape[2] == k.shape[2] and q.shape[2] >= FUSED_MIN_LEN
-        and q.device.type == "cpu" and q.dtype in FAST_DTYPES and k.dtype == q.dtype
-    )
+    whole = q_start == 0 and k_start == 0 and q.shape[2] == k.shape[2] and k.dtype == q.dtype
+    if not whole or q.device.type != "cpu":
+        return False
+    return kernel_applies(q) or (q.dtype in FAST_DTYPES and q.shape[2] >= FLASH_MIN_LEN)
 
 
 def fused_sparse_attention(
@@ -83,15 +85,15 @@ def fused_sparse_attention(
     v_extra_BHED: torch.Tensor | None = None,
     block: int = FLASH_BLOCK,
 ) -> torch.Tensor:
-    """Whole-sequence sparse attention on PyTorch's fused CPU kernel (see sparse_flash.py)."""
+    """Whole-sequence sparse attention: our C++ bf16 kernel where it applies (sparse_kernel_bf16.py),
+    else PyTorch's fused CPU kernel per key set (sparse_flash.py)."""
     n_head = q_BHTD.shape[1]
     k_BHTD, v_BHTD = _repeat_kv(k_BHTD, n_head).contiguous(), _repeat_kv(v_BHTD, n_head).contiguous()
     if k_extra_BHED is not None:
         k_extra_BHED = _repeat_kv(k_extra_BHED, n_head).contiguous()
         v_extra_BHED = _repeat_kv(v_extra_BHED, n_head).contiguous()
-    return SparseFlashAttention.apply(
-        q_BHTD.contiguous(), k_BHTD, v_BHTD, k_extra_BHED, v_extra_BHED, window, stride, block
-    )
+    function = SparseAttentionBF16 if kernel_applies(q_BHTD) else SparseFlashAttention
+    return function.apply(q_BHTD.contiguous(), k_BHTD, v_BHTD, k_extra_BHED, v_extra_BHED, window, stride, block)
 
 
 def blockwise_sparse_attention(

@@ -1,0 +1,478 @@
+// Fused sparse causal attention (local window + strided + global keys) for CPUs with AVX-512 BF16.
+//
+// Keys are split into two segments: "remote" (the global slots, then every strided key in order)
+// and "span" (all positions). Both are packed once per (batch, head) into the layouts that the
+// `vdpbf16ps` instruction wants. A block of query rows then sees a prefix of the remote segment
+// (global slots + strided keys before its span) and a slice of the span segment, so no per-block
+// copy of keys is made. Scores, the masked softmax and P.V stay in per-thread cache-sized buffers:
+// nothing of size n x n, or n x keys, is ever written to memory. The backward pass recomputes P
+// from the saved log-sum-exp (as FlashAttention does) and accumulates dQ, dK, dV in fp32.
+//
+// Two micro-kernels do all matrix work:
+//   dot_keys: C[r][c] = sum_d A[r][d] * B[c][d]  (B packed key-major: the 16 lanes are 16 keys)
+//   acc_dims: C[r][d] = sum_c A(r,c) * B[c][d]   (A read as bf16 pairs, B packed pair-major: lanes are dims)
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using bf16 = uint16_t;
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------- packing (once per batch*head)
+
+// rows(i) -> [tile][D/2][16][2]: lanes are 16 consecutive rows. Missing rows (nullptr) are zeros.
+template <class RowFn>
+void pack_lanes(RowFn row, int padded, int D, bf16* out) {
+  const int half = D / 2;
+  for (int t = 0; t < padded / 16; ++t)
+    for (int j = 0; j < 16; ++j) {
+      const bf16* src = row(t * 16 + j);
+      uint32_t* dst = reinterpret_cast<uint32_t*>(out) + (int64_t)t * half * 16 + j;
+      for (int d2 = 0; d2 < half; ++d2) {
+        uint32_t v = 0;
+        if (src) std::memcpy(&v, src + 2 * d2, 4);
+        dst[d2 * 16] = v;
+      }
+    }
+}
+
+// rows(i) -> [i/2][D][2]: pairs of consecutive rows interleaved per dim (padded even).
+template <class RowFn>
+void pack_pairs(RowFn row, int padded, int D, bf16* out) {
+  for (int c2 = 0; c2 < padded / 2; ++c2) {
+    const bf16* a = row(2 * c2);
+    const bf16* b = row(2 * c2 + 1);
+    bf16* dst = out + (int64_t)c2 * D * 2;
+    for (int d = 0; d < D; ++d) {
+      dst[2 * d] = a ? a[d] : 0;
+      dst[2 * d + 1] = b ? b[d] : 0;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- micro-kernels
+
+template <int NR, int NT>
+inline void dot_keys_tile(const bf16* A, int lda, const bf16* Bp, int D, float* C, int ldc) {
+  const int half = D / 2;
+  __m512 acc[NR][NT];
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int d2 = 0; d2 < half; ++d2) {
+    __m512bh b[NT];
+    for (int t = 0; t < NT; ++t) b[t] = (__m512bh)_mm512_loadu_si512(Bp + ((int64_t)t * half + d2) * 32);
+    for (int r = 0; r < NR; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, A + (int64_t)r * lda + 2 * d2, 4);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);
+      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], a, b[t]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(C + (int64_t)r * ldc + t * 16, acc[r][t]);
+}
+
+// C[r][c] = sum_d A[r][d] * B[c][d] for r < rows and c < 16 * tiles.
+void dot_keys(const bf16* A, int lda, int rows, const bf16* Bp, int tiles, int D, float* C, int ldc) {
+  const int64_t tile = (int64_t)D * 16;
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    int t = 0;
+    for (; t + 2 <= tiles; t += 2) dot_keys_tile<4, 2>(A + (int64_t)r * lda, lda, Bp + t * tile, D, C + (int64_t)r * ldc + t * 16, ldc);
+    for (; t < tiles; ++t) dot_keys_tile<4, 1>(A + (int64_t)r * lda, lda, Bp + t * tile, D, C + (int64_t)r * ldc + t * 16, ldc);
+  }
+  for (; r < rows; ++r) {
+    int t = 0;
+    for (; t + 2 <= tiles; t += 2) dot_keys_tile<1, 2>(A + (int64_t)r * lda, lda, Bp + t * tile, D, C + (int64_t)r * ldc + t * 16, ldc);
+    for (; t < tiles; ++t) dot_keys_tile<1, 1>(A + (int64_t)r * lda, lda, Bp + t * tile, D, C + (int64_t)r * ldc + t * 16, ldc);
+  }
+}
+
+// A(r, c2) is the 32-bit bf16 pair at A32[r * row_stride + c2 * pair_stride].
+template <int NR, int DV>
+inline void acc_dims_rows(const uint32_t* A32, int64_t row_stride, int64_t pair_stride, const bf16* Bp, int pairs,
+                          float* C, int ldc, bool accumulate) {
+  constexpr int D = DV * 16;
+  __m512 acc[NR][DV];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < DV; ++v)
+      acc[r][v] = accumulate ? _mm512_loadu_ps(C + (int64_t)r * ldc + v * 16) : _mm512_setzero_ps();
+  for (int c2 = 0; c2 < pairs; ++c2) {
+    __m512bh b[DV];
+    for (int v = 0; v < DV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bp + ((int64_t)c2 * D + v * 16) * 2);
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32((int)A32[r * row_stride + c2 * pair_stride]);
+      for (int v = 0; v < DV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < DV; ++v) _mm512_storeu_ps(C + (int64_t)r * ldc + v * 16, acc[r][v]);
+}
+
+template <int DV>
+void acc_dims_dv(const uint32_t* A32, int64_t row_stride, int64_t pair_stride, int rows, const bf16* Bp, int pairs,
+                 float* C, int ldc, bool accumulate) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4)
+    acc_dims_rows<4, DV>(A32 + r * row_stride, row_stride, pair_stride, Bp, pairs, C + (int64_t)r * ldc, ldc, accumulate);
+  for (; r < rows; ++r)
+    acc_dims_rows<1, DV>(A32 + r * row_stride, row_stride, pair_stride, Bp, pairs, C + (int64_t)r * ldc, ldc, accumulate);
+}
+
+// C[r][d] (+)= sum_c A(r, c) * B[c][d], with A(r, c) read as pairs (c = 2*c2, 2*c2 + 1).
+void acc_dims(const uint32_t* A32, int64_t row_stride, int64_t pair_stride, int rows, const bf16* Bp, int pairs,
+              int D, float* C, int ldc, bool accumulate) {
+  switch (D) {
+    case 32: acc_dims_dv<2>(A32, row_stride, pair_stride, rows, Bp, pairs, C, ldc, accumulate); break;
+    case 64: acc_dims_dv<4>(A32, row_stride, pair_stride, rows, Bp, pairs, C, ldc, accumulate); break;
+    case 128: acc_dims_dv<8>(A32, row_stride, pair_stride, rows, Bp, pairs, C, ldc, accumulate); break;
+    default: TORCH_CHECK(false, "head dim must be 32, 64 or 128");
+  }
+}
+
+// ---------------------------------------------------------------- vector helpers
+
+inline __m512 exp512(__m512 x) {  // e^x, relative error ~1e-7 on [-87, 88]
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m256i to_bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
+// Two rows of 16 fp32 -> 16 interleaved bf16 pairs (a0, b0, a1, b1, ...).
+inline __m512i interleave_bf16(__m512 a, __m512 b) {
+  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // low 16 = a, high 16 = b
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(idx, both);
+}
+
+// ---------------------------------------------------------------- geometry and block layout
+
+struct Geometry {
+  int n, D, g, window, stride, block, n16, n_strided, r16;
+  float scale;
+};
+
+Geometry geometry(const at::Tensor& q, int64_t g, int64_t window, int64_t stride, int64_t block) {
+  Geometry G;
+  G.n = (int)q.size(1); G.D = (int)q.size(2); G.g = (int)g;
+  G.window = (int)window; G.stride = (int)stride; G.block = (int)block;
+  G.n16 = round_up(G.n, 16);
+  G.n_strided = G.n >= G.stride ? (G.n - G.stride) / G.stride + 1 : 0;  // positions s-1, 2s-1, ... < n
+  G.r16 = round_up(G.g + G.n_strided, 16);
+  G.scale = 1.0f / std::sqrt((float)G.D);
+  return G;
+}
+
+// What one block of queries [i0, i1) sees: remote prefix (global + far strided) and a span slice.
+struct BlockKeys {
+  int remote_count;  // visible remote keys: g + far strided
+  int remote_tiles;  // tiles of the remote segment used (the rest of the last tile is masked)
+  int span_lo, span_hi;  // span positions [span_lo, span_hi), multiples of 16
+  int kp() const { return 16 * remote_tiles + (span_hi - span_lo); }
+};
+
+BlockKeys block_keys(const Geometry& G, int i0, int i1) {
+  BlockKeys b;
+  b.span_lo = std::max(0, i0 - G.window + 1) / 16 * 16;
+  b.span_hi = round_up(i1, 16);
+  b.remote_count = G.g + b.span_lo / G.stride;  // strided p < span_lo
+  b.remote_tiles = (b.remote_count + 15) / 16;
+  return b;
+}
+
+// Which of 16 key columns starting at c0 row i may see (bit per lane).
+inline __mmask16 visible16(const Geometry& G, const BlockKeys& b, const int32_t* strided_flag, int c0, int i) {
+  const int remote_cols = 16 * b.remote_tiles;
+  if (c0 < remote_cols) {
+    const int left = b.remote_count - c0;
+    return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+  }
+  const int p0 = b.span_lo + (c0 - remote_cols);
+  const __m512i pos = _mm512_add_epi32(_mm512_set1_epi32(p0), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __mmask16 le = _mm512_cmple_epi32_mask(pos, _mm512_set1_epi32(i));
+  const __mmask16 near = _mm512_cmpgt_epi32_mask(pos, _mm512_set1_epi32(i - G.window));
+  const __m512i flags = _mm512_loadu_si512(strided_flag + p0);
+  const __mmask16 strided = _mm512_test_epi32_mask(flags, flags);
+  return le & (near | strided);
+}
+
+// Packed keys/values of one batch*head: remote segment and span segment, in the needed layouts.
+struct Packed {
+  std::vector<bf16> k_lanes, v_lanes, k_pairs, v_pairs;     // span segment (all positions, n16)
+  std::vector<bf16> rk_lanes, rv_lanes, rk_pairs, rv_pairs;  // remote segment (r16)
+};
+
+void pack_head(const Geometry& G, const bf16* K, const bf16* V, const bf16* KG, const bf16* VG, bool backward,
+               Packed& P) {
+  const int64_t D = G.D;
+  auto span_row = [&](const bf16* X) { return [&, X](int i) -> const bf16* { return i < G.n ? X + i * D : nullptr; }; };
+  auto remote_row = [&](const bf16* X, const bf16* XG) {
+    return [&, X, XG](int c) -> const bf16* {
+      if (c < G.g) return XG + c * D;
+      const int k = c - G.g;
+      return k < G.n_strided ? X + ((int64_t)(k + 1) * G.stride - 1) * D : nullptr;
+    };
+  };
+  P.k_lanes.resize((size_t)G.n16 * D); P.v_pairs.resize((size_t)G.n16 * D);
+  P.rk_lanes.resize((size_t)G.r16 * D); P.rv_pairs.resize((size_t)G.r16 * D);
+  pack_lanes(span_row(K), G.n16, G.D, P.k_lanes.data());
+  pack_pairs(span_row(V), G.n16, G.D, P.v_pairs.data());
+  pack_lanes(remote_row(K, KG), G.r16, G.D, P.rk_lanes.data());
+  pack_pairs(remote_row(V, VG), G.r16, G.D, P.rv_pairs.data());
+  if (backward) {
+    P.v_lanes.resize((size_t)G.n16 * D); P.k_pairs.resize((size_t)G.n16 * D);
+    P.rv_lanes.resize((size_t)G.r16 * D); P.rk_pairs.resize((size_t)G.r16 * D);
+    pack_lanes(span_row(V), G.n16, G.D, P.v_lanes.data());
+    pack_pairs(span_row(K), G.n16, G.D, P.k_pairs.data());
+    pack_lanes(remote_row(V, VG), G.r16, G.D, P.rv_lanes.data());
+    pack_pairs(remote_row(K, KG), G.r16, G.D, P.rk_pairs.data());
+  }
+}
+
+struct Scratch {
+  std::vector<float> scores, dprobs, out;
+  std::vector<bf16> probs, dscores, probs_pairs, dscores_pairs;
+};
+
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+// Scores of `rows` query rows against both key segments: C (rows x kp).
+void scores_both(const Geometry& G, const BlockKeys& b, const bf16* A, int rows, const bf16* remote_lanes,
+                 const bf16* span_lanes, float* C, int kp) {
+  const int64_t tile = (int64_t)G.D * 16;
+  dot_keys(A, G.D, rows, remote_lanes, b.remote_tiles, G.D, C, kp);
+  dot_keys(A, G.D, rows, span_lanes + (b.span_lo / 16) * tile, (b.span_hi - b.span_lo) / 16, G.D,
+           C + 16 * b.remote_tiles, kp);
+}
+
+// P (rows x kp, bf16 pairs along keys) . [remote values; span values] -> C (rows x D), fp32.
+void values_both(const Geometry& G, const BlockKeys& b, const uint32_t* A32, int rows, int kp,
+                 const bf16* remote_pairs, const bf16* span_pairs, float* C, bool accumulate) {
+  const int rp = 8 * b.remote_tiles;  // remote pairs
+  acc_dims(A32, kp / 2, 1, rows, remote_pairs, rp, G.D, C, G.D, accumulate);
+  acc_dims(A32 + rp, kp / 2, 1, rows, span_pairs + (int64_t)(b.span_lo / 2) * G.D * 2, (b.span_hi - b.span_lo) / 2,
+           G.D, C, G.D, true);
+}
+
+// ---------------------------------------------------------------- forward
+
+void forward_block(const Geometry& G, const Packed& P, const int32_t* strided_flag, const bf16* Q, int i0, int i1,
+                   bf16* O, float* LSE) {
+  Scratch& s = scratch();
+  const BlockKeys b = block_keys(G, i0, i1);
+  const int kp = b.kp(), rows = i1 - i0;
+  s.scores.resize((size_t)rows * kp);
+  s.probs.resize((size_t)rows * kp);
+  s.out.resize((size_t)rows * G.D);
+  scores_both(G, b, Q + (int64_t)i0 * G.D, rows, P.rk_lanes.data(), P.k_lanes.data(), s.scores.data(), kp);
+  const __m512 scale = _mm512_set1_ps(G.scale), minus_inf = _mm512_set1_ps(-INFINITY);
+  for (int r = 0; r < rows; ++r) {
+    const int i = i0 + r;
+    float* row = s.scores.data() + (int64_t)r * kp;
+    __m512 mx = minus_inf;
+    for (int c = 0; c < kp; c += 16) {
+      const __mmask16 vis = visible16(G, b, strided_flag, c, i);
+      const __m512 x = _mm512_mask_mul_ps(minus_inf, vis, _mm512_loadu_ps(row + c), scale);
+      _mm512_storeu_ps(row + c, x);
+      mx = _mm512_max_ps(mx, x);
+    }
+    const float m = _mm512_reduce_max_ps(mx);
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < kp; c += 16) {
+      const __m512 x = _mm512_loadu_ps(row + c);
+      const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_OQ), exp512(_mm512_sub_ps(x, vm)));
+      _mm512_storeu_ps(row + c, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const float total = _mm512_reduce_add_ps(sum);
+    const __m512 inv = _mm512_set1_ps(1.f / total);
+    bf16* p = s.probs.data() + (int64_t)r * kp;
+    for (int c = 0; c < kp; c += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), to_bf16x16(_mm512_mul_ps(_mm512_loadu_ps(row + c), inv)));
+    LSE[i] = m + std::log(total);
+  }
+  values_both(G, b, reinterpret_cast<const uint32_t*>(s.probs.data()), rows, kp, P.rv_pairs.data(),
+              P.v_pairs.data(), s.out.data(), false);
+  bf16* o = O + (int64_t)i0 * G.D;
+  for (int64_t e = 0; e < (int64_t)rows * G.D; e += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + e), to_bf16x16(_mm512_loadu_ps(s.out.data() + e)));
+}
+
+// ---------------------------------------------------------------- backward
+
+inline __m512 load_bf16x16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+float row_dot(const bf16* a, const bf16* b, int D) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(load_bf16x16(a + d), load_bf16x16(b + d), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+// Gradients of the keys of one block: C (kp x D) -> dK rows (span) or dKG / strided dK rows (remote).
+void scatter_remote(const Geometry& G, const BlockKeys& b, const float* C, float* dX, float* dXG) {
+  for (int c = 0; c < b.remote_count; ++c) {
+    float* target = c < G.g ? dXG + (int64_t)c * G.D : dX + ((int64_t)(c - G.g + 1) * G.stride - 1) * G.D;
+    const float* src = C + (int64_t)c * G.D;
+    for (int d = 0; d < G.D; d += 16)
+      _mm512_storeu_ps(target + d, _mm512_add_ps(_mm512_loadu_ps(target + d), _mm512_loadu_ps(src + d)));
+  }
+}
+
+void backward_block(const Geometry& G, const Packed& P, const int32_t* strided_flag, const bf16* Q, const bf16* dO,
+                    const bf16* O, const float* LSE, const bf16* q_pairs, const bf16* do_pairs, int i0, int i1,
+                    float* dQ, float* dK, float* dV, float* dKG, float* dVG) {
+  Scratch& s = scratch();
+  const BlockKeys b = block_keys(G, i0, i1);
+  const int kp = b.kp(), rows = i1 - i0, rows_even = round_up(rows, 2), D = G.D;
+  s.scores.resize((size_t)rows_even * kp);
+  s.dprobs.resize((size_t)rows_even * kp);
+  s.dscores.resize((size_t)rows * kp);
+  s.probs_pairs.resize((size_t)rows_even * kp);
+  s.dscores_pairs.resize((size_t)rows_even * kp);
+  s.out.resize((size_t)std::max(rows, kp) * D);
+  const bf16* q = Q + (int64_t)i0 * D;
+  const bf16* dout = dO + (int64_t)i0 * D;
+  scores_both(G, b, q, rows, P.rk_lanes.data(), P.k_lanes.data(), s.scores.data(), kp);
+  scores_both(G, b, dout, rows, P.rv_lanes.data(), P.v_lanes.data(), s.dprobs.data(), kp);
+  const __m512 scale = _mm512_set1_ps(G.scale);
+  for (int r = 0; r < rows_even; r += 2) {  // rows in pairs: P and dS are also stored interleaved by row pair
+    __m512 lse[2], delta[2];
+    for (int h = 0; h < 2; ++h) {
+      const int rr = std::min(r + h, rows - 1);
+      lse[h] = _mm512_set1_ps(LSE[i0 + rr]);
+      delta[h] = _mm512_set1_ps(row_dot(dout + (int64_t)rr * D, O + (int64_t)(i0 + rr) * D, D));
+    }
+    for (int c = 0; c < kp; c += 16) {
+      __m512 prob[2], ds[2];
+      for (int h = 0; h < 2; ++h) {
+        const int rr = r + h;
+        if (rr >= rows) { prob[h] = ds[h] = _mm512_setzero_ps(); continue; }
+        const __mmask16 vis = visible16(G, b, strided_flag, c, i0 + rr);
+        const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s.scores.data() + (int64_t)rr * kp + c), scale, lse[h]);
+        prob[h] = _mm512_maskz_mov_ps(vis, exp512(x));
+        const __m512 dp = _mm512_loadu_ps(s.dprobs.data() + (int64_t)rr * kp + c);
+        ds[h] = _mm512_mul_ps(_mm512_mul_ps(prob[h], _mm512_sub_ps(dp, delta[h])), scale);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.dscores.data() + (int64_t)rr * kp + c), to_bf16x16(ds[h]));
+      }
+      const int64_t at = ((int64_t)(r / 2) * kp + c) * 2;
+      _mm512_storeu_si512(s.probs_pairs.data() + at, interleave_bf16(prob[0], prob[1]));
+      _mm512_storeu_si512(s.dscores_pairs.data() + at, interleave_bf16(ds[0], ds[1]));
+    }
+  }
+  // dQ = dS . K (this block owns these dQ rows)
+  values_both(G, b, reinterpret_cast<const uint32_t*>(s.dscores.data()), rows, kp, P.rk_pairs.data(),
+              P.k_pairs.data(), dQ + (int64_t)i0 * D, false);
+  // dK = dS^T . Q and dV = P^T . dO: rows are keys, pairs run over the block's query rows.
+  const int pairs = rows_even / 2, remote_cols = 16 * b.remote_tiles;
+  const uint32_t* ds32 = reinterpret_cast<const uint32_t*>(s.dscores_pairs.data());
+  const uint32_t* p32 = reinterpret_cast<const uint32_t*>(s.probs_pairs.data());
+  const bf16* qp = q_pairs + (int64_t)(i0 / 2) * D * 2;
+  const bf16* dop = do_pairs + (int64_t)(i0 / 2) * D * 2;
+  acc_dims(ds32, 1, kp, remote_cols, qp, pairs, D, s.out.data(), D, false);
+  scatter_remote(G, b, s.out.data(), dK, dKG);
+  acc_dims(ds32 + remote_cols, 1, kp, b.span_hi - b.span_lo, qp, pairs, D, dK + (int64_t)b.span_lo * D, D, true);
+  acc_dims(p32, 1, kp, remote_cols, dop, pairs, D, s.out.data(), D, false);
+  scatter_remote(G, b, s.out.data(), dV, dVG);
+  acc_dims(p32 + remote_cols, 1, kp, b.span_hi - b.span_lo, dop, pairs, D, dV + (int64_t)b.span_lo * D, D, true);
+}
+
+// ---------------------------------------------------------------- entry points
+
+const bf16* ptr(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
+
+std::vector<int32_t> strided_flags(const Geometry& G) {
+  std::vector<int32_t> flags(G.n16 + 16, 0);
+  for (int p = G.stride - 1; p < G.n16 + 16; p += G.stride) flags[p] = 1;
+  return flags;
+}
+
+std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kg, at::Tensor vg,
+                                int64_t window, int64_t stride, int64_t block) {
+  // q, k, v: (BH, n, D) bf16 contiguous; kg, vg: (BH, g, D) (g may be 0).
+  TORCH_CHECK(block % 16 == 0, "block must be a multiple of 16");
+  const Geometry G = geometry(q, kg.size(1), window, stride, block);
+  const int64_t bh = q.size(0), n_blocks = (G.n + G.block - 1) / G.block;
+  const auto flags = strided_flags(G);
+  std::vector<Packed> packed(bh);
+  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h)
+      pack_head(G, ptr(k) + h * G.n * G.D, ptr(v) + h * G.n * G.D, ptr(kg) + h * G.g * G.D,
+                ptr(vg) + h * G.g * G.D, false, packed[h]);
+  });
+  auto out = at::empty_like(q);
+  auto lse = at::empty({bh, G.n}, q.options().dtype(at::kFloat));
+  at::parallel_for(0, bh * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / n_blocks, blk = task % n_blocks;
+      const int i0 = (int)(blk * G.block), i1 = std::min(G.n, i0 + G.block);
+      forward_block(G, packed[h], flags.data(), ptr(q) + h * G.n * G.D, i0, i1,
+                    reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()) + h * G.n * G.D,
+                    lse.data_ptr<float>() + h * G.n);
+    }
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> backward(at::Tensor grad_out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kg,
+                                 at::Tensor vg, at::Tensor out, at::Tensor lse, int64_t window, int64_t stride,
+                                 int64_t block) {
+  const Geometry G = geometry(q, kg.size(1), window, stride, block);
+  const int64_t bh = q.size(0), D = G.D;
+  const auto flags = strided_flags(G);
+  auto f32 = q.options().dtype(at::kFloat);
+  auto dq = at::empty({bh, G.n, D}, f32);
+  auto dk = at::zeros({bh, G.n16, D}, f32), dv = at::zeros({bh, G.n16, D}, f32);
+  auto dkg = at::zeros(kg.sizes(), f32), dvg = at::zeros(vg.sizes(), f32);
+  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
+    Packed packed;
+    std::vector<bf16> q_pairs((size_t)round_up(G.n, 2) * D), do_pairs((size_t)round_up(G.n, 2) * D);
+    for (int64_t h = begin; h < end; ++h) {
+      const int64_t off = h * G.n * D, goff = h * G.g * D;
+      pack_head(G, ptr(k) + off, ptr(v) + off, ptr(kg) + goff, ptr(vg) + goff, true, packed);
+      const bf16* qh = ptr(q) + off;
+      const bf16* doh = ptr(grad_out) + off;
+      pack_pairs([&](int i) -> const bf16* { return i < G.n ? qh + (int64_t)i * D : nullptr; }, round_up(G.n, 2), G.D, q_pairs.data());
+      pack_pairs([&](int i) -> const bf16* { return i < G.n ? doh + (int64_t)i * D : nullptr; }, round_up(G.n, 2), G.D, do_pairs.data());
+      for (int i0 = 0; i0 < G.n; i0 += G.block)
+        backward_block(G, packed, flags.data(), qh, doh, ptr(out) + off, lse.data_ptr<float>() + h * G.n,
+                       q_pairs.data(), do_pairs.data(), i0, std::min(G.n, i0 + G.block), dq.data_ptr<float>() + off,
+                       dk.data_ptr<float>() + h * G.n16 * D, dv.data_ptr<float>() + h * G.n16 * D,
+                       dkg.data_ptr<float>() + goff, dvg.data_ptr<float>() + goff);
+    }
+  });
+  return {dq, dk.narrow(1, 0, G.n), dv.narrow(1, 0, G.n), dkg, dvg};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "sparse attention forward (bf16)");
+  m.def("backward", &backward, "sparse attention backward (bf16)");
+}

@@ -58,3 +58,16 @@ def test_sparse_cache_keeps_only_window_strided_and_nothing_else():
     window_keys = 6 - 1  # the run kept between steps
     strided_keys = len([p for p in range(150 - window_keys) if (p + 1) % 5 == 0])
     assert sparse_cache.nbytes() == per_key * (window_keys + strided_keys)
+
+
+def test_bf16_hybrid_model_matches_its_fp32_self():
+    """The whole model under bf16 autocast (C++ kernel for both layer kinds where the CPU has it)
+    stays close to the fp32 model: same greedy next tokens almost everywhere."""
+    model = _model("DDSS")
+    ids = torch.randint(0, 97, (2, 150))
+    with torch.no_grad():
+        full = model(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(ids).float()
+    assert (low - full).abs().max() < 0.1
+    assert (low.argmax(-1) == full.argmax(-1)).float().mean() > 0.95

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hybridlm.config import preset
 from hybridlm.device import autocast
 from hybridlm.model import HybridLM
-from hybridlm.model.attention import sparse_causal_attention
+from hybridlm.model.attention import set_dense_backend, sparse_causal_attention
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -126,4 +126,5 @@ POINTS = {"attention": attention_point, "train": train_point, "generate": genera
 if __name__ == "__main__":
     point = json.loads(sys.argv[1])
     torch.set_num_threads(point.get("threads") or torch.get_num_threads())
+    set_dense_backend("sdpa" if point["kind"] == "dense" else point.get("dense_backend", "auto"))
     print(json.dumps(POINTS[point["bench"]](point)))

@@ -1,8 +1,9 @@
-"""Attention kernels: dense causal (PyTorch SDPA) and block-wise sparse (window + strided + global).
+"""Attention: dense causal and sparse (window + strided + global), one call signature family.
 
-Both take queries/keys/values shaped (batch, heads, time, head_dim). The sparse kernel never
-builds a time x time tensor: it walks query blocks and gives SDPA only the keys a block can see,
-so memory grows like T * (window + T/stride + n_global).
+Everything takes queries/keys/values shaped (batch, heads, time, head_dim). The sparse paths never
+build a time x time tensor, so memory grows like T * (window + T/stride + n_global). Whole bf16
+sequences on a CPU with AVX-512 BF16 go to our C++ kernel (dense causal attention is its special
+case window >= T); the rest uses PyTorch SDPA.
 """
 
 from __future__ import annotations
@@ -16,12 +17,24 @@ from hybridlm.model.sparse_kernel_bf16 import SparseAttentionBF16, kernel_applie
 DEFAULT_BLOCK = 256  # query block of the block loop; measured fastest of 64/128/256 at n = 256..1024
 FLASH_BLOCK = 64  # query block of both fused paths; measured no slower than 32/128 at n = 1024..16384
 FLASH_MIN_LEN = 1024  # below this, PyTorch-kernel path's two kernel calls cost more than the block loop
+_dense_backend = {"name": "auto"}
+
+
+def set_dense_backend(name: str) -> None:
+    """'auto' (our kernel where it applies) or 'sdpa' (always PyTorch SDPA, e.g. as a benchmark peer)."""
+    if name not in ("auto", "sdpa"):
+        raise ValueError(f"dense backend must be auto or sdpa (got {name!r})")
+    _dense_backend["name"] = name
 
 
 def dense_causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> torch.Tensor:
     """Causal attention where the T queries are the last T of the S keys."""
     n_query, n_key = q_BHTD.shape[2], k_BHSD.shape[2]
     gqa = q_BHTD.shape[1] != k_BHSD.shape[1]
+    if n_query == n_key and _dense_backend["name"] == "auto" and kernel_applies(q_BHTD):
+        n_head = q_BHTD.shape[1]
+        k, v = _repeat_kv(k_BHSD, n_head).contiguous(), _repeat_kv(v_BHSD, n_head).contiguous()
+        return SparseAttentionBF16.apply(q_BHTD.contiguous(), k, v, None, None, n_key, n_key + 1, FLASH_BLOCK)
     if n_query == n_key:
         return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True, enable_gqa=gqa)
     if n_query == 1:

@@ -61,6 +61,10 @@ class SparseKVCache:
         run_v = v_BHTD if self.run_v is None else torch.cat([self.run_v, v_BHTD], dim=2)
         extra_k = [t for t in (k_global_BHGD, self.far_k) if t is not None]
         extra_v = [t for t in (v_global_BHGD, self.far_v) if t is not None]
+        if q_BHTD.shape[2] == 1:  # one new token sees every key this cache holds: no mask needed
+            out = dense_causal_attention(q_BHTD, torch.cat([*extra_k, run_k], 2), torch.cat([*extra_v, run_v], 2))
+            self._roll(run_k, run_v, self.length + 1)
+            return out
         out = sparse_causal_attention(
             q_BHTD, run_k, run_v, window=self.window, stride=self.stride,
             q_start=self.length, k_start=self.run_start,

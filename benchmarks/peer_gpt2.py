@@ -13,6 +13,7 @@ Needs the [bench] extra (transformers). Prints a markdown table, or one JSON obj
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -51,8 +52,9 @@ def hf_model(seq: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=max(seq, 1024), n_embd=D_MODEL, n_layer=LAYERS, n_head=HEADS,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg, attn_implementation="sdpa")
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                     attn_implementation="sdpa")
+    return GPT2LMHeadModel(cfg)
 
 
 def train_tokens_per_s(model, logits_of, seq: int, batch: int, repeats: int) -> float:
@@ -87,12 +89,11 @@ def decode_tokens_per_s_hf(model, prompt: torch.Tensor, new_tokens: int) -> floa
 
 
 def decode_tokens_per_s_ours(model: HybridLM, prompt: torch.Tensor, new_tokens: int) -> float:
-    model.eval()
+    model = copy.deepcopy(model).eval().to(torch.bfloat16)  # what `hybridlm generate --dtype bf16` runs
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
-    list(generate_ids(model, prompt[0].tolist(), SamplingParams(max_new_tokens=4, temperature=0), eos_id=None,
-                      dtype="bf16"))
+    list(generate_ids(model, prompt[0].tolist(), SamplingParams(max_new_tokens=4, temperature=0), eos_id=None))
     start = time.perf_counter()
-    produced = len(list(generate_ids(model, prompt[0].tolist(), params, eos_id=None, dtype="bf16")))
+    produced = len(list(generate_ids(model, prompt[0].tolist(), params, eos_id=None)))
     return produced / (time.perf_counter() - start)
 
 

@@ -132,17 +132,20 @@ def train_cmd(config_path: Path | None, resume: bool, overrides, as_json: bool) 
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Inference precision; auto is bf16 on CPUs with AVX-512 BF16/AMX and on CUDA.")
 @json_option
 def generate_cmd(model_dir: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                 repetition_penalty: float, seed: int | None, stop, as_json: bool) -> None:
+                 repetition_penalty: float, seed: int | None, stop, dtype: str, as_json: bool) -> None:
     """Continue PROMPT with a trained model, streaming text to stdout."""
+    from hybridlm.device import default_device, resolve_dtype
     from hybridlm.inference.generate import generate_text
     from hybridlm.inference.sampling import SamplingParams
     from hybridlm.run import load_run
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
-    run = load_run(model_dir)
+    run = load_run(model_dir, resolve_dtype(dtype, default_device()))
     pieces = generate_text(run, prompt, params)
     if as_json:
         _emit({"prompt": prompt, "text": "".join(pieces)}, True, "")

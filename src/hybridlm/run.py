@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -72,8 +73,9 @@ def save_final(run_dir: Path, model: HybridLM) -> None:
     write_manifest(run_dir, ["model.safetensors", "config.json", "tokenizer.json"])
 
 
-def load_run(path: Path) -> LoadedRun:
-    """Open a finished run directory (or one checkpoint directory inside it), hashes checked."""
+def load_run(path: Path, dtype: str = "fp32") -> LoadedRun:
+    """Open a finished run directory (or one checkpoint directory inside it), hashes checked.
+    dtype "bf16" casts the weights for inference (fast decoding on bf16 CPUs)."""
     path = Path(path)
     if not (path / "config.json").is_file() and not (path / MANIFEST).is_file():
         raise UserError(f"{path} is not a hybridlm run directory (no config.json); train one with `hybridlm train`")
@@ -83,5 +85,7 @@ def load_run(path: Path) -> LoadedRun:
     model = HybridLM(ModelConfig(**config["model"]))
     load_weights_bytes(model, (path / "model.safetensors").read_bytes(), path / "model.safetensors")
     model.eval()
+    if dtype == "bf16":
+        model.to(torch.bfloat16)
     return LoadedRun(model=model, tokenizer=TextTokenizer.load(run_dir / "tokenizer.json"), config=config, path=run_dir)
 

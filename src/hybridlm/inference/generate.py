@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from hybridlm.device import resolve_dtype
 from hybridlm.errors import UserError
 from hybridlm.inference.engine import generate_ids
 from hybridlm.inference.sampling import SamplingParams
@@ -19,6 +18,5 @@ def generate_text(run: LoadedRun, prompt: str, params: SamplingParams) -> Iterat
         raise UserError("the prompt is empty; pass some text with --prompt")
     tokenizer = run.tokenizer
     prompt_ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
-    device = next(run.model.parameters()).device
-    ids = generate_ids(run.model, prompt_ids, params, eos_id=tokenizer.eos_id, dtype=resolve_dtype("auto", device))
+    ids = generate_ids(run.model, prompt_ids, params, eos_id=tokenizer.eos_id)
     return stream_text(tokenizer, ids, params.stop)

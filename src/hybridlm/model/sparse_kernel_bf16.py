@@ -42,7 +42,8 @@ def _build():
         venv_bin = str(Path(sys.executable).parent)  # where pip put ninja, when the venv is not activated
         if venv_bin not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
-        print("hybridlm: building the bf16 sparse attention kernel (once)...", file=sys.stderr, flush=True)
+        print("hybridlm: loading the bf16 attention kernel (the first time compiles it, about 30 s)",
+              file=sys.stderr, flush=True)
         return load("hybridlm_sparse_bf16", [str(_SOURCE)], extra_cflags=_FLAGS, verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the portable path
         warnings.warn(f"the C++ sparse attention kernel could not be built ({exc}); using the PyTorch path",

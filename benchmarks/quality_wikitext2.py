@@ -1,0 +1,69 @@
+"""Quality of hybrid vs all-dense `small` on WikiText-2: same tokens, and same wall-clock.
+
+Trains a byte-level BPE (8192) on WikiText-2 train, prepares it, then trains the `small` preset
+twice at T=1024 with identical data order and settings: once hybrid (DDSSSS), once all-dense
+(both on the same kernels). Reports bits per byte on the WikiText-2 validation file (sliding
+window, each token scored once) after the same number of tokens, and, from the training curves,
+validation bits per byte at the wall-clock time the hybrid run finished.
+
+Usage: .venv/bin/python benchmarks/quality_wikitext2.py --out runs/quality [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hybridlm.data.prepare import prepare
+from hybridlm.data.sources import iter_documents, resolve_source
+from hybridlm.eval.perplexity import evaluate_path
+from hybridlm.run import load_run
+from hybridlm.tokenizer import train_tokenizer
+from hybridlm.train.args import run_config_from_dict
+from hybridlm.train.trainer import train
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+
+
+def curve(run_dir: Path) -> list[tuple[float, float]]:
+    """(elapsed seconds, validation bpb) at each evaluation, elapsed taken from the nearest step record."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    elapsed = {r["step"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
+    return [(elapsed[r["step"]], r["val_bpb"]) for r in records if "val_bpb" in r]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "data" / "meta.json").exists():
+        tok = train_tokenizer(iter_documents(resolve_source(str(DATA / "train.txt"))), vocab_size=8192)
+        tok.save(out / "tokenizer.json")
+        prepare([str(DATA / "train.txt")], out / "tokenizer.json", out / "data", val_fraction=0.02)
+    results = {}
+    for name, pattern in (("hybrid", "DDSSSS"), ("dense", "DDDDDD")):
+        run_dir = out / name
+        if not (run_dir / "model.safetensors").exists():
+            cfg = run_config_from_dict({
+                "model": {"preset": "small", "layer_pattern": pattern},
+                "train": {"data": str(out / "data"), "out": str(run_dir), "steps": args.steps, "batch_size": 4,
+                          "seq_len": 1024, "lr": 1e-3, "warmup_steps": 20, "eval_every": 25, "eval_tokens": 16384,
+                          "checkpoint_every": args.steps, "log_every": 5},
+            })
+            train(cfg, progress=False)
+        final = evaluate_path(load_run(run_dir), DATA / "valid.txt", None)
+        results[name] = {"valid_bpb": final["bpb"], "valid_tokens": final["tokens"], "curve": curve(run_dir)}
+    budget = results["hybrid"]["curve"][-1][0]
+    dense_at_budget = [bpb for t, bpb in results["dense"]["curve"] if t <= budget]
+    results["same_wall_clock"] = {"seconds": budget, "hybrid_val_bpb": results["hybrid"]["curve"][-1][1],
+                                  "dense_val_bpb": dense_at_budget[-1] if dense_at_budget else None}
+    results["same_tokens_ratio"] = results["hybrid"]["valid_bpb"] / results["dense"]["valid_bpb"]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

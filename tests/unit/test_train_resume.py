@@ -111,3 +111,16 @@ def test_loss_falls(data_dir, tmp_path):
     train(_config(data_dir, tmp_path / "run", 40), progress=False)
     losses = _losses(tmp_path / "run")
     assert losses[40] < losses[1] - 1.0
+
+
+def test_compiled_training_follows_eager(data_dir, tmp_path):
+    train(_config(data_dir, tmp_path / "eager", 3), progress=False)
+    compiled_cfg = load_run_config(None, MODEL + [
+        f"train.data={data_dir}", f"train.out={tmp_path / 'compiled'}", "train.steps=3", "train.batch_size=4",
+        "train.seq_len=32", "train.log_every=1", "train.eval_every=0", "train.eval_tokens=256",
+        "train.dtype=fp32", "train.warmup_steps=3", "train.lr=3e-3", "train.compile=true",
+    ])
+    train(compiled_cfg, progress=False)
+    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2, 3]
+    assert compiled == pytest.approx(eager, rel=1e-4)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.model.sparse_flash import FAST_DTYPES, SparseFlashAttention
-from hybridlm.model.sparse_kernel_bf16 import SparseAttentionBF16, kernel_applies
+from hybridlm.model.sparse_kernel_bf16 import kernel_applies, sparse_attention_bf16
 
 DEFAULT_BLOCK = 256  # query block of the block loop; measured fastest of 64/128/256 at n = 256..1024
 FLASH_BLOCK = 64  # query block of both fused paths; measured no slower than 32/128 at n = 1024..16384
@@ -34,7 +34,7 @@ def dense_causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: t
     if n_query == n_key and _dense_backend["name"] == "auto" and kernel_applies(q_BHTD):
         n_head = q_BHTD.shape[1]
         k, v = _repeat_kv(k_BHSD, n_head).contiguous(), _repeat_kv(v_BHSD, n_head).contiguous()
-        return SparseAttentionBF16.apply(q_BHTD.contiguous(), k, v, None, None, n_key, n_key + 1, FLASH_BLOCK)
+        return sparse_attention_bf16(q_BHTD.contiguous(), k, v, None, None, n_key, n_key + 1, FLASH_BLOCK)
     if n_query == n_key:
         return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True, enable_gqa=gqa)
     if n_query == 1:
@@ -105,8 +105,8 @@ def fused_sparse_attention(
     if k_extra_BHED is not None:
         k_extra_BHED = _repeat_kv(k_extra_BHED, n_head).contiguous()
         v_extra_BHED = _repeat_kv(v_extra_BHED, n_head).contiguous()
-    function = SparseAttentionBF16 if kernel_applies(q_BHTD) else SparseFlashAttention
-    return function.apply(q_BHTD.contiguous(), k_BHTD, v_BHTD, k_extra_BHED, v_extra_BHED, window, stride, block)
+    function = sparse_attention_bf16 if kernel_applies(q_BHTD) else SparseFlashAttention.apply
+    return function(q_BHTD.contiguous(), k_BHTD, v_BHTD, k_extra_BHED, v_extra_BHED, window, stride, block)
 
 
 def blockwise_sparse_attention(

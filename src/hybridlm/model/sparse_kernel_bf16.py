@@ -82,3 +82,9 @@ class SparseAttentionBF16(torch.autograd.Function):
         glob = (dkg.view(shape).to(q.dtype), dvg.view(shape).to(q.dtype)) if kg.shape[1] else (None, None)
         return (dq.view(shape).to(q.dtype), dk.view(shape).to(q.dtype), dv.view(shape).to(q.dtype), *glob,
                 None, None, None)
+
+
+@torch.compiler.disable
+def sparse_attention_bf16(q, k, v, k_global, v_global, window: int, stride: int, block: int) -> torch.Tensor:
+    """Call the kernel; torch.compile leaves this call out of its graphs (it cannot trace C++)."""
+    return SparseAttentionBF16.apply(q, k, v, k_global, v_global, window, stride, block)

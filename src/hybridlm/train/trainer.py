@@ -84,9 +84,10 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
     bar = tqdm(total=tcfg.steps, initial=start_step, file=sys.stderr, disable=not progress, unit="step",
                desc=f"train {run_dir.name}", dynamic_ncols=True, mininterval=1.0)
+    forward = torch.compile(model) if tcfg.compile else model  # same parameters; eval and saving use model
     t0, last_eval = time.perf_counter(), {}
     for step in range(start_step, tcfg.steps):
-        loss = train_step(model, optimizer, sampler, step, tcfg, dtype, device)
+        loss = train_step(forward, optimizer, sampler, step, tcfg, dtype, device)
         done = step + 1
         elapsed = time.perf_counter() - t0
         tok_s = tokens_per_step * (done - start_step) / elapsed

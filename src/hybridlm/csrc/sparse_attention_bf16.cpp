@@ -84,6 +84,11 @@ inline void dot_keys_tile(const bf16* A, int lda, const bf16* Bp, int D, float* 
 void dot_keys(const bf16* A, int lda, int rows, const bf16* Bp, int tiles, int D, float* C, int ldc) {
   const int64_t tile = (int64_t)D * 16;
   int r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    int t = 0;
+    for (; t + 2 <= tiles; t += 2) dot_keys_tile<8, 2>(A + (int64_t)r * lda, lda, Bp + t * tile, D, C + (int64_t)r * ldc + t * 16, ldc);
+    for (; t < tiles; ++t) dot_keys_tile<8, 1>(A + (int64_t)r * lda, lda, Bp + t * tile, D, C + (int64_t)r * ldc + t * 16, ldc);
+  }
   for (; r + 4 <= rows; r += 4) {
     int t = 0;
     for (; t + 2 <= tiles; t += 2) dot_keys_tile<4, 2>(A + (int64_t)r * lda, lda, Bp + t * tile, D, C + (int64_t)r * ldc + t * 16, ldc);

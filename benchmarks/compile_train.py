@@ -8,12 +8,11 @@ tokens/s of 7 further steps for eager and compiled.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from hybridlm.bench.timing import median_seconds, seconds
 from hybridlm.config import preset
 from hybridlm.model import HybridLM
 
@@ -28,18 +27,16 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 8192, (args.batch, args.seq + 1))
 
-    def step(forward) -> float:
-        start = time.perf_counter()
+    def step(forward) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = forward(ids[:, :-1])
         F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
 
     for name, forward in (("eager", model), ("compiled", torch.compile(model))):
-        first = step(forward)
-        median = statistics.median(step(forward) for _ in range(7))
+        first = seconds(lambda: step(forward))
+        median = median_seconds(lambda: step(forward), 7, warmup=0)
         print(f"{name:9s} T={args.seq} batch={args.batch}: first step {first:.1f} s, "
               f"{args.batch * args.seq / median:,.0f} tokens/s")
 

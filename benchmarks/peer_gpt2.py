@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from hybridlm.bench.timing import median_seconds
 from hybridlm.config import ModelConfig
 from hybridlm.inference.engine import generate_ids
 from hybridlm.inference.sampling import SamplingParams
@@ -33,13 +33,7 @@ VOCAB, LAYERS, HEADS, D_MODEL = 8192, 6, 6, 384
 def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
     """FLOP/s of a size x size x size matmul (median of repeats)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
+    return 2 * size**3 / median_seconds(lambda: a @ b, repeats)
 
 
 def hybridlm_config(seq: int, pattern: str) -> ModelConfig:
@@ -68,13 +62,7 @@ def train_tokens_per_s(model, logits_of, seq: int, batch: int, repeats: int) -> 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return batch * seq / statistics.median(times)
+    return batch * seq / median_seconds(step, repeats)
 
 
 def decode_tokens_per_s_hf(model, prompt: torch.Tensor, new_tokens: int) -> float:

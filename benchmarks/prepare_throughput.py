@@ -13,20 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
+from hybridlm.bench.timing import seconds as timed
 from hybridlm.data.prepare import prepare
 from hybridlm.data.sources import iter_documents, resolve_source
 from hybridlm.tokenizer import train_tokenizer
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "train.txt"
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:

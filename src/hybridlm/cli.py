@@ -214,11 +214,14 @@ def _bench_command(bench: str, default_seq: str, default_pass: str):
             raise UserError(f"--dtype takes bf16 and/or fp32 (got {dtype!r})")
         if repeats <= 0:
             raise UserError(f"--repeats must be > 0 (got {repeats})")
-        options = {"preset": preset_name} if preset_name and bench != "attention" else {}
+        options = {}
         if preset_name:
             from hybridlm.config import preset
 
+            if bench == "attention":
+                raise UserError("bench attention measures one layer and takes no --preset; use bench train or generate")
             preset(preset_name)  # validates the name before any subprocess starts
+            options["preset"] = preset_name
         show = None if as_json else (lambda row: click.echo(format_row(row)))
         results = compare(bench, _int_list(seq, "--seq"), dtypes, [p for p in passes.split(",") if p], repeats,
                           options, progress=show)

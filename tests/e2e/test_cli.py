@@ -119,3 +119,4 @@ def test_bench_json_pairs_dense_and_sparse():
     (row,) = json.loads(gen.stdout)["results"]
     assert row["pass"] == "decode" and row["sparse_kv_cache_mb"] < row["dense_kv_cache_mb"]
     _bad(hybridlm("bench", "train", "--pass", "decode"), "measures passes train")
+    _bad(hybridlm("bench", "attention", "--preset", "small"), "takes no --preset")

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from hybridlm.data.sources import Source, iter_documents, resolve_source, source_fingerprint
+from hybridlm.data.sources import Source, builtin_digest, iter_documents, resolve_source, source_fingerprint
 from hybridlm.errors import UserError
 from hybridlm.fileio import atomic_write_json, read_json, sha256_file
 from hybridlm.tokenizer import TextTokenizer
@@ -132,17 +132,22 @@ def _encode_source(
 ) -> dict:
     docs = 0
     n_bytes = 0
+    digest = builtin_digest(source) if source.builtin else None  # hash the corpus as it streams by
     for batch in _batched(iter_documents(source), batch_docs):
         for text, ids in zip(batch, tokenizer.encode_batch(batch)):
             index = writers["train"].docs + writers["val"].docs
             split = "val" if period and index % period == period - 1 else "train"
-            size = len(text.encode("utf-8"))
+            raw = text.encode("utf-8")
+            if digest is not None:
+                digest.update(raw)
+            size = len(raw)
             writers[split].write(np.asarray(ids + [tokenizer.eos_id], dtype=dtype), size)
             docs += 1
             n_bytes += size
         if progress:
             progress(sum(len(t) for t in batch))
-    return {"spec": source.spec, "sha256": source_fingerprint(source), "docs": docs, "bytes": n_bytes}
+    sha256 = digest.hexdigest() if digest is not None else source_fingerprint(source)
+    return {"spec": source.spec, "sha256": sha256, "docs": docs, "bytes": n_bytes}
 
 
 def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:

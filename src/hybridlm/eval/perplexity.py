@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.data.loader import TokenStream, eval_windows
-from hybridlm.device import autocast
+from hybridlm.device import autocast, resolve_dtype
 from hybridlm.errors import UserError
 from hybridlm.model import HybridLM
 
@@ -76,8 +76,6 @@ def evaluate_text(model: HybridLM, ids: list[int], n_bytes: int, context: int, s
 
 def evaluate_path(run, path: Path, stride: int | None) -> dict:
     """Metrics of a loaded run on a text file (sliding window) or a prepared data directory."""
-    from hybridlm.device import resolve_dtype
-
     model, context = run.model, run.model.cfg.max_seq_len
     dtype = resolve_dtype("auto", next(model.parameters()).device)
     path = Path(path)

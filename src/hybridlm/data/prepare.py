@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -133,8 +134,8 @@ def _encode_source(
     docs = 0
     n_bytes = 0
     digest = builtin_digest(source) if source.builtin else None  # hash the corpus as it streams by
-    for batch in _batched(iter_documents(source), batch_docs):
-        for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+    for batch, encoded in _encoded_ahead(_batched(iter_documents(source), batch_docs), tokenizer):
+        for text, ids in zip(batch, encoded):
             index = writers["train"].docs + writers["val"].docs
             split = "val" if period and index % period == period - 1 else "train"
             raw = text.encode("utf-8")
@@ -148,6 +149,24 @@ def _encode_source(
             progress(sum(len(t) for t in batch))
     sha256 = digest.hexdigest() if digest is not None else source_fingerprint(source)
     return {"spec": source.spec, "sha256": sha256, "docs": docs, "bytes": n_bytes}
+
+
+def _encoded_ahead(
+    batches: Iterator[list[str]], tokenizer: TextTokenizer
+) -> Iterator[tuple[list[str], list[list[int]]]]:
+    """Yield (batch, ids) while the next batch is already encoding in a thread.
+
+    The Rust encoder releases the GIL, so reading and writing shards overlaps with encoding.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: tuple[list[str], Future] | None = None
+        for batch in batches:
+            ahead = (batch, pool.submit(tokenizer.encode_batch, batch))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = ahead
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:

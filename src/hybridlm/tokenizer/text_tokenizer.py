@@ -74,8 +74,11 @@ class TextTokenizer:
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts at once; the Rust side spreads the batch over all cores."""
-        return [enc.ids for enc in self.hf.encode_batch(texts, add_special_tokens=False)]
+        """Encode many texts at once; the Rust side spreads the batch over all cores.
+
+        `encode_batch_fast` skips character offsets, which we never use: 15-20% faster.
+        """
+        return [enc.ids for enc in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)

@@ -163,6 +163,12 @@ inline __m512 exp512(__m512 x) {  // e^x, relative error ~1e-7 on [-87, 88]
 
 inline __m256i to_bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
+// fp32 -> bf16 (round to nearest even); count is a multiple of 16 (head dims are).
+void store_bf16(const float* src, int64_t count, bf16* dst) {
+  for (int64_t i = 0; i < count; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), to_bf16x16(_mm512_loadu_ps(src + i)));
+}
+
 // Two rows of 16 fp32 -> 16 interleaved bf16 pairs (a0, b0, a1, b1, ...).
 inline __m512i interleave_bf16(__m512 a, __m512 b) {
   const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // low 16 = a, high 16 = b
@@ -256,7 +262,7 @@ void pack_head(const Geometry& G, const bf16* K, const bf16* V, const bf16* KG, 
 }
 
 struct Scratch {
-  std::vector<float> scores, dprobs, out;
+  std::vector<float> scores, dprobs, out, dq;
   std::vector<bf16> probs, dscores, probs_pairs, dscores_pairs;
 };
 
@@ -352,7 +358,7 @@ void scatter_remote(const Geometry& G, const BlockKeys& b, const float* C, float
 
 void backward_block(const Geometry& G, const Packed& P, const int32_t* strided_flag, const bf16* Q, const bf16* dO,
                     const bf16* O, const float* LSE, const bf16* q_pairs, const bf16* do_pairs, int i0, int i1,
-                    float* dQ, float* dK, float* dV, float* dKG, float* dVG) {
+                    bf16* dQ, float* dK, float* dV, float* dKG, float* dVG) {
   Scratch& s = scratch();
   const BlockKeys b = block_keys(G, i0, i1);
   const int kp = b.kp(), rows = i1 - i0, rows_even = round_up(rows, 2), D = G.D;
@@ -391,9 +397,11 @@ void backward_block(const Geometry& G, const Packed& P, const int32_t* strided_f
       _mm512_storeu_si512(s.dscores_pairs.data() + at, interleave_bf16(ds[0], ds[1]));
     }
   }
-  // dQ = dS . K (this block owns these dQ rows)
+  // dQ = dS . K (this block owns these dQ rows, so they are final here)
+  s.dq.resize((size_t)rows * D);
   values_both(G, b, reinterpret_cast<const uint32_t*>(s.dscores.data()), rows, kp, P.rk_pairs.data(),
-              P.k_pairs.data(), dQ + (int64_t)i0 * D, false);
+              P.k_pairs.data(), s.dq.data(), false);
+  store_bf16(s.dq.data(), (int64_t)rows * D, dQ + (int64_t)i0 * D);
   // dK = dS^T . Q and dV = P^T . dO: rows are keys, pairs run over the block's query rows.
   const int pairs = rows_even / 2, remote_cols = 16 * b.remote_tiles;
   const uint32_t* ds32 = reinterpret_cast<const uint32_t*>(s.dscores_pairs.data());
@@ -411,6 +419,8 @@ void backward_block(const Geometry& G, const Packed& P, const int32_t* strided_f
 // ---------------------------------------------------------------- entry points
 
 const bf16* ptr(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
+bf16* mut_ptr(at::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>()); }
+
 
 std::vector<int32_t> strided_flags(const Geometry& G) {
   std::vector<int32_t> flags(G.n16 + 16, 0);
@@ -438,7 +448,7 @@ std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Te
       const int64_t h = task / n_blocks, blk = task % n_blocks;
       const int i0 = (int)(blk * G.block), i1 = std::min(G.n, i0 + G.block);
       forward_block(G, packed[h], flags.data(), ptr(q) + h * G.n * G.D, i0, i1,
-                    reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()) + h * G.n * G.D,
+                    mut_ptr(out) + h * G.n * G.D,
                     lse.data_ptr<float>() + h * G.n);
     }
   });
@@ -451,13 +461,15 @@ std::vector<at::Tensor> backward(at::Tensor grad_out, at::Tensor q, at::Tensor k
   const Geometry G = geometry(q, kg.size(1), window, stride, block);
   const int64_t bh = q.size(0), D = G.D;
   const auto flags = strided_flags(G);
+  // dK, dV accumulate in fp32 per head in each thread's own buffers and are stored as bf16:
+  // the full-size fp32 gradients would triple the backward's memory at long sequences.
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto f32 = q.options().dtype(at::kFloat);
-  auto dq = at::empty({bh, G.n, D}, f32);
-  auto dk = at::zeros({bh, G.n16, D}, f32), dv = at::zeros({bh, G.n16, D}, f32);
   auto dkg = at::zeros(kg.sizes(), f32), dvg = at::zeros(vg.sizes(), f32);
   at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
     Packed packed;
     std::vector<bf16> q_pairs((size_t)round_up(G.n, 2) * D), do_pairs((size_t)round_up(G.n, 2) * D);
+    std::vector<float> dk_h((size_t)G.n16 * D), dv_h((size_t)G.n16 * D);
     for (int64_t h = begin; h < end; ++h) {
       const int64_t off = h * G.n * D, goff = h * G.g * D;
       pack_head(G, ptr(k) + off, ptr(v) + off, ptr(kg) + goff, ptr(vg) + goff, true, packed);
@@ -465,14 +477,17 @@ std::vector<at::Tensor> backward(at::Tensor grad_out, at::Tensor q, at::Tensor k
       const bf16* doh = ptr(grad_out) + off;
       pack_pairs([&](int i) -> const bf16* { return i < G.n ? qh + (int64_t)i * D : nullptr; }, round_up(G.n, 2), G.D, q_pairs.data());
       pack_pairs([&](int i) -> const bf16* { return i < G.n ? doh + (int64_t)i * D : nullptr; }, round_up(G.n, 2), G.D, do_pairs.data());
+      std::fill(dk_h.begin(), dk_h.end(), 0.f);
+      std::fill(dv_h.begin(), dv_h.end(), 0.f);
       for (int i0 = 0; i0 < G.n; i0 += G.block)
         backward_block(G, packed, flags.data(), qh, doh, ptr(out) + off, lse.data_ptr<float>() + h * G.n,
-                       q_pairs.data(), do_pairs.data(), i0, std::min(G.n, i0 + G.block), dq.data_ptr<float>() + off,
-                       dk.data_ptr<float>() + h * G.n16 * D, dv.data_ptr<float>() + h * G.n16 * D,
-                       dkg.data_ptr<float>() + goff, dvg.data_ptr<float>() + goff);
+                       q_pairs.data(), do_pairs.data(), i0, std::min(G.n, i0 + G.block), mut_ptr(dq) + off, dk_h.data(),
+                       dv_h.data(), dkg.data_ptr<float>() + goff, dvg.data_ptr<float>() + goff);
+      store_bf16(dk_h.data(), G.n * D, mut_ptr(dk) + off);
+      store_bf16(dv_h.data(), G.n * D, mut_ptr(dv) + off);
     }
   });
-  return {dq, dk.narrow(1, 0, G.n), dv.narrow(1, 0, G.n), dkg, dvg};
+  return {dq, dk, dv, dkg, dvg};
 }
 
 }  // namespace

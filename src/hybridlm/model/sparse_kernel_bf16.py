@@ -80,8 +80,7 @@ class SparseAttentionBF16(torch.autograd.Function):
         dq, dk, dv, dkg, dvg = _extension().backward(g, q, k, v, kg, vg, out, lse, window, stride, block)
         shape = (B, H, -1, q.shape[-1])
         glob = (dkg.view(shape).to(q.dtype), dvg.view(shape).to(q.dtype)) if kg.shape[1] else (None, None)
-        return (dq.view(shape).to(q.dtype), dk.view(shape).to(q.dtype), dv.view(shape).to(q.dtype), *glob,
-                None, None, None)
+        return dq.view(shape), dk.view(shape), dv.view(shape), *glob, None, None, None
 
 
 @torch.compiler.disable

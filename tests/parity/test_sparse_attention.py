@@ -89,7 +89,8 @@ BF16_KERNELS = {"pytorch-kernel": SparseFlashAttention.apply, "cpp": _cpp_kernel
 @pytest.mark.parametrize(
     "n,window,stride,n_global",
     [(300, 64, 32, 4), (1000, 128, 128, 8), (130, 16, 200, 0), (77, 200, 3, 0), (1, 4, 4, 2), (515, 7, 5, 3),
-     (1100, 1100, 1101, 0)],  # the last is dense causal attention, as dense layers call the kernel
+     (1100, 1100, 1101, 0),  # dense causal attention, as dense layers call the kernel: 3 span key chunks
+     (1600, 16, 2, 8)],  # 808 remote keys: the C++ backward walks them in 2 key chunks
 )
 def test_bf16_fused_is_as_accurate_as_pytorch_bf16_attention(n, window, stride, n_global, kernel):
     """bf16 tolerance, justified by a peer: PyTorch's own fused bf16 CPU attention, run densely with

@@ -262,7 +262,7 @@ void pack_head(const Geometry& G, const bf16* K, const bf16* V, const bf16* KG, 
 }
 
 struct Scratch {
-  std::vector<float> scores, dprobs, out, dq;
+  std::vector<float> scores, dprobs, out, dq, row_lse, row_delta;
   std::vector<bf16> probs, dscores, probs_pairs, dscores_pairs;
 };
 
@@ -346,14 +346,46 @@ float row_dot(const bf16* a, const bf16* b, int D) {
   return _mm512_reduce_add_ps(acc);
 }
 
-// Gradients of the keys of one block: C (kp x D) -> dK rows (span) or dKG / strided dK rows (remote).
-void scatter_remote(const Geometry& G, const BlockKeys& b, const float* C, float* dX, float* dXG) {
-  for (int c = 0; c < b.remote_count; ++c) {
+// Gradient rows C (one per remote column c0 <= c < c1) added to dKG (global slots) or to the
+// strided rows of dK.
+void scatter_remote(const Geometry& G, int c0, int c1, const float* C, float* dX, float* dXG) {
+  for (int c = c0; c < c1; ++c) {
     float* target = c < G.g ? dXG + (int64_t)c * G.D : dX + ((int64_t)(c - G.g + 1) * G.stride - 1) * G.D;
-    const float* src = C + (int64_t)c * G.D;
+    const float* src = C + (int64_t)(c - c0) * G.D;
     for (int d = 0; d < G.D; d += 16)
       _mm512_storeu_ps(target + d, _mm512_add_ps(_mm512_loadu_ps(target + d), _mm512_loadu_ps(src + d)));
   }
+}
+
+// A run of a block's key columns [col, col + width) that lies in one segment, in all four layouts.
+struct KeyChunk {
+  int col, width;   // position in the block's key columns (remote first, then span)
+  bool remote;      // a chunk of the remote segment (global slots and far strided keys)
+  int remote_end;   // remote chunks: last visible remote column + 1
+  int span_pos;     // span chunks: key position of the first column
+  const bf16 *k_lanes, *v_lanes, *k_pairs, *v_pairs;
+};
+
+// Key columns per chunk in the backward pass: keeps the chunk's scores, probabilities and their
+// pair layouts (about 0.4 MB for 64 rows) in the core's L2 cache at any sequence length. Dense
+// causal backward at n = 16384 went from 345 to 535 GFLOP/s; 256 and 1024 measured the same as 512.
+constexpr int KEY_CHUNK = 512;
+
+std::vector<KeyChunk> key_chunks(const Geometry& G, const Packed& P, const BlockKeys& b) {
+  std::vector<KeyChunk> chunks;
+  const int64_t D = G.D;
+  const int remote_cols = 16 * b.remote_tiles;
+  for (int c = 0; c < remote_cols; c += KEY_CHUNK) {
+    const int w = std::min(KEY_CHUNK, remote_cols - c);
+    chunks.push_back({c, w, true, std::min(c + w, b.remote_count), 0, P.rk_lanes.data() + c * D, P.rv_lanes.data() + c * D,
+                      P.rk_pairs.data() + c * D, P.rv_pairs.data() + c * D});
+  }
+  for (int p = b.span_lo; p < b.span_hi; p += KEY_CHUNK) {
+    const int w = std::min(KEY_CHUNK, b.span_hi - p);
+    chunks.push_back({remote_cols + p - b.span_lo, w, false, 0, p, P.k_lanes.data() + p * D, P.v_lanes.data() + p * D,
+                      P.k_pairs.data() + p * D, P.v_pairs.data() + p * D});
+  }
+  return chunks;
 }
 
 void backward_block(const Geometry& G, const Packed& P, const int32_t* strided_flag, const bf16* Q, const bf16* dO,
@@ -361,59 +393,70 @@ void backward_block(const Geometry& G, const Packed& P, const int32_t* strided_f
                     bf16* dQ, float* dK, float* dV, float* dKG, float* dVG) {
   Scratch& s = scratch();
   const BlockKeys b = block_keys(G, i0, i1);
-  const int kp = b.kp(), rows = i1 - i0, rows_even = round_up(rows, 2), D = G.D;
-  s.scores.resize((size_t)rows_even * kp);
-  s.dprobs.resize((size_t)rows_even * kp);
-  s.dscores.resize((size_t)rows * kp);
-  s.probs_pairs.resize((size_t)rows_even * kp);
-  s.dscores_pairs.resize((size_t)rows_even * kp);
-  s.out.resize((size_t)std::max(rows, kp) * D);
+  const int rows = i1 - i0, rows_even = round_up(rows, 2), D = G.D, pairs = rows_even / 2;
+  const int width_max = std::min(KEY_CHUNK, std::max(16 * b.remote_tiles, b.span_hi - b.span_lo));
+  s.scores.resize((size_t)rows_even * width_max);
+  s.dprobs.resize((size_t)rows_even * width_max);
+  s.dscores.resize((size_t)rows * width_max);
+  s.probs_pairs.resize((size_t)rows_even * width_max);
+  s.dscores_pairs.resize((size_t)rows_even * width_max);
+  s.out.resize((size_t)width_max * D);
+  s.dq.resize((size_t)rows * D);
+  s.row_lse.resize(rows_even);
+  s.row_delta.resize(rows_even);
   const bf16* q = Q + (int64_t)i0 * D;
   const bf16* dout = dO + (int64_t)i0 * D;
-  scores_both(G, b, q, rows, P.rk_lanes.data(), P.k_lanes.data(), s.scores.data(), kp);
-  scores_both(G, b, dout, rows, P.rv_lanes.data(), P.v_lanes.data(), s.dprobs.data(), kp);
-  const __m512 scale = _mm512_set1_ps(G.scale);
-  for (int r = 0; r < rows_even; r += 2) {  // rows in pairs: P and dS are also stored interleaved by row pair
-    __m512 lse[2], delta[2];
-    for (int h = 0; h < 2; ++h) {
-      const int rr = std::min(r + h, rows - 1);
-      lse[h] = _mm512_set1_ps(LSE[i0 + rr]);
-      delta[h] = _mm512_set1_ps(row_dot(dout + (int64_t)rr * D, O + (int64_t)(i0 + rr) * D, D));
-    }
-    for (int c = 0; c < kp; c += 16) {
-      __m512 prob[2], ds[2];
-      for (int h = 0; h < 2; ++h) {
-        const int rr = r + h;
-        if (rr >= rows) { prob[h] = ds[h] = _mm512_setzero_ps(); continue; }
-        const __mmask16 vis = visible16(G, b, strided_flag, c, i0 + rr);
-        const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s.scores.data() + (int64_t)rr * kp + c), scale, lse[h]);
-        prob[h] = _mm512_maskz_mov_ps(vis, exp512(x));
-        const __m512 dp = _mm512_loadu_ps(s.dprobs.data() + (int64_t)rr * kp + c);
-        ds[h] = _mm512_mul_ps(_mm512_mul_ps(prob[h], _mm512_sub_ps(dp, delta[h])), scale);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.dscores.data() + (int64_t)rr * kp + c), to_bf16x16(ds[h]));
-      }
-      const int64_t at = ((int64_t)(r / 2) * kp + c) * 2;
-      _mm512_storeu_si512(s.probs_pairs.data() + at, interleave_bf16(prob[0], prob[1]));
-      _mm512_storeu_si512(s.dscores_pairs.data() + at, interleave_bf16(ds[0], ds[1]));
-    }
+  for (int r = 0; r < rows_even; ++r) {
+    const int rr = std::min(r, rows - 1);
+    s.row_lse[r] = LSE[i0 + rr];
+    s.row_delta[r] = row_dot(dout + (int64_t)rr * D, O + (int64_t)(i0 + rr) * D, D);
   }
-  // dQ = dS . K (this block owns these dQ rows, so they are final here)
-  s.dq.resize((size_t)rows * D);
-  values_both(G, b, reinterpret_cast<const uint32_t*>(s.dscores.data()), rows, kp, P.rk_pairs.data(),
-              P.k_pairs.data(), s.dq.data(), false);
-  store_bf16(s.dq.data(), (int64_t)rows * D, dQ + (int64_t)i0 * D);
-  // dK = dS^T . Q and dV = P^T . dO: rows are keys, pairs run over the block's query rows.
-  const int pairs = rows_even / 2, remote_cols = 16 * b.remote_tiles;
-  const uint32_t* ds32 = reinterpret_cast<const uint32_t*>(s.dscores_pairs.data());
-  const uint32_t* p32 = reinterpret_cast<const uint32_t*>(s.probs_pairs.data());
   const bf16* qp = q_pairs + (int64_t)(i0 / 2) * D * 2;
   const bf16* dop = do_pairs + (int64_t)(i0 / 2) * D * 2;
-  acc_dims(ds32, 1, kp, remote_cols, qp, pairs, D, s.out.data(), D, false);
-  scatter_remote(G, b, s.out.data(), dK, dKG);
-  acc_dims(ds32 + remote_cols, 1, kp, b.span_hi - b.span_lo, qp, pairs, D, dK + (int64_t)b.span_lo * D, D, true);
-  acc_dims(p32, 1, kp, remote_cols, dop, pairs, D, s.out.data(), D, false);
-  scatter_remote(G, b, s.out.data(), dV, dVG);
-  acc_dims(p32 + remote_cols, 1, kp, b.span_hi - b.span_lo, dop, pairs, D, dV + (int64_t)b.span_lo * D, D, true);
+  const __m512 scale = _mm512_set1_ps(G.scale);
+  bool first = true;
+  for (const KeyChunk& k : key_chunks(G, P, b)) {
+    const int w = k.width;
+    dot_keys(q, D, rows, k.k_lanes, w / 16, D, s.scores.data(), w);
+    dot_keys(dout, D, rows, k.v_lanes, w / 16, D, s.dprobs.data(), w);
+    for (int r = 0; r < rows_even; r += 2) {  // rows in pairs: P and dS are also stored interleaved by row pair
+      for (int c = 0; c < w; c += 16) {
+        __m512 prob[2], ds[2];
+        for (int h = 0; h < 2; ++h) {
+          const int rr = r + h;
+          if (rr >= rows) { prob[h] = ds[h] = _mm512_setzero_ps(); continue; }
+          const __mmask16 vis = visible16(G, b, strided_flag, k.col + c, i0 + rr);
+          const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s.scores.data() + (int64_t)rr * w + c), scale,
+                                           _mm512_set1_ps(s.row_lse[rr]));
+          prob[h] = _mm512_maskz_mov_ps(vis, exp512(x));
+          const __m512 dp = _mm512_loadu_ps(s.dprobs.data() + (int64_t)rr * w + c);
+          ds[h] = _mm512_mul_ps(_mm512_mul_ps(prob[h], _mm512_sub_ps(dp, _mm512_set1_ps(s.row_delta[rr]))), scale);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.dscores.data() + (int64_t)rr * w + c), to_bf16x16(ds[h]));
+        }
+        const int64_t at = ((int64_t)(r / 2) * w + c) * 2;
+        _mm512_storeu_si512(s.probs_pairs.data() + at, interleave_bf16(prob[0], prob[1]));
+        _mm512_storeu_si512(s.dscores_pairs.data() + at, interleave_bf16(ds[0], ds[1]));
+      }
+    }
+    // dQ += dS . K over this chunk's keys
+    acc_dims(reinterpret_cast<const uint32_t*>(s.dscores.data()), w / 2, 1, rows, k.k_pairs, w / 2, D, s.dq.data(),
+             D, !first);
+    first = false;
+    // dK = dS^T . Q and dV = P^T . dO: rows are keys, pairs run over the block's query rows.
+    const uint32_t* ds32 = reinterpret_cast<const uint32_t*>(s.dscores_pairs.data());
+    const uint32_t* p32 = reinterpret_cast<const uint32_t*>(s.probs_pairs.data());
+    if (k.remote) {
+      const int used = k.remote_end - k.col;
+      acc_dims(ds32, 1, w, used, qp, pairs, D, s.out.data(), D, false);
+      scatter_remote(G, k.col, k.remote_end, s.out.data(), dK, dKG);
+      acc_dims(p32, 1, w, used, dop, pairs, D, s.out.data(), D, false);
+      scatter_remote(G, k.col, k.remote_end, s.out.data(), dV, dVG);
+    } else {
+      acc_dims(ds32, 1, w, w, qp, pairs, D, dK + (int64_t)k.span_pos * D, D, true);
+      acc_dims(p32, 1, w, w, dop, pairs, D, dV + (int64_t)k.span_pos * D, D, true);
+    }
+  }
+  store_bf16(s.dq.data(), (int64_t)rows * D, dQ + (int64_t)i0 * D);
 }
 
 // ---------------------------------------------------------------- entry points

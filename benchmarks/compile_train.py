@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from hybridlm.bench.timing import median_seconds, seconds
 from hybridlm.config import preset
@@ -29,8 +28,8 @@ def main() -> None:
 
     def step(forward) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = forward(ids[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+            loss = forward(ids[:, :-1], targets_BT=ids[:, 1:])
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

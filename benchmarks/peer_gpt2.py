@@ -51,14 +51,22 @@ def hf_model(seq: int):
     return GPT2LMHeadModel(cfg)
 
 
-def train_tokens_per_s(model, logits_of, seq: int, batch: int, repeats: int) -> float:
+def hf_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x).logits.float().flatten(0, 1), y.flatten())
+
+
+def hybridlm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x, targets_BT=y)  # the fused chunked cross-entropy that hybridlm's trainer uses
+
+
+def train_tokens_per_s(model, loss_of, seq: int, batch: int, repeats: int) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, VOCAB, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = logits_of(model, ids[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+            loss = loss_of(model, ids[:, :-1], ids[:, 1:])
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -98,20 +106,20 @@ def main() -> None:
     peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     torch.manual_seed(0)
     models = {
-        "hf-gpt2": (hf_model(args.seq), lambda m, x: m(x).logits),
-        "hybridlm-dense": (HybridLM(hybridlm_config(args.seq, "D" * LAYERS)), lambda m, x: m(x)),
-        "hybridlm-hybrid": (HybridLM(hybridlm_config(args.seq, "DDSSSS")), lambda m, x: m(x)),
+        "hf-gpt2": (hf_model(args.seq), hf_loss),
+        "hybridlm-dense": (HybridLM(hybridlm_config(args.seq, "D" * LAYERS)), hybridlm_loss),
+        "hybridlm-hybrid": (HybridLM(hybridlm_config(args.seq, "DDSSSS")), hybridlm_loss),
     }
     prompt = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(1))
     rows = []
-    for name, (model, logits_of) in models.items():
+    for name, (model, loss_of) in models.items():
         variants = [(name, model)]
         if args.compile:
             variants.append((f"{name} (compiled)", torch.compile(model)))
         pattern = "DDSSSS" if name.endswith("hybrid") else "D" * LAYERS
         train_flops = 3 * flops_per_token(hybridlm_config(args.seq, pattern), args.seq)
         for label, runnable in variants:
-            tok_s = train_tokens_per_s(runnable, logits_of, args.seq, args.batch, args.repeats)
+            tok_s = train_tokens_per_s(runnable, loss_of, args.seq, args.batch, args.repeats)
             rows.append({"model": label, "train_tokens_per_s": tok_s, "mfu_bf16": tok_s * train_flops / peak["bf16"]})
         rows[-1 - args.compile]["decode_tokens_per_s"] = (
             decode_tokens_per_s_hf(model, prompt, args.new_tokens) if name == "hf-gpt2"

@@ -85,8 +85,8 @@ def train_point(spec: dict) -> dict:
 
     def run() -> None:
         with autocast(spec["dtype"], device):
-            logits = model(ids[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+            loss = model(ids[:, :-1], targets_BT=ids[:, 1:])
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

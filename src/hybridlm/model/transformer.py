@@ -16,6 +16,7 @@ from hybridlm.config import ModelConfig
 from hybridlm.model.attention import dense_causal_attention, sparse_causal_attention
 from hybridlm.model.kv_cache import DenseKVCache, SparseKVCache
 from hybridlm.model.layout import LayerSpec, resolve_layers
+from hybridlm.model.loss import chunked_cross_entropy
 from hybridlm.model.positions import Rotary, sinusoidal_table
 
 LayerCache = DenseKVCache | SparseKVCache
@@ -141,8 +142,12 @@ class HybridLM(nn.Module):
             for spec in self.specs
         ]
 
-    def forward(self, ids_BT: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab). With a cache, ids continue the sequence the cache has seen."""
+    def forward(
+        self, ids_BT: torch.Tensor, cache: list[LayerCache] | None = None, targets_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab); with `targets_BT`, the mean cross-entropy instead (targets equal to
+        IGNORE_INDEX add nothing), computed without materialising the logits. With a cache, ids
+        continue the sequence the cache has seen."""
         start = 0 if cache is None else cache[0].length
         T = ids_BT.shape[1]
         if start + T > self.cfg.max_seq_len:
@@ -155,4 +160,7 @@ class HybridLM(nn.Module):
         x_BTC = self.drop(x_BTC)
         for i, block in enumerate(self.blocks):
             x_BTC = block(x_BTC, start, None if cache is None else cache[i])
-        return self.lm_head(self.norm_f(x_BTC))
+        x_BTC = self.norm_f(x_BTC)
+        if targets_BT is not None:
+            return chunked_cross_entropy(x_BTC.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
+        return self.lm_head(x_BTC)

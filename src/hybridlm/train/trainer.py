@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from hybridlm.data.loader import BatchSampler, TokenStream
@@ -117,8 +116,7 @@ def train_step(model, optimizer, sampler, step: int, tcfg, dtype: str, device: t
     for micro in range(tcfg.grad_accum):
         x, y = (t.to(device) for t in sampler.batch(step, micro))
         with autocast(dtype, device):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)) / tcfg.grad_accum
+            loss = model(x, targets_BT=y) / tcfg.grad_accum
         loss.backward()
         total += loss.item()
     if tcfg.grad_clip:

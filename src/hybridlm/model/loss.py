@@ -1,0 +1,69 @@
+"""Cross-entropy fused with the output projection, computed a chunk of tokens at a time.
+
+The plain way (logits = lm_head(h); F.cross_entropy(logits.float(), y)) materialises fp32 logits
+of tokens x vocab, their log-softmax and its gradient: 0.5 GB each at 16,384 tokens and vocabulary
+8192, and on the CPU the fresh pages alone cost more than the arithmetic (the profile of a `small`
+training step at T = 16384 showed 2 of its 9 s in log-softmax, its backward, copies and fills).
+Here each chunk's logits live only inside the loop; the backward pass recomputes them from the
+saved log-sum-exp, as FlashAttention does for attention scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100  # targets with this value add no loss (prompt tokens, padding), as in PyTorch
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MB in fp32): tokens per chunk = this // vocab
+
+
+def _chunks(n: int, vocab: int) -> list[tuple[int, int]]:
+    size = max(1, CHUNK_ELEMENTS // vocab)
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of softmax(hidden @ weight.T) against targets; softmax math in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden_NC: torch.Tensor, weight_VC: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+        valid_N = targets_N != IGNORE_INDEX
+        safe_N = targets_N.clamp(min=0)
+        lse_N = torch.empty(hidden_NC.shape[0], dtype=torch.float32, device=hidden_NC.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden_NC.device)
+        for s, e in _chunks(hidden_NC.shape[0], weight_VC.shape[0]):
+            logits = (hidden_NC[s:e] @ weight_VC.T).float()
+            lse_N[s:e] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_N[s:e, None])[:, 0]
+            total += ((lse_N[s:e] - picked) * valid_N[s:e]).sum()
+        count = valid_N.sum().clamp(min=1)
+        ctx.save_for_backward(hidden_NC, weight_VC, safe_N, valid_N, lse_N, count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        hidden_NC, weight_VC, safe_N, valid_N, lse_N, count = ctx.saved_tensors
+        scale_N = valid_N.float() * (grad_loss / count)
+        grad_hidden = torch.empty_like(hidden_NC)
+        grad_weight = torch.zeros(weight_VC.shape, dtype=torch.float32, device=weight_VC.device)
+        for s, e in _chunks(hidden_NC.shape[0], weight_VC.shape[0]):
+            logits = (hidden_NC[s:e] @ weight_VC.T).float()
+            dlogits = torch.exp_(logits.sub_(lse_N[s:e, None]))  # softmax, in place
+            dlogits.scatter_add_(1, safe_N[s:e, None], torch.full((e - s, 1), -1.0, device=dlogits.device))
+            dlogits = dlogits.mul_(scale_N[s:e, None]).to(hidden_NC.dtype)
+            grad_hidden[s:e] = dlogits @ weight_VC
+            grad_weight += (dlogits.T @ hidden_NC[s:e]).float()
+        return grad_hidden, grad_weight.to(weight_VC.dtype), None
+
+
+@torch.compiler.disable
+def chunked_cross_entropy(hidden_NC: torch.Tensor, weight_VC: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    """Mean loss over targets that are not IGNORE_INDEX, in the autocast dtype when autocast is on.
+
+    torch.compile leaves this call out of its graphs: the chunk loop is already one matmul per chunk.
+    """
+    device_type = hidden_NC.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden_NC, weight_VC = hidden_NC.to(dtype), weight_VC.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return ChunkedCrossEntropy.apply(hidden_NC, weight_VC, targets_N)

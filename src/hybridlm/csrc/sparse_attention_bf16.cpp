@@ -368,7 +368,8 @@ struct KeyChunk {
 
 // Key columns per chunk in the backward pass: keeps the chunk's scores, probabilities and their
 // pair layouts (about 0.4 MB for 64 rows) in the core's L2 cache at any sequence length. Dense
-// causal backward at n = 16384 went from 345 to 535 GFLOP/s; 256 and 1024 measured the same as 512.
+// causal backward at n = 16384 went from 311 to 465 GFLOP/s (benchmarks/dense_kernel.py); chunks of
+// 256 and 1024 columns measured the same as 512.
 constexpr int KEY_CHUNK = 512;
 
 std::vector<KeyChunk> key_chunks(const Geometry& G, const Packed& P, const BlockKeys& b) {

@@ -54,7 +54,7 @@ class TrainConfig:
     log_every: int = 10
     """Write a training record to metrics.jsonl every N steps."""
     compile: bool = False
-    """torch.compile the model for training steps: 1.25-1.37x per step on `small` at batch 8 x 1024 and
+    """torch.compile the model for training steps: 1.15-1.19x per step on `small` at batch 8 x 1024 and
     32 x 256, but no gain on the quickstart's settings (docs/benchmarks.md); off by default."""
     seed: int = 1337
 

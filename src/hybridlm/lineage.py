@@ -8,7 +8,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from hybridlm import __version__
-from hybridlm.fileio import sha256_file
 
 _LIBRARIES = ("torch", "numpy", "tokenizers", "safetensors")
 
@@ -36,12 +35,11 @@ def _library_versions() -> dict[str, str]:
     return found
 
 
-def lineage_record(data_dir: Path, meta: dict, parent_run: str | None = None) -> dict:
+def lineage_record(sources: list[dict], tokenizer_sha256: str, parent_run: str | None = None) -> dict:
+    """`sources`: one record per training source (spec, weight, hashes, tokens drawn)."""
     return {
-        "data_dir": str(data_dir),
-        "data_meta_sha256": sha256_file(data_dir / "meta.json"),
-        "sources": meta["sources"],
-        "tokenizer_sha256": meta["tokenizer_sha256"],
+        "sources": sources,
+        "tokenizer_sha256": tokenizer_sha256,
         "parent_run": parent_run,
         "code_version": code_version(),
         "libraries": _library_versions(),

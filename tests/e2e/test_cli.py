@@ -33,7 +33,9 @@ def test_quickstart_tiny_beats_the_unigram_baseline(quickstart):
     for name in ("config.json", "tokenizer.json", "model.safetensors", "metrics.jsonl", "lineage.json"):
         assert (run / name).is_file(), name
     lineage = json.loads((run / "lineage.json").read_text())
-    assert lineage["sources"][0]["spec"] == "stdlib-docs" and len(lineage["sources"][0]["sha256"]) == 64
+    prepared = lineage["sources"][0]["sources"][0]  # the prepared directory's own source record
+    assert prepared["spec"] == "stdlib-docs" and len(prepared["sha256"]) == 64
+    assert lineage["sources"][0]["tokens_drawn"] == quickstart["train_tokens"]
     assert quickstart["sample"]
 
 

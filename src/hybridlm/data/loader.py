@@ -1,7 +1,6 @@
-"""Batches of token windows from prepared shards, memory-mapped and addressed by step.
+"""Prepared token shards as one memory-mapped array per split, and evaluation windows over it.
 
-The windows of a training batch depend only on (seed, step, micro-step, rank), so a resumed
-run draws exactly the batches the interrupted one would have drawn.
+Training batches are drawn by data/mixture.py.
 """
 
 from __future__ import annotations
@@ -44,26 +43,6 @@ class TokenStream:
             pieces.append(self.shards[shard][offset : offset + take])
             pos += take
         return np.concatenate(pieces).astype(np.int64)
-
-
-class BatchSampler:
-    """Random (input, target) windows of `seq_len` tokens; deterministic in the step."""
-
-    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int, rank: int = 0) -> None:
-        if stream.tokens < seq_len + 1:
-            raise UserError(
-                f"the training split has {stream.tokens} tokens, fewer than one sequence of {seq_len + 1}; "
-                "lower train.seq_len or add data"
-            )
-        self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
-        self.seed, self.rank = seed, rank
-
-    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro, self.rank])
-        starts = rng.integers(0, self.stream.tokens - self.seq_len, size=self.batch_size)
-        rows = np.stack([self.stream.window(int(s), self.seq_len + 1) for s in starts])
-        tensor = torch.from_numpy(rows)
-        return tensor[:, :-1], tensor[:, 1:]
 
 
 def eval_windows(stream: TokenStream, seq_len: int, max_tokens: int) -> list[torch.Tensor]:

@@ -12,7 +12,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from hybridlm.errors import UserError
-from hybridlm.fileio import atomic_write_text
+from hybridlm.fileio import atomic_write_json, atomic_write_text
+from hybridlm.tokenizer.chat import JINJA_TEMPLATE
 
 SPECIAL_TOKENS: dict[str, str] = {
     "bos": "<|bos|>",
@@ -50,7 +51,21 @@ class TextTokenizer:
             raise UserError(f"{path} is not a valid tokenizer.json ({exc}); retrain it") from None
 
     def save(self, path: Path) -> None:
+        """Write tokenizer.json and, beside it, tokenizer_config.json (special tokens, chat template)."""
+        path = Path(path)
         atomic_write_text(path, self.to_json())
+        atomic_write_json(path.parent / "tokenizer_config.json", self.hf_config())
+
+    def hf_config(self) -> dict:
+        """tokenizer_config.json as Hugging Face `transformers` reads it."""
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": SPECIAL_TOKENS["bos"],
+            "eos_token": SPECIAL_TOKENS["eos"],
+            "pad_token": SPECIAL_TOKENS["pad"],
+            "mask_token": SPECIAL_TOKENS["mask"],
+            "chat_template": JINJA_TEMPLATE,
+        }
 
     def to_json(self) -> str:
         return self.hf.to_str(pretty=True)

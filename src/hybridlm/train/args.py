@@ -11,6 +11,8 @@ from hybridlm.errors import UserError
 from hybridlm.settings import apply_overrides, build, checked_kwargs, load_toml
 
 DTYPES = ("auto", "bf16", "fp32")
+OBJECTIVES = ("clm", "sft")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass(kw_only=True)
@@ -18,7 +20,15 @@ class TrainConfig:
     """How to train: data, run directory, optimisation and bookkeeping."""
 
     data: str = ""
-    """Prepared data directory (from `hybridlm prepare`)."""
+    """Prepared data directory (from `hybridlm prepare`); shorthand for a mixture of one source."""
+    mixture: dict = dataclasses.field(default_factory=dict)
+    """{source: weight}: prepared directories (clm) or instruction files / stdlib-docs:qa (sft)."""
+    objective: str = "clm"
+    """clm (next-token prediction on text) or sft (instruction tuning: loss on assistant replies)."""
+    init_from: str = ""
+    """A finished run directory whose weights this run starts from (optimizer state starts fresh)."""
+    tokenizer: str = ""
+    """tokenizer.json to use; default: the first prepared source's, or that of init_from."""
     out: str = "runs/run"
     """Run directory to write."""
     steps: int = 200
@@ -35,6 +45,8 @@ class TrainConfig:
     """Final learning rate of the cosine decay, as a fraction of lr."""
     warmup_steps: int = 20
     """Linear warmup steps."""
+    schedule: str = "cosine"
+    """After warmup: cosine or linear decay to lr * min_lr_ratio, or constant."""
     weight_decay: float = 0.1
     """AdamW weight decay on matrices and embeddings (not on norms and biases)."""
     beta1: float = 0.9
@@ -67,6 +79,15 @@ class TrainConfig:
             raise UserError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise UserError("train.warmup_steps, eval_every, grad_clip and weight_decay must be >= 0")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"train.objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"train.schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
+        if not isinstance(self.mixture, dict) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in self.mixture.values()
+        ) or (self.mixture and sum(self.mixture.values()) <= 0):
+            raise UserError("train.mixture must map sources to weights >= 0 that sum to a positive number, "
+                            'e.g. {"data/a" = 0.7, "data/b" = 0.3}')
         if self.dtype not in DTYPES:
             raise UserError(f"train.dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
 

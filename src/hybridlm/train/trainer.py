@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -12,18 +11,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hybridlm.data.loader import BatchSampler, TokenStream
-from hybridlm.data.prepare import load_meta
 from hybridlm.device import autocast, default_device, resolve_dtype
 from hybridlm.errors import UserError
-from hybridlm.eval.perplexity import evaluate_split
 from hybridlm.fileio import atomic_write_json, atomic_write_text, read_json
 from hybridlm.lineage import lineage_record
 from hybridlm.model import HybridLM
-from hybridlm.run import save_final
-from hybridlm.train.args import RunConfig, run_config_from_dict
+from hybridlm.run import load_run, save_final
+from hybridlm.tokenizer import TextTokenizer
+from hybridlm.train.args import RunConfig, TrainConfig, run_config_from_dict
 from hybridlm.train.checkpoint import checkpoint_dirs, latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from hybridlm.train.optim import build_optimizer, lr_at
+from hybridlm.train.stage_data import StageData, build_stage_data, stage_tokenizer
 
 
 class MetricsLog:
@@ -55,15 +53,24 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path | Non
         return dataclasses.replace(saved, train=dataclasses.replace(saved.train, steps=cfg.train.steps)), checkpoint
     if checkpoint_dirs(run_dir) or (run_dir / "model.safetensors").exists():
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or set another train.out")
-    if not cfg.train.data:
-        raise UserError("no training data: set train.data to a directory made by `hybridlm prepare`")
-    meta = load_meta(Path(cfg.train.data))
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"]))
+    tokenizer = stage_tokenizer(cfg.train)
+    build_stage_data(cfg.train, tokenizer)  # fail on bad sources now, before anything is written
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
-    shutil.copyfile(Path(cfg.train.data) / "tokenizer.json", run_dir / "tokenizer.json")
-    atomic_write_json(run_dir / "lineage.json", lineage_record(Path(cfg.train.data), meta))
+    tokenizer.save(run_dir / "tokenizer.json")
     return cfg, None
+
+
+def _initial_weights(model: HybridLM, tcfg: TrainConfig) -> None:
+    """Start from train.init_from's final weights (the previous stage of a recipe)."""
+    if not tcfg.init_from:
+        return
+    parent = load_run(Path(tcfg.init_from))
+    if parent.model.cfg != model.cfg:
+        raise UserError(f"train.init_from {tcfg.init_from} has another model config than this run; "
+                        "use the same [model] settings")
+    model.load_state_dict(parent.model.state_dict())
 
 
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
@@ -74,11 +81,12 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     dtype = resolve_dtype(tcfg.dtype, device)
     torch.manual_seed(tcfg.seed)
     model = HybridLM(cfg.model).to(device)
+    _initial_weights(model, tcfg)
     optimizer = build_optimizer(model, tcfg)
     start_step = 0
     if checkpoint is not None:
         start_step = load_checkpoint(checkpoint, model, optimizer)["step"]
-    sampler = BatchSampler(TokenStream(Path(tcfg.data), "train"), tcfg.seq_len, tcfg.batch_size, tcfg.seed)
+    data = build_stage_data(tcfg, TextTokenizer.load(run_dir / "tokenizer.json"))
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if checkpoint else None)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
     bar = tqdm(total=tcfg.steps, initial=start_step, file=sys.stderr, disable=not progress, unit="step",
@@ -86,26 +94,33 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     forward = torch.compile(model) if tcfg.compile else model  # same parameters; eval and saving use model
     t0, last_eval = time.perf_counter(), {}
     for step in range(start_step, tcfg.steps):
-        loss = train_step(forward, optimizer, sampler, step, tcfg, dtype, device)
+        loss = train_step(forward, optimizer, data.mixture, step, tcfg, dtype, device)
         done = step + 1
         elapsed = time.perf_counter() - t0
         tok_s = tokens_per_step * (done - start_step) / elapsed
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        record = {"step": done, "loss": loss, "lr": lr_at(step, tcfg), "tokens": done * tokens_per_step,
-                  "tok_s": tok_s, "elapsed_s": elapsed}
         if done % tcfg.log_every == 0 or done == tcfg.steps:
-            metrics.write(record)
+            metrics.write({"step": done, "loss": loss, "lr": lr_at(step, tcfg), "tokens": done * tokens_per_step,
+                           "tok_s": tok_s, "elapsed_s": elapsed, "tokens_by_source": _tokens_by_source(data, done, tcfg)})
         if (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps:
-            last_eval = evaluate_split(model, Path(tcfg.data), tcfg.seq_len, tcfg.eval_tokens, dtype)
+            last_eval = data.evaluate(model, dtype)
             metrics.write({"step": done, **{f"val_{k}": v for k, v in last_eval.items()}})
         if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
             save_checkpoint(run_dir, done, model, optimizer, {"data_position": done}, tcfg.keep_checkpoints)
     bar.close()
+    tokens_by_source = _tokens_by_source(data, tcfg.steps, tcfg)
+    atomic_write_json(run_dir / "lineage.json", lineage_record(
+        [{**src, "tokens_drawn": tokens_by_source[src["spec"]]} for src in data.lineage],
+        data.tokenizer.sha256(), parent_run=tcfg.init_from or None))
     save_final(run_dir, model)
     return {"run_dir": str(run_dir), "steps": tcfg.steps, "dtype": dtype,
             "train_tokens": tcfg.steps * tokens_per_step, "seconds": time.perf_counter() - t0,
-            **{f"val_{k}": v for k, v in last_eval.items()}}
+            "tokens_by_source": tokens_by_source, **{f"val_{k}": v for k, v in last_eval.items()}}
+
+
+def _tokens_by_source(data: StageData, steps: int, tcfg: TrainConfig) -> dict[str, int]:
+    return {name: rows * tcfg.seq_len for name, rows in data.mixture.rows_drawn(steps).items()}
 
 
 def train_step(model, optimizer, sampler, step: int, tcfg, dtype: str, device: torch.device) -> float:

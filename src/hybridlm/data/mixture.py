@@ -1,0 +1,110 @@
+"""Training batches drawn from several sources in set proportions, addressed by step.
+
+Rows are numbered globally: row r of the whole run, across micro-batches and ranks. Row r goes to
+the source whose share is furthest behind its weight after r rows (largest deficit, ties to the
+first source), so after any R rows every source holds within one row of weight x R: realised
+shares equal the weights to 1/R. What a row contains comes from a generator keyed by (seed, r)
+alone, so a resumed run, or the same global batch split over another number of ranks, draws
+exactly the same rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from hybridlm.data.loader import TokenStream
+from hybridlm.errors import UserError
+from hybridlm.model.loss import IGNORE_INDEX
+
+
+class RowSource(Protocol):
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One (input, target) row of seq_len tokens each."""
+
+
+class WindowSource:
+    """Causal-LM rows: random windows of a prepared split; targets are the inputs shifted by one."""
+
+    def __init__(self, data_dir: Path, split: str, seq_len: int) -> None:
+        self.stream = TokenStream(Path(data_dir), split)
+        if self.stream.tokens < seq_len + 1:
+            raise UserError(f"{data_dir} has {self.stream.tokens} {split} tokens, fewer than one sequence of "
+                            f"{seq_len + 1}; lower train.seq_len or add data")
+        self.seq_len = seq_len
+
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        window = self.stream.window(int(rng.integers(0, self.stream.tokens - self.seq_len)), self.seq_len + 1)
+        return window[:-1], window[1:]
+
+
+class ExampleSource:
+    """Instruction-tuning rows: one rendered conversation per row, right-padded to seq_len (see
+    docs/architecture.md for why padding and not packing); only reply tokens are targets."""
+
+    def __init__(self, examples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int) -> None:
+        if not examples:
+            raise UserError("the instruction source has no examples")
+        self.examples, self.seq_len, self.pad_id = examples, seq_len, pad_id
+
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        ids, trained = self.examples[int(rng.integers(0, len(self.examples)))]
+        return padded_row(ids, trained, self.seq_len, self.pad_id)
+
+
+def padded_row(ids: list[int], trained: list[bool], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input, target) of one example, truncated to seq_len + 1 tokens; untrained targets ignored."""
+    ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
+    n = len(ids) - 1
+    x = np.full(seq_len, pad_id, dtype=np.int64)
+    y = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+    x[:n] = ids[:-1]
+    y[:n] = np.where(trained[1:], ids[1:], IGNORE_INDEX)
+    return x, y
+
+
+class Mixture:
+    """Batches of `batch_size` rows from named sources with the given weights."""
+
+    def __init__(self, sources: dict[str, RowSource], weights: dict[str, float], batch_size: int, seed: int,
+                 grad_accum: int = 1, rank: int = 0, world: int = 1) -> None:
+        self.names = list(sources)
+        self.shares = np.array([weights[n] for n in self.names], dtype=np.float64)
+        self.shares /= self.shares.sum()
+        self.sources = sources
+        self.batch_size, self.seed, self.grad_accum, self.rank, self.world = batch_size, seed, grad_accum, rank, world
+        self._next_row, self._counts = 0, np.zeros(len(self.names), dtype=np.int64)
+
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        first = ((step * self.grad_accum + micro) * self.world + self.rank) * self.batch_size
+        rows = [self.sources[self.names[s]].draw(np.random.default_rng([self.seed, first + i]))
+                for i, s in enumerate(self._assign(first, self.batch_size))]
+        x, y = (torch.from_numpy(np.stack(part)) for part in zip(*rows))
+        return x, y
+
+    def rows_drawn(self, steps: int) -> dict[str, int]:
+        """Rows per source over the first `steps` optimizer steps of all ranks."""
+        self._advance_to(steps * self.grad_accum * self.world * self.batch_size)
+        return {n: int(c) for n, c in zip(self.names, self._counts)}
+
+    def _assign(self, first: int, count: int) -> list[int]:
+        self._advance_to(first)
+        picks = []
+        for _ in range(count):
+            picks.append(self._take())
+        return picks
+
+    def _advance_to(self, row: int) -> None:
+        if row < self._next_row:
+            self._next_row, self._counts = 0, np.zeros_like(self._counts)
+        while self._next_row < row:
+            self._take()
+
+    def _take(self) -> int:
+        source = int(np.argmax(self.shares * (self._next_row + 1) - self._counts))
+        self._counts[source] += 1
+        self._next_row += 1
+        return source

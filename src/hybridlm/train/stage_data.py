@@ -1,0 +1,126 @@
+"""What a training run reads: its sources, their mixture, the tokenizer, and validation.
+
+Causal-LM (`clm`) sources are directories made by `hybridlm prepare` (all with one tokenizer);
+instruction-tuning (`sft`) sources are instruction files or `stdlib-docs:qa`, rendered with the
+chat template. Every `HELD_OUT_PERIOD`-th conversation of an sft source is held out for validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from hybridlm.data.instructions import BUILTIN_QA, read_conversations
+from hybridlm.data.mixture import ExampleSource, Mixture, WindowSource, padded_row
+from hybridlm.data.prepare import load_meta
+from hybridlm.device import autocast
+from hybridlm.errors import UserError
+from hybridlm.eval.perplexity import evaluate_split
+from hybridlm.fileio import sha256_file
+from hybridlm.model import HybridLM
+from hybridlm.model.loss import IGNORE_INDEX
+from hybridlm.tokenizer import TextTokenizer
+from hybridlm.tokenizer.chat import render_chat
+from hybridlm.train.args import TrainConfig
+
+HELD_OUT_PERIOD = 20
+EVAL_BATCH = 16
+
+
+@dataclass
+class StageData:
+    mixture: Mixture
+    tokenizer: TextTokenizer
+    evaluate: Callable[[HybridLM, str], dict]
+    lineage: list[dict]  # one record per source: spec, weight, hashes
+
+
+def source_weights(tcfg: TrainConfig) -> dict[str, float]:
+    weights = dict(tcfg.mixture) or ({tcfg.data: 1.0} if tcfg.data else {})
+    if not weights:
+        raise UserError("no training data: set train.data (a `hybridlm prepare` directory) or train.mixture")
+    return weights
+
+
+def stage_tokenizer(tcfg: TrainConfig) -> TextTokenizer:
+    """train.tokenizer, else the first prepared source's, else the tokenizer of train.init_from."""
+    if tcfg.tokenizer:
+        return TextTokenizer.load(Path(tcfg.tokenizer))
+    if tcfg.objective == "clm":
+        return TextTokenizer.load(Path(next(iter(source_weights(tcfg)))) / "tokenizer.json")
+    if tcfg.init_from:
+        return TextTokenizer.load(Path(tcfg.init_from) / "tokenizer.json")
+    raise UserError("an sft run needs a tokenizer: set train.tokenizer or train.init_from")
+
+
+def build_stage_data(tcfg: TrainConfig, tokenizer: TextTokenizer, rank: int = 0, world: int = 1) -> StageData:
+    weights = source_weights(tcfg)
+    build = _clm_sources if tcfg.objective == "clm" else _sft_sources
+    sources, evaluators, lineage = build(tcfg, weights, tokenizer)
+    mixture = Mixture(sources, weights, tcfg.batch_size, tcfg.seed, tcfg.grad_accum, rank, world)
+
+    def evaluate(model: HybridLM, dtype: str) -> dict:
+        per_source = {name: fn(model, dtype) for name, fn in evaluators.items()}
+        total = sum(weights.values())
+        merged = {k: sum(weights[n] * r[k] for n, r in per_source.items()) / total
+                  for k in next(iter(per_source.values())) if k in ("loss", "bpb")}
+        return {**merged, "by_source": per_source}
+
+    return StageData(mixture, tokenizer, evaluate, lineage)
+
+
+def _clm_sources(tcfg: TrainConfig, weights: dict[str, float], tokenizer: TextTokenizer):
+    sources, evaluators, lineage = {}, {}, []
+    for spec, weight in weights.items():
+        meta = load_meta(Path(spec))
+        if meta["tokenizer_sha256"] != tokenizer.sha256():
+            raise UserError(f"{spec} was prepared with another tokenizer than this run's; prepare every source "
+                            "with the same tokenizer.json")
+        sources[spec] = WindowSource(Path(spec), "train", tcfg.seq_len)
+        evaluators[spec] = _split_evaluator(Path(spec), tcfg)
+        lineage.append({"spec": spec, "weight": weight, "meta_sha256": sha256_file(Path(spec) / "meta.json"),
+                        "sources": meta["sources"]})
+    return sources, evaluators, lineage
+
+
+def _split_evaluator(data_dir: Path, tcfg: TrainConfig):
+    return lambda model, dtype: evaluate_split(model, data_dir, tcfg.seq_len, tcfg.eval_tokens, dtype)
+
+
+def _sft_sources(tcfg: TrainConfig, weights: dict[str, float], tokenizer: TextTokenizer):
+    sources, evaluators, lineage = {}, {}, []
+    pad = tokenizer.special_ids["pad"]
+    for spec, weight in weights.items():
+        rendered = [render_chat(tokenizer, c) for c in read_conversations(spec)]
+        train = [r for i, r in enumerate(rendered) if i % HELD_OUT_PERIOD != HELD_OUT_PERIOD - 1]
+        held_out = [r for i, r in enumerate(rendered) if i % HELD_OUT_PERIOD == HELD_OUT_PERIOD - 1]
+        sources[spec] = ExampleSource(train, tcfg.seq_len, pad)
+        evaluators[spec] = _held_out_evaluator(held_out or train, tcfg.seq_len, pad)
+        lineage.append({"spec": spec, "weight": weight, "examples": len(rendered), "held_out": len(held_out),
+                        "sha256": None if spec == BUILTIN_QA else sha256_file(Path(spec))})
+    return sources, evaluators, lineage
+
+
+def _held_out_evaluator(examples: list, seq_len: int, pad: int):
+    rows = [padded_row(ids, trained, seq_len, pad) for ids, trained in examples]
+
+    @torch.no_grad()
+    def evaluate(model: HybridLM, dtype: str) -> dict:
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        nats, tokens = 0.0, 0
+        for i in range(0, len(rows), EVAL_BATCH):
+            x, y = (torch.from_numpy(np.stack(p)).to(device) for p in zip(*rows[i : i + EVAL_BATCH]))
+            count = int((y != IGNORE_INDEX).sum())
+            with autocast(dtype, device):
+                nats += float(model(x, targets_BT=y)) * count
+            tokens += count
+        model.train(was_training)
+        return {"loss": nats / max(tokens, 1), "tokens": tokens}
+
+    return evaluate

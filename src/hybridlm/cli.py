@@ -109,11 +109,27 @@ def prepare_cmd(sources, tokenizer_path: Path, out: Path, val_fraction: float, f
 
 @app.command("train", context_settings={"ignore_unknown_options": True})
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="TOML config file.")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
+              help="Multi-stage recipe (TOML): runs its stages in order, resuming where it stopped.")
+@click.option("--stage", default=None, help="With --recipe: run (or rerun from scratch) only this stage.")
 @click.option("--resume", is_flag=True, help="Continue the run in train.out from its last valid checkpoint.")
 @click.argument("overrides", nargs=-1)
 @json_option
-def train_cmd(config_path: Path | None, resume: bool, overrides, as_json: bool) -> None:
-    """Train a model: hybridlm train --config FILE.toml [section.key=value ...]."""
+def train_cmd(config_path: Path | None, recipe_path: Path | None, stage: str | None, resume: bool, overrides,
+              as_json: bool) -> None:
+    """Train a model: hybridlm train --config FILE.toml [section.key=value ...], or --recipe FILE."""
+    if recipe_path is not None:
+        from hybridlm.train.recipe import load_recipe, run_recipe
+
+        if config_path is not None:
+            raise click.UsageError("give --config or --recipe, not both")
+        summaries = run_recipe(load_recipe(recipe_path, list(overrides)), only=stage)
+        _emit({"stages": summaries}, as_json, "\n".join(
+            f"stage {s['stage']}: {s['steps']} steps{' (already done)' if s.get('skipped') else ''} -> "
+            f"{s['run_dir']} (val loss {s.get('val_loss', float('nan')):.3f})" for s in summaries))
+        return
+    if stage is not None:
+        raise click.UsageError("--stage needs --recipe")
     from hybridlm.train.args import load_run_config
     from hybridlm.train.trainer import train
 

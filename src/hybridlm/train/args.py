@@ -27,6 +27,8 @@ class TrainConfig:
     """clm (next-token prediction on text) or sft (instruction tuning: loss on assistant replies)."""
     init_from: str = ""
     """A finished run directory whose weights this run starts from (optimizer state starts fresh)."""
+    init_optimizer: bool = False
+    """Also start from the AdamW moments of init_from's last checkpoint (default: fresh)."""
     tokenizer: str = ""
     """tokenizer.json to use; default: the first prepared source's, or that of init_from."""
     out: str = "runs/run"

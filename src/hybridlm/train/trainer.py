@@ -62,8 +62,9 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path | Non
     return cfg, None
 
 
-def _initial_weights(model: HybridLM, tcfg: TrainConfig) -> None:
-    """Start from train.init_from's final weights (the previous stage of a recipe)."""
+def _initial_state(model: HybridLM, optimizer: torch.optim.Optimizer, tcfg: TrainConfig) -> None:
+    """Start from train.init_from's final weights (the previous stage of a recipe), and with
+    train.init_optimizer from its last checkpoint's AdamW moments too (this run's settings kept)."""
     if not tcfg.init_from:
         return
     parent = load_run(Path(tcfg.init_from))
@@ -71,6 +72,14 @@ def _initial_weights(model: HybridLM, tcfg: TrainConfig) -> None:
         raise UserError(f"train.init_from {tcfg.init_from} has another model config than this run; "
                         "use the same [model] settings")
     model.load_state_dict(parent.model.state_dict())
+    if tcfg.init_optimizer:
+        checkpoint = latest_valid_checkpoint(Path(tcfg.init_from))
+        if checkpoint is None:
+            raise UserError(f"train.init_optimizer: {tcfg.init_from} has no valid checkpoint to take moments from")
+        settings = [{k: g[k] for k in ("betas", "eps", "weight_decay")} for g in optimizer.param_groups]
+        load_checkpoint(checkpoint, model, optimizer)
+        for group, kept in zip(optimizer.param_groups, settings):
+            group.update(kept)
 
 
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
@@ -81,8 +90,9 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     dtype = resolve_dtype(tcfg.dtype, device)
     torch.manual_seed(tcfg.seed)
     model = HybridLM(cfg.model).to(device)
-    _initial_weights(model, tcfg)
     optimizer = build_optimizer(model, tcfg)
+    if checkpoint is None:
+        _initial_state(model, optimizer, tcfg)
     start_step = 0
     if checkpoint is not None:
         start_step = load_checkpoint(checkpoint, model, optimizer)["step"]

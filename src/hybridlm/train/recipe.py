@@ -1,0 +1,135 @@
+"""Multi-stage training recipes: stages run in order, each starting from the previous one's weights.
+
+A recipe is TOML (or the same dict built in code, as the quickstart does):
+
+    [model]                      # one model for every stage
+    preset = "small"
+    [recipe]
+    out = "runs/paper-3stage"    # stage i writes its run directory to out/<i>-<name>
+    total_tokens = 1_000_000     # what stage fractions are fractions of
+    [recipe.train]               # train settings shared by all stages (any TrainConfig field)
+    batch_size = 16
+    [[stage]]
+    name = "broad"
+    objective = "clm"            # clm or sft
+    mixture = { "data/docs" = 1.0 }
+    fraction = 0.8               # or tokens = 800_000
+    lr = 3e-4                    # any other TrainConfig field
+    fresh_optimizer = true       # false: carry AdamW moments over from the previous stage
+
+A stage whose final model exists is skipped, one with checkpoints resumes, so rerunning a killed
+recipe continues where it stopped; `only` reruns one stage from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+from hybridlm.errors import UserError
+from hybridlm.fileio import read_json
+from hybridlm.run import verify_manifest
+from hybridlm.settings import apply_overrides, load_toml
+from hybridlm.train.args import RunConfig, TrainConfig, run_config_from_dict
+from hybridlm.train.checkpoint import checkpoint_dirs
+from hybridlm.train.trainer import train
+
+STAGE_KEYS = ("name", "fraction", "tokens", "fresh_optimizer")
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    run: RunConfig
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> list[Stage]:
+    return plan_stages(apply_overrides(load_toml(path), overrides or []))
+
+
+def plan_stages(doc: dict) -> list[Stage]:
+    """Resolve every stage's full run config (steps from its token budget); errors before training."""
+    unknown = sorted(set(doc) - {"model", "recipe", "stage"})
+    if unknown:
+        raise UserError(f"unknown recipe section(s) {', '.join(unknown)}; known: model, recipe, [[stage]]")
+    recipe = dict(doc.get("recipe", {}))
+    stages = doc.get("stage", [])
+    if not isinstance(stages, list) or not stages:
+        raise UserError("the recipe has no [[stage]] tables; add at least one")
+    out = Path(recipe.get("out", "runs/recipe"))
+    total = recipe.get("total_tokens", 0)
+    shared = dict(recipe.get("train", {}))
+    names = [s.get("name") for s in stages]
+    if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
+        raise UserError("every [[stage]] needs a unique, non-empty name")
+    planned, previous = [], ""
+    for index, raw in enumerate(stages, start=1):
+        stage_out = out / f"{index}-{raw['name']}"
+        fields = {k: v for k, v in raw.items() if k not in STAGE_KEYS}
+        tcfg_doc = {**shared, **fields, "out": str(stage_out), "init_from": previous}
+        if not raw.get("fresh_optimizer", True):
+            tcfg_doc["init_optimizer"] = True
+        run = run_config_from_dict({"model": doc.get("model", {}), "train": tcfg_doc})
+        steps = _steps(raw, total, run.train)
+        planned.append(Stage(raw["name"], dataclasses.replace(run, train=dataclasses.replace(run.train, steps=steps))))
+        previous = str(stage_out)
+    return planned
+
+
+def _steps(raw: dict, total: int, tcfg: TrainConfig) -> int:
+    if ("tokens" in raw) == ("fraction" in raw):
+        raise UserError(f"stage {raw['name']!r}: give exactly one budget, tokens or fraction")
+    if "fraction" in raw:
+        if not isinstance(total, int) or total <= 0:
+            raise UserError("stage fractions need [recipe] total_tokens > 0")
+        if not 0 < raw["fraction"] <= 1:
+            raise UserError(f"stage {raw['name']!r}: fraction must be in (0, 1] (got {raw['fraction']})")
+        tokens = raw["fraction"] * total
+    else:
+        tokens = raw["tokens"]
+        if not isinstance(tokens, int) or tokens <= 0:
+            raise UserError(f"stage {raw['name']!r}: tokens must be a positive integer")
+    return max(1, math.ceil(tokens / (tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum)))
+
+
+def run_recipe(stages: list[Stage], *, only: str | None = None, progress: bool = True) -> list[dict]:
+    """Train the stages in order (or just `only`); return one summary per stage run or found done."""
+    if only is not None and only not in [s.name for s in stages]:
+        raise UserError(f"no stage named {only!r}; the recipe has {', '.join(s.name for s in stages)}")
+    summaries = []
+    for stage in stages:
+        out = Path(stage.run.train.out)
+        if only is not None and stage.name != only:
+            continue
+        if only is not None:
+            if stage.run.train.init_from and not _finished(Path(stage.run.train.init_from)):
+                raise UserError(f"stage {only!r} starts from {stage.run.train.init_from}, which has not finished; "
+                                "run the recipe up to it first")
+            shutil.rmtree(out, ignore_errors=True)
+        if _finished(out):
+            summaries.append({"stage": stage.name, "skipped": True, **_last_summary(out)})
+            continue
+        result = train(stage.run, resume=bool(checkpoint_dirs(out)), progress=progress)
+        summaries.append({"stage": stage.name, "objective": stage.run.train.objective, **result})
+    return summaries
+
+
+def _finished(run_dir: Path) -> bool:
+    if not (run_dir / "model.safetensors").is_file():
+        return False
+    try:
+        verify_manifest(run_dir)
+        return True
+    except UserError:
+        return False
+
+
+def _last_summary(run_dir: Path) -> dict:
+    """The last validation record of a finished stage, from its metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    val = next((r for r in reversed(records) if any(k.startswith("val_") for k in r)), {})
+    config = read_json(run_dir / "config.json", "run config")
+    return {"run_dir": str(run_dir), "steps": config["train"]["steps"], **val}

@@ -25,17 +25,26 @@ def quickstart(tmp_path_factory) -> dict:
     return json.loads(result.stdout)
 
 
-def test_quickstart_tiny_beats_the_unigram_baseline(quickstart):
-    for key in ("run_dir", "params", "train_tokens", "seconds", "val_bpb", "unigram_bpb", "sample"):
+def test_quickstart_tiny_runs_three_stages_and_beats_the_unigram_baseline(quickstart):
+    for key in ("run_dir", "params", "train_tokens", "seconds", "val_bpb", "unigram_bpb", "sample", "stages"):
         assert key in quickstart
     assert quickstart["val_bpb"] < quickstart["unigram_bpb"]
+    assert [s["stage"] for s in quickstart["stages"]] == ["broad", "focused", "instruct"]
+    assert [s["objective"] for s in quickstart["stages"]] == ["clm", "clm", "sft"]
+    assert sum(s["train_tokens"] for s in quickstart["stages"]) == quickstart["train_tokens"]
     run = Path(quickstart["run_dir"])
-    for name in ("config.json", "tokenizer.json", "model.safetensors", "metrics.jsonl", "lineage.json"):
+    assert run.name == "3-instruct"
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors", "metrics.jsonl",
+                 "lineage.json"):
         assert (run / name).is_file(), name
     lineage = json.loads((run / "lineage.json").read_text())
-    prepared = lineage["sources"][0]["sources"][0]  # the prepared directory's own source record
-    assert prepared["spec"] == "stdlib-docs" and len(prepared["sha256"]) == 64
-    assert lineage["sources"][0]["tokens_drawn"] == quickstart["train_tokens"]
+    assert lineage["parent_run"].endswith("2-focused") and lineage["sources"][0]["spec"] == "stdlib-docs:qa"
+    focused = json.loads((run.parent / "2-focused" / "lineage.json").read_text())
+    assert focused["parent_run"].endswith("1-broad")
+    drawn = {Path(s["spec"]).name: s["tokens_drawn"] for s in focused["sources"]}
+    assert abs(drawn["reference"] / sum(drawn.values()) - 0.7) < 0.01  # the 70/30 mixture, realised
+    prepared = json.loads((run.parent / "1-broad" / "lineage.json").read_text())["sources"][0]["sources"][0]
+    assert prepared["spec"] == "stdlib-docs:docstrings" and len(prepared["sha256"]) == 64
     assert quickstart["sample"]
 
 
@@ -95,6 +104,31 @@ def test_bad_inputs_get_one_line_and_exit_2(tmp_path, quickstart):
     _bad(hybridlm("generate", "--model", str(tmp_path), "--prompt", "x"), "not a hybridlm run directory")
     _bad(hybridlm("model", "info", "--preset", "huge"), "known presets")
     _bad(hybridlm("model", "info"), "Missing option '--preset'")
+
+
+def test_bad_recipes_get_one_line_and_exit_2_before_training(tmp_path, quickstart):
+    data = str(Path(quickstart["run_dir"]).parents[1] / "data" / "docstrings")
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"\n')
+    out = tmp_path / "out"
+    base = f'[model]\npreset = "tiny"\n[recipe]\nout = "{out}"\ntotal_tokens = 10000\n'
+    cases = [
+        (f'[[stage]]\nname = "a"\nfraction = 1.0\nmixture = {{ "{data}" = 0 }}\n', "sum to a positive number"),
+        ('[[stage]]\nname = "a"\nfraction = 1.0\nobjective = "rlhf"\ntrain_data = 1\n', "unknown train key"),
+        (f'[[stage]]\nname = "a"\nfraction = 1.0\nobjective = "dpo"\nmixture = {{ "{data}" = 1 }}\n',
+         "train.objective must be one of clm, sft"),
+        ('[[stage]]\nname = "a"\nfraction = 1.0\nmixture = { "no/such/dir" = 1 }\n', "no/such/dir"),
+        (f'[[stage]]\nname = "a"\nfraction = 1.0\nobjective = "sft"\ntokenizer = "{data}/tokenizer.json"\n'
+         f'mixture = {{ "{bad_line}" = 1 }}\n', "line 2 is not valid JSON"),
+    ]
+    for i, (stage, needle) in enumerate(cases):
+        recipe = tmp_path / f"r{i}.toml"
+        recipe.write_text(base + stage)
+        _bad(hybridlm("train", "--recipe", str(recipe)), needle)
+        assert not (out / "1-a" / "config.json").exists()
+    recipe = tmp_path / "ok.toml"
+    recipe.write_text(base + f'[[stage]]\nname = "a"\ntokens = 100\nmixture = {{ "{data}" = 1 }}\n')
+    _bad(hybridlm("train", "--recipe", str(recipe), "--stage", "b"), "no stage named 'b'")
 
 
 def test_tampered_model_is_refused_and_nothing_is_damaged(tmp_path, quickstart):

@@ -51,7 +51,9 @@ def stage_tokenizer(tcfg: TrainConfig) -> TextTokenizer:
     if tcfg.tokenizer:
         return TextTokenizer.load(Path(tcfg.tokenizer))
     if tcfg.objective == "clm":
-        return TextTokenizer.load(Path(next(iter(source_weights(tcfg)))) / "tokenizer.json")
+        first = Path(next(iter(source_weights(tcfg))))
+        load_meta(first)  # says "not a prepared data directory" rather than "no tokenizer"
+        return TextTokenizer.load(first / "tokenizer.json")
     if tcfg.init_from:
         return TextTokenizer.load(Path(tcfg.init_from) / "tokenizer.json")
     raise UserError("an sft run needs a tokenizer: set train.tokenizer or train.init_from")

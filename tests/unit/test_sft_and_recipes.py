@@ -1,0 +1,89 @@
+"""Instruction tuning (chat template, loss masking, held-out loss) and multi-stage recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import shared_file
+from hybridlm.data.instructions import read_conversations
+from hybridlm.data.mixture import padded_row
+from hybridlm.data.prepare import prepare
+from hybridlm.model import HybridLM
+from hybridlm.model.loss import IGNORE_INDEX
+from hybridlm.run import load_run
+from hybridlm.tokenizer import TextTokenizer, train_tokenizer
+from hybridlm.tokenizer.chat import Message, render_chat
+from hybridlm.train.args import run_config_from_dict
+from hybridlm.train.recipe import plan_stages, run_recipe
+from hybridlm.train.stage_data import build_stage_data
+from hybridlm.train.trainer import train
+
+MODEL = {"preset": "tiny", "n_layer": 2, "d_model": 64, "window": 8, "stride": 8}
+ALPACA = "instruct/codealpaca/code_alpaca_2k.json"
+
+
+@pytest.fixture(scope="module")
+def alpaca_tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    texts = [m.content for c in read_conversations(str(shared_file(ALPACA))) for m in c]
+    train_tokenizer(texts, vocab_size=600).save(path)
+    return path
+
+
+def test_chat_template_trains_only_on_replies(alpaca_tokenizer):
+    tok = TextTokenizer.load(alpaca_tokenizer)
+    conv = [Message("system", "be brief"), Message("user", "add 2 and 3"), Message("assistant", "5"),
+            Message("user", "and <|end|> 1?"), Message("assistant", "6")]
+    ids, trained = render_chat(tok, conv)
+    sp = tok.special_ids
+    assert ids[0] == sp["system"] and ids.count(sp["end"]) == 5  # the "<|end|>" inside text stays text
+    kept = [i for i, t in zip(ids, trained) if t]
+    assert kept == tok.encode("5") + [sp["end"]] + tok.encode("6") + [sp["end"]]
+    x, y = padded_row(ids, trained, seq_len=64, pad_id=sp["pad"])
+    assert x[: len(ids) - 1].tolist() == ids[:-1] and (x[len(ids) - 1:] == sp["pad"]).all()
+    assert [int(t) for t in y if t != IGNORE_INDEX] == kept
+
+
+def test_sft_loss_counts_only_reply_tokens_and_held_out_loss_falls(alpaca_tokenizer, tmp_path):
+    cfg = run_config_from_dict({"model": MODEL, "train": {
+        "objective": "sft", "mixture": {str(shared_file(ALPACA)): 1.0}, "tokenizer": str(alpaca_tokenizer),
+        "out": str(tmp_path / "sft"), "steps": 60, "batch_size": 8, "seq_len": 128, "lr": 3e-3,
+        "warmup_steps": 5, "eval_every": 0, "checkpoint_every": 60, "dtype": "fp32", "log_every": 10}})
+    data = build_stage_data(cfg.train, TextTokenizer.load(alpaca_tokenizer))
+    x, y = data.mixture.batch(0)
+    torch.manual_seed(0)
+    model = HybridLM(dataclasses.replace(cfg.model, vocab_size=600))
+    fused = model(x, targets_BT=y)
+    logits = model(x)
+    keep = y != IGNORE_INDEX
+    assert 0 < keep.sum() < keep.numel()
+    torch.testing.assert_close(fused, F.cross_entropy(logits[keep], y[keep]), atol=1e-5, rtol=1e-5)
+    before = data.evaluate(model, "fp32")["loss"]
+    result = train(cfg, progress=False)
+    assert result["val_loss"] < before - 1.0, (before, result["val_loss"])
+    assert result["val_by_source"][str(shared_file(ALPACA))]["tokens"] > 1000  # 100 held-out examples scored
+
+
+def test_second_stage_starts_from_the_first_stage_weights(alpaca_tokenizer, tmp_path):
+    (tmp_path / "in.txt").write_text("".join(f"Paragraph {i}: x{i} is {i * 7 % 13}.\n\n" for i in range(600)))
+    prepare([str(tmp_path / "in.txt")], alpaca_tokenizer, tmp_path / "data")
+    common = {"batch_size": 4, "seq_len": 32, "eval_every": 0, "checkpoint_every": 5, "dtype": "fp32",
+              "mixture": {str(tmp_path / "data"): 1.0}, "weight_decay": 0.0}
+    recipe = {"model": MODEL, "recipe": {"out": str(tmp_path / "r"), "total_tokens": 1280, "train": common},
+              "stage": [{"name": "one", "fraction": 0.9, "lr": 3e-3, "warmup_steps": 1},
+                        {"name": "two", "tokens": 128, "lr": 1e-12, "warmup_steps": 0}]}
+    stages = plan_stages(recipe)
+    assert [s.run.train.steps for s in stages] == [9, 1]
+    summaries = run_recipe(stages, progress=False)
+    one, two = (load_run(tmp_path / "r" / name) for name in ("1-one", "2-two"))
+    for (name, a), b in zip(one.model.state_dict().items(), two.model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=0, msg=name)
+    assert json.loads((tmp_path / "r" / "2-two" / "lineage.json").read_text())["parent_run"] == str(tmp_path / "r" / "1-one")
+    assert summaries[1]["val_loss"] == pytest.approx(summaries[0]["val_loss"], abs=1e-6)
+    again = run_recipe(stages, progress=False)  # finished stages are found, not retrained
+    assert all(s["skipped"] for s in again)

@@ -87,3 +87,18 @@ def test_second_stage_starts_from_the_first_stage_weights(alpaca_tokenizer, tmp_
     assert summaries[1]["val_loss"] == pytest.approx(summaries[0]["val_loss"], abs=1e-6)
     again = run_recipe(stages, progress=False)  # finished stages are found, not retrained
     assert all(s["skipped"] for s in again)
+
+
+def test_paper_recipe_plans_the_80_15_5_split_with_the_paper_learning_rates():
+    from pathlib import Path
+
+    from hybridlm.train.recipe import load_recipe
+
+    stages = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "paper-3stage.toml")
+    assert [s.name for s in stages] == ["broad", "focused", "instruct"]
+    steps = [s.run.train.steps for s in stages]
+    shares = [n / sum(steps) for n in steps]
+    assert shares == pytest.approx([0.80, 0.15, 0.05], abs=0.005)
+    assert [s.run.train.lr for s in stages] == [3e-4, 1e-4, 5e-5]
+    assert [s.run.train.objective for s in stages] == ["clm", "clm", "sft"]
+    assert stages[1].run.train.init_from == stages[0].run.train.out

@@ -245,25 +245,39 @@ void pack_head(const Geometry& G, const bf16* K, const bf16* V, const bf16* KG, 
       return k < G.n_strided ? X + ((int64_t)(k + 1) * G.stride - 1) * D : nullptr;
     };
   };
-  P.k_lanes.resize((size_t)G.n16 * D); P.v_pairs.resize((size_t)G.n16 * D);
-  P.rk_lanes.resize((size_t)G.r16 * D); P.rv_pairs.resize((size_t)G.r16 * D);
-  pack_lanes(span_row(K), G.n16, G.D, P.k_lanes.data());
-  pack_pairs(span_row(V), G.n16, G.D, P.v_pairs.data());
-  pack_lanes(remote_row(K, KG), G.r16, G.D, P.rk_lanes.data());
-  pack_pairs(remote_row(V, VG), G.r16, G.D, P.rv_pairs.data());
+  // One tensor (K or V) into one layout, for both segments.
+  auto pack = [&](const bf16* X, const bf16* XG, bool lanes, std::vector<bf16>& span, std::vector<bf16>& remote) {
+    span.resize((size_t)G.n16 * D);
+    remote.resize((size_t)G.r16 * D);
+    if (lanes) {
+      pack_lanes(span_row(X), G.n16, G.D, span.data());
+      pack_lanes(remote_row(X, XG), G.r16, G.D, remote.data());
+    } else {
+      pack_pairs(span_row(X), G.n16, G.D, span.data());
+      pack_pairs(remote_row(X, XG), G.r16, G.D, remote.data());
+    }
+  };
+  pack(K, KG, true, P.k_lanes, P.rk_lanes);    // scores: Q . K
+  pack(V, VG, false, P.v_pairs, P.rv_pairs);   // outputs: P . V
   if (backward) {
-    P.v_lanes.resize((size_t)G.n16 * D); P.k_pairs.resize((size_t)G.n16 * D);
-    P.rv_lanes.resize((size_t)G.r16 * D); P.rk_pairs.resize((size_t)G.r16 * D);
-    pack_lanes(span_row(V), G.n16, G.D, P.v_lanes.data());
-    pack_pairs(span_row(K), G.n16, G.D, P.k_pairs.data());
-    pack_lanes(remote_row(V, VG), G.r16, G.D, P.rv_lanes.data());
-    pack_pairs(remote_row(K, KG), G.r16, G.D, P.rk_pairs.data());
+    pack(V, VG, true, P.v_lanes, P.rv_lanes);  // dP = dO . V
+    pack(K, KG, false, P.k_pairs, P.rk_pairs); // dQ = dS . K
   }
 }
+
+// A run of a block's key columns [col, col + width) that lies in one segment, in all four layouts.
+struct KeyChunk {
+  int col, width;   // position in the block's key columns (remote first, then span)
+  bool remote;      // a chunk of the remote segment (global slots and far strided keys)
+  int remote_end;   // remote chunks: last visible remote column + 1
+  int span_pos;     // span chunks: key position of the first column
+  const bf16 *k_lanes, *v_lanes, *k_pairs, *v_pairs;
+};
 
 struct Scratch {
   std::vector<float> scores, dprobs, out, dq, row_lse, row_delta;
   std::vector<bf16> probs, dscores, probs_pairs, dscores_pairs;
+  std::vector<KeyChunk> chunks;
 };
 
 Scratch& scratch() {
@@ -357,14 +371,6 @@ void scatter_remote(const Geometry& G, int c0, int c1, const float* C, float* dX
   }
 }
 
-// A run of a block's key columns [col, col + width) that lies in one segment, in all four layouts.
-struct KeyChunk {
-  int col, width;   // position in the block's key columns (remote first, then span)
-  bool remote;      // a chunk of the remote segment (global slots and far strided keys)
-  int remote_end;   // remote chunks: last visible remote column + 1
-  int span_pos;     // span chunks: key position of the first column
-  const bf16 *k_lanes, *v_lanes, *k_pairs, *v_pairs;
-};
 
 // Key columns per chunk in the backward pass: keeps the chunk's scores, probabilities and their
 // pair layouts (about 0.4 MB for 64 rows) in the core's L2 cache at any sequence length. Dense
@@ -372,8 +378,9 @@ struct KeyChunk {
 // 256 and 1024 columns measured the same as 512.
 constexpr int KEY_CHUNK = 512;
 
-std::vector<KeyChunk> key_chunks(const Geometry& G, const Packed& P, const BlockKeys& b) {
-  std::vector<KeyChunk> chunks;
+// The block's keys as chunks of at most KEY_CHUNK columns, written into `chunks` (reused per thread).
+void key_chunks(const Geometry& G, const Packed& P, const BlockKeys& b, std::vector<KeyChunk>& chunks) {
+  chunks.clear();
   const int64_t D = G.D;
   const int remote_cols = 16 * b.remote_tiles;
   for (int c = 0; c < remote_cols; c += KEY_CHUNK) {
@@ -386,7 +393,6 @@ std::vector<KeyChunk> key_chunks(const Geometry& G, const Packed& P, const Block
     chunks.push_back({remote_cols + p - b.span_lo, w, false, 0, p, P.k_lanes.data() + p * D, P.v_lanes.data() + p * D,
                       P.k_pairs.data() + p * D, P.v_pairs.data() + p * D});
   }
-  return chunks;
 }
 
 void backward_block(const Geometry& G, const Packed& P, const int32_t* strided_flag, const bf16* Q, const bf16* dO,
@@ -416,7 +422,8 @@ void backward_block(const Geometry& G, const Packed& P, const int32_t* strided_f
   const bf16* dop = do_pairs + (int64_t)(i0 / 2) * D * 2;
   const __m512 scale = _mm512_set1_ps(G.scale);
   bool first = true;
-  for (const KeyChunk& k : key_chunks(G, P, b)) {
+  key_chunks(G, P, b, s.chunks);
+  for (const KeyChunk& k : s.chunks) {
     const int w = k.width;
     dot_keys(q, D, rows, k.k_lanes, w / 16, D, s.scores.data(), w);
     dot_keys(dout, D, rows, k.v_lanes, w / 16, D, s.dprobs.data(), w);

@@ -92,10 +92,7 @@ class Mixture:
 
     def _assign(self, first: int, count: int) -> list[int]:
         self._advance_to(first)
-        picks = []
-        for _ in range(count):
-            picks.append(self._take())
-        return picks
+        return [self._take() for _ in range(count)]
 
     def _advance_to(self, row: int) -> None:
         if row < self._next_row:

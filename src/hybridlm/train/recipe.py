@@ -101,9 +101,9 @@ def run_recipe(stages: list[Stage], *, only: str | None = None, progress: bool =
         raise UserError(f"no stage named {only!r}; the recipe has {', '.join(s.name for s in stages)}")
     summaries = []
     for stage in stages:
-        out = Path(stage.run.train.out)
         if only is not None and stage.name != only:
             continue
+        out = Path(stage.run.train.out)
         if only is not None:
             if stage.run.train.init_from and not _finished(Path(stage.run.train.init_from)):
                 raise UserError(f"stage {only!r} starts from {stage.run.train.init_from}, which has not finished; "

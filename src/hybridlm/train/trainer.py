@@ -40,8 +40,9 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path | None]:
-    """Create or reopen the run directory; return the config to use and the checkpoint to load."""
+def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path | None, StageData]:
+    """Create or reopen the run directory; return the config to use, the checkpoint to load and the
+    run's data (built before anything is written, so bad sources fail first)."""
     run_dir = Path(cfg.train.out)
     if resume:
         if not (run_dir / "config.json").is_file():
@@ -50,16 +51,17 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path | Non
         checkpoint = latest_valid_checkpoint(run_dir)
         if checkpoint is None:
             raise UserError(f"no valid checkpoint in {run_dir}/checkpoints; start the run again without --resume")
-        return dataclasses.replace(saved, train=dataclasses.replace(saved.train, steps=cfg.train.steps)), checkpoint
+        saved = dataclasses.replace(saved, train=dataclasses.replace(saved.train, steps=cfg.train.steps))
+        return saved, checkpoint, build_stage_data(saved.train, TextTokenizer.load(run_dir / "tokenizer.json"))
     if checkpoint_dirs(run_dir) or (run_dir / "model.safetensors").exists():
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or set another train.out")
     tokenizer = stage_tokenizer(cfg.train)
-    build_stage_data(cfg.train, tokenizer)  # fail on bad sources now, before anything is written
+    data = build_stage_data(cfg.train, tokenizer)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     tokenizer.save(run_dir / "tokenizer.json")
-    return cfg, None
+    return cfg, None, data
 
 
 def _initial_state(model: HybridLM, optimizer: torch.optim.Optimizer, tcfg: TrainConfig) -> None:
@@ -84,7 +86,7 @@ def _initial_state(model: HybridLM, optimizer: torch.optim.Optimizer, tcfg: Trai
 
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Train to cfg.train.steps; return the final summary (also the last metrics record)."""
-    cfg, checkpoint = prepare_run_dir(cfg, resume)
+    cfg, checkpoint, data = prepare_run_dir(cfg, resume)
     tcfg, run_dir = cfg.train, Path(cfg.train.out)
     device = default_device()
     dtype = resolve_dtype(tcfg.dtype, device)
@@ -96,7 +98,6 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     start_step = 0
     if checkpoint is not None:
         start_step = load_checkpoint(checkpoint, model, optimizer)["step"]
-    data = build_stage_data(tcfg, TextTokenizer.load(run_dir / "tokenizer.json"))
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if checkpoint else None)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
     bar = tqdm(total=tcfg.steps, initial=start_step, file=sys.stderr, disable=not progress, unit="step",

@@ -6,18 +6,27 @@ import torch
 import torch.nn.functional as F
 
 
-def sparse_mask(n: int, window: int, stride: int, n_global: int) -> torch.Tensor:
-    """The (n, n_global + n) boolean mask equivalent to the sparse pattern of DESIGN.md section 2."""
+def sparse_mask(n: int, window: int, stride: int, n_global: int, causal: bool = True) -> torch.Tensor:
+    """The (n, n_global + n) boolean mask equivalent to the sparse pattern of DESIGN.md section 2.
+
+    causal=False gives the symmetric pattern of bidirectional (masked LM) layers: |i - j| < window,
+    or a strided summary column anywhere in the sequence.
+    """
     i = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
-    local = (j <= i) & (j > i - window)
-    strided = (j < i - window + 1) & ((j + 1) % stride == 0)
+    if causal:
+        local = (j <= i) & (j > i - window)
+        strided = (j < i - window + 1) & ((j + 1) % stride == 0)
+    else:
+        local = (i - j).abs() < window
+        strided = (j + 1) % stride == 0
     return torch.cat([torch.ones(n, n_global, dtype=torch.bool), local | strided], dim=1)
 
 
-def masked_sparse_attention(q, k, v, window, stride, k_global=None, v_global=None):
+def masked_sparse_attention(q, k, v, window, stride, k_global=None, v_global=None, causal=True):
     """Dense SDPA with the full sparse mask; global slots prepended as always-visible keys."""
     n_global = 0 if k_global is None else k_global.shape[2]
     if k_global is not None:
         k, v = torch.cat([k_global, k], 2), torch.cat([v_global, v], 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=sparse_mask(q.shape[2], window, stride, n_global))
+    mask = sparse_mask(q.shape[2], window, stride, n_global, causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -1,9 +1,11 @@
-"""Attention: dense causal and sparse (window + strided + global), one call signature family.
+"""Attention: dense and sparse (window + strided + global), causal or not, one call signature family.
 
 Everything takes queries/keys/values shaped (batch, heads, time, head_dim). The sparse paths never
 build a time x time tensor, so memory grows like T * (window + T/stride + n_global). Whole bf16
 sequences on a CPU with AVX-512 BF16 go to our C++ kernel (dense causal attention is its special
-case window >= T); the rest uses PyTorch SDPA.
+case window >= T); the rest uses PyTorch SDPA. Bidirectional attention (masked language modelling)
+never takes the fused paths, which are causal-only: dense layers call SDPA without a mask, sparse
+layers the block loop.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def dense_causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: t
     return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask_TS, enable_gqa=gqa)
 
 
+def dense_bidirectional_attention(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> torch.Tensor:
+    """Every query sees every key (masked language modelling): plain SDPA, as our kernel is causal-only."""
+    gqa = q_BHTD.shape[1] != k_BHTD.shape[1]
+    return F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, enable_gqa=gqa)
+
+
 def sparse_causal_attention(
     q_BHTD: torch.Tensor,
     k_BHSD: torch.Tensor,
@@ -68,7 +76,8 @@ def sparse_causal_attention(
 
     Whole sequences on the CPU take a fused path: our C++ kernel in bf16 (sparse_kernel_bf16.py), or
     PyTorch's fused kernel per key set (sparse_flash.py) for fp32 and where the C++ kernel cannot
-    be built. Other calls (decoding with a cache, other devices or dtypes) take the block loop.
+    be built. Other calls (decoding with a cache, other devices or dtypes) take the block loop,
+    which is also the only path for bidirectional attention (blockwise_sparse_attention, causal=False).
     """
     if _fused_path_applies(q_BHTD, k_BHSD, q_start, k_start):
         return fused_sparse_attention(
@@ -121,27 +130,37 @@ def blockwise_sparse_attention(
     k_extra_BHED: torch.Tensor | None = None,
     v_extra_BHED: torch.Tensor | None = None,
     block: int = DEFAULT_BLOCK,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """The general block loop: one SDPA call per query block over the keys it can see."""
+    """The general block loop: one SDPA call per query block over the keys it can see.
+
+    With causal=False the pattern is symmetric (query i sees run key j when |i - j| < window or
+    (j + 1) % stride == 0, anywhere in the run), for masked language modelling. The fused paths
+    are causal-only, so this loop is the one bidirectional sparse path.
+    """
     n_head = q_BHTD.shape[1]
     k_BHSD, v_BHSD = _repeat_kv(k_BHSD, n_head), _repeat_kv(v_BHSD, n_head)
     if k_extra_BHED is not None:
         k_extra_BHED, v_extra_BHED = _repeat_kv(k_extra_BHED, n_head), _repeat_kv(v_extra_BHED, n_head)
-    n_query = q_BHTD.shape[2]
+    n_query, k_stop = q_BHTD.shape[2], k_start + k_BHSD.shape[2]
     outs = []
     for b0 in range(0, n_query, block):
         b1 = min(b0 + block, n_query)
         first, last = q_start + b0, q_start + b1 - 1  # absolute positions of the block's queries
         span_start = max(k_start, first - window + 1)
-        far_idx = strided_positions(k_start, span_start, stride, q_BHTD.device) - k_start
-        span = slice(span_start - k_start, last + 1 - k_start)
+        span_stop = last + 1 if causal else min(k_stop, last + window)  # exclusive
+        far_pos = strided_positions(k_start, span_start, stride, q_BHTD.device)
+        if not causal:  # summary columns after the span are visible too
+            far_pos = torch.cat([far_pos, strided_positions(span_stop, k_stop, stride, q_BHTD.device)])
+        far_idx = far_pos - k_start
+        span = slice(span_start - k_start, span_stop - k_start)
         keys = [k_BHSD.index_select(2, far_idx), k_BHSD[:, :, span]]
         values = [v_BHSD.index_select(2, far_idx), v_BHSD[:, :, span]]
         if k_extra_BHED is not None:
             keys.insert(0, k_extra_BHED)
             values.insert(0, v_extra_BHED)
         n_always = sum(t.shape[2] for t in keys[:-1])
-        mask = _block_mask(first, last, span_start, n_always, window, stride, q_BHTD.device)
+        mask = _block_mask(first, last, span_start, span_stop, n_always, window, stride, causal, q_BHTD.device)
         q_blk = q_BHTD[:, :, b0:b1]
         outs.append(F.scaled_dot_product_attention(q_blk, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask))
     return torch.cat(outs, dim=2)
@@ -160,11 +179,23 @@ def strided_positions(begin: int, end: int, stride: int, device: torch.device) -
 
 
 def _block_mask(
-    first: int, last: int, span_start: int, n_always: int, window: int, stride: int, device: torch.device
+    first: int,
+    last: int,
+    span_start: int,
+    span_stop: int,
+    n_always: int,
+    window: int,
+    stride: int,
+    causal: bool,
+    device: torch.device,
 ) -> torch.Tensor:
     """Mask (queries, n_always + span keys): always-visible columns, then the local/strided span."""
     q_pos = torch.arange(first, last + 1, device=device)[:, None]
-    k_pos = torch.arange(span_start, last + 1, device=device)[None, :]
-    visible = (k_pos <= q_pos) & ((k_pos > q_pos - window) | ((k_pos + 1) % stride == 0))
+    k_pos = torch.arange(span_start, span_stop, device=device)[None, :]
+    strided = (k_pos + 1) % stride == 0
+    if causal:
+        visible = (k_pos <= q_pos) & ((k_pos > q_pos - window) | strided)
+    else:
+        visible = ((k_pos - q_pos).abs() < window) | strided
     always = torch.ones(q_pos.shape[0], n_always, dtype=torch.bool, device=device)
     return torch.cat([always, visible], dim=1)

@@ -1,19 +1,26 @@
 """The hybrid-attention transformer: embeddings, pre-norm blocks, LM head.
 
 Each block's attention kind comes from its LayerSpec (see layout.py); the forward pass is the
-same for dense and sparse layers except for the attention call.
+same for dense and sparse layers except for the attention call. The same modules serve as an
+encoder for masked language modelling: forward(..., causal=False) lets every layer look both ways.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hybridlm.config import ModelConfig
-from hybridlm.model.attention import dense_causal_attention, sparse_causal_attention
+from hybridlm.model.attention import (
+    blockwise_sparse_attention,
+    dense_bidirectional_attention,
+    dense_causal_attention,
+    sparse_causal_attention,
+)
 from hybridlm.model.kv_cache import DenseKVCache, SparseKVCache
 from hybridlm.model.layout import LayerSpec, resolve_layers
 from hybridlm.model.loss import chunked_cross_entropy
@@ -44,7 +51,7 @@ class Attention(nn.Module):
         else:
             self.k_global = self.v_global = None
 
-    def forward(self, x_BTC: torch.Tensor, start: int, cache: LayerCache | None) -> torch.Tensor:
+    def forward(self, x_BTC: torch.Tensor, start: int, cache: LayerCache | None, causal: bool) -> torch.Tensor:
         B, T, _ = x_BTC.shape
         q, k, v = self.qkv(x_BTC).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -54,12 +61,14 @@ class Attention(nn.Module):
         v_BHTD = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
             q_BHTD, k_BHTD = self.rotary(q_BHTD, start), self.rotary(k_BHTD, start)
-        y_BHTD = self._attend(q_BHTD, k_BHTD, v_BHTD, cache)
+        y_BHTD = self._attend(q_BHTD, k_BHTD, v_BHTD, cache, causal)
         return self.dropout(self.proj(y_BHTD.transpose(1, 2).reshape(B, T, -1)))
 
-    def _attend(self, q, k, v, cache: LayerCache | None) -> torch.Tensor:
+    def _attend(self, q, k, v, cache: LayerCache | None, causal: bool) -> torch.Tensor:
         if not self.spec.sparse:
-            return dense_causal_attention(q, k, v) if cache is None else cache.attend(q, k, v)
+            if cache is not None:
+                return cache.attend(q, k, v)
+            return dense_causal_attention(q, k, v) if causal else dense_bidirectional_attention(q, k, v)
         kg = vg = None
         if self.k_global is not None:
             batch = q.shape[0]
@@ -67,7 +76,9 @@ class Attention(nn.Module):
             vg = self.v_global.to(v.dtype).expand(batch, -1, -1, -1)
         if cache is not None:
             return cache.attend(q, k, v, kg, vg)
-        return sparse_causal_attention(
+        # The fused sparse paths are causal-only: bidirectional calls take the block loop.
+        sparse_attention = sparse_causal_attention if causal else partial(blockwise_sparse_attention, causal=False)
+        return sparse_attention(
             q, k, v, window=self.spec.window, stride=self.spec.stride, k_extra_BHED=kg, v_extra_BHED=vg
         )
 
@@ -99,13 +110,13 @@ class Block(nn.Module):
         self.norm1, self.attn = _norm(cfg), Attention(cfg, spec, rotary)
         self.norm2, self.ffn = _norm(cfg), FeedForward(cfg)
 
-    def forward(self, x_BTC: torch.Tensor, start: int, cache: LayerCache | None) -> torch.Tensor:
-        x_BTC = x_BTC + self.attn(self.norm1(x_BTC), start, cache)
+    def forward(self, x_BTC: torch.Tensor, start: int, cache: LayerCache | None, causal: bool) -> torch.Tensor:
+        x_BTC = x_BTC + self.attn(self.norm1(x_BTC), start, cache, causal)
         return x_BTC + self.ffn(self.norm2(x_BTC))
 
 
 class HybridLM(nn.Module):
-    """Decoder-only language model with per-layer dense or sparse attention."""
+    """Decoder-only language model with per-layer dense or sparse attention (an encoder with causal=False)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -143,11 +154,19 @@ class HybridLM(nn.Module):
         ]
 
     def forward(
-        self, ids_BT: torch.Tensor, cache: list[LayerCache] | None = None, targets_BT: torch.Tensor | None = None
+        self,
+        ids_BT: torch.Tensor,
+        cache: list[LayerCache] | None = None,
+        targets_BT: torch.Tensor | None = None,
+        *,
+        causal: bool = True,
     ) -> torch.Tensor:
         """Logits (B, T, vocab); with `targets_BT`, the mean cross-entropy instead (targets equal to
         IGNORE_INDEX add nothing), computed without materialising the logits. With a cache, ids
-        continue the sequence the cache has seen."""
+        continue the sequence the cache has seen. causal=False lets every position see later ones
+        too (masked language modelling); the sparse layers' pattern is then symmetric."""
+        if cache is not None and not causal:
+            raise ValueError("causal=False cannot use a KV cache: cached decoding is causal")
         start = 0 if cache is None else cache[0].length
         T = ids_BT.shape[1]
         if start + T > self.cfg.max_seq_len:
@@ -159,7 +178,7 @@ class HybridLM(nn.Module):
             x_BTC = x_BTC + self.pos_table[start : start + T]
         x_BTC = self.drop(x_BTC)
         for i, block in enumerate(self.blocks):
-            x_BTC = block(x_BTC, start, None if cache is None else cache[i])
+            x_BTC = block(x_BTC, start, None if cache is None else cache[i], causal)
         x_BTC = self.norm_f(x_BTC)
         if targets_BT is not None:
             return chunked_cross_entropy(x_BTC.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())

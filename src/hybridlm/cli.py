@@ -193,6 +193,18 @@ def eval_perplexity_cmd(model_dir: Path, data_path: Path, stride: int | None, as
                            f"({result['tokens']:,} tokens, {result['bytes']:,} bytes)")
 
 
+@app.command("report")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: RUN/report).")
+@json_option
+def report_cmd(run: Path, out: Path | None, as_json: bool) -> None:
+    """Plots (loss, lr, tokens per source) and report.md for a run directory or a recipe's output."""
+    from hybridlm.report import format_summary, write_report
+
+    result = write_report(run, out)
+    _emit(result, as_json, format_summary(result))
+
+
 @app.command("quickstart")
 @click.option("--preset", "preset_name", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/quickstart"), show_default=True)

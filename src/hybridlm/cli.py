@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from hybridlm.errors import UserError
+from hybridlm.errors import TrainingStopped, UserError
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
@@ -113,29 +113,72 @@ def prepare_cmd(sources, tokenizer_path: Path, out: Path, val_fraction: float, f
               help="Multi-stage recipe (TOML): runs its stages in order, resuming where it stopped.")
 @click.option("--stage", default=None, help="With --recipe: run (or rerun from scratch) only this stage.")
 @click.option("--resume", is_flag=True, help="Continue the run in train.out from its last valid checkpoint.")
+@click.option("--nproc-per-node", "nproc", type=int, default=None,
+              help="Launch N processes here through torchrun (train.parallel = ddp or fsdp).")
 @click.argument("overrides", nargs=-1)
 @json_option
-def train_cmd(config_path: Path | None, recipe_path: Path | None, stage: str | None, resume: bool, overrides,
-              as_json: bool) -> None:
-    """Train a model: hybridlm train --config FILE.toml [section.key=value ...], or --recipe FILE."""
+def train_cmd(config_path: Path | None, recipe_path: Path | None, stage: str | None, resume: bool, nproc: int | None,
+              overrides, as_json: bool) -> None:
+    """Train a model: hybridlm train --config FILE.toml [section.key=value ...], or --recipe FILE.
+    With --nproc-per-node N (or under `torchrun --nproc-per-node N -m hybridlm train ...`) the ranks
+    share each batch through DDP or FSDP2."""
+    from hybridlm.train.distributed import close_world, init_world
+
+    if recipe_path is not None and config_path is not None:
+        raise click.UsageError("give --config or --recipe, not both")
+    if recipe_path is None and stage is not None:
+        raise click.UsageError("--stage needs --recipe")
+    if nproc is not None:
+        flags = [*(["--config", str(config_path)] if config_path else []),
+                 *(["--recipe", str(recipe_path)] if recipe_path else []), *(["--stage", stage] if stage else []),
+                 *(["--resume"] if resume else []), *(["--json"] if as_json else [])]
+        _launch(nproc, config_path, recipe_path, flags, list(overrides))
+        return
+    world = init_world()
+    try:
+        text, result = _train(config_path, recipe_path, stage, resume, list(overrides))
+    finally:
+        close_world()
+    if world.is_main:
+        _emit(result, as_json, text)
+
+
+def _launch(nproc: int, config_path: Path | None, recipe_path: Path | None, flags: list[str],
+            overrides: list[str]) -> None:
+    """Check the config for N ranks (so bad input stops here, exit 2), then rerun this command
+    under torchrun and exit with its status."""
+    import subprocess
+
+    from hybridlm.train.args import load_run_config
+    from hybridlm.train.recipe import load_recipe
+    from hybridlm.train.schedule import batch_schedule
+
+    if nproc < 1 or "WORLD_SIZE" in os.environ:
+        raise UserError("--nproc-per-node must be >= 1 and is not for use under torchrun")
+    runs = [s.run for s in load_recipe(recipe_path, overrides)] if recipe_path else [load_run_config(config_path, overrides)]
+    for run in runs:
+        batch_schedule(run.train, nproc)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "hybridlm", "train", *flags, *overrides]
+    sys.exit(subprocess.run(command, check=False).returncode)
+
+
+def _train(config_path: Path | None, recipe_path: Path | None, stage: str | None, resume: bool,
+           overrides: list[str]) -> tuple[str, dict]:
+    """Run a recipe or one training run; return the summary line and document."""
     if recipe_path is not None:
         from hybridlm.train.recipe import load_recipe, run_recipe
 
-        if config_path is not None:
-            raise click.UsageError("give --config or --recipe, not both")
-        summaries = run_recipe(load_recipe(recipe_path, list(overrides)), only=stage)
-        _emit({"stages": summaries}, as_json, "\n".join(
+        summaries = run_recipe(load_recipe(recipe_path, overrides), only=stage)
+        return "\n".join(
             f"stage {s['stage']}: {s['steps']} steps{' (already done)' if s.get('skipped') else ''} -> "
-            f"{s['run_dir']} (val loss {s.get('val_loss', float('nan')):.3f})" for s in summaries))
-        return
-    if stage is not None:
-        raise click.UsageError("--stage needs --recipe")
+            f"{s['run_dir']} (val loss {s.get('val_loss', float('nan')):.3f})" for s in summaries), {"stages": summaries}
     from hybridlm.train.args import load_run_config
     from hybridlm.train.trainer import train
 
-    result = train(load_run_config(config_path, list(overrides)), resume=resume)
-    _emit(result, as_json, f"trained {result['steps']} steps -> {result['run_dir']} "
-                           f"(val bpb {result.get('val_bpb', float('nan')):.3f})")
+    result = train(load_run_config(config_path, overrides), resume=resume)
+    return (f"trained {result['steps']} steps -> {result['run_dir']} "
+            f"(val bpb {result.get('val_bpb', float('nan')):.3f})"), result
 
 
 @app.command("generate")
@@ -287,10 +330,19 @@ def main() -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
+        _error_line(str(exc))
         sys.exit(2)
+    except TrainingStopped as exc:
+        _error_line(str(exc))
+        sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if os.environ.get("HYBRIDLM_DEBUG"):
             traceback.print_exc()
         click.echo(f"error: {type(exc).__name__}: {exc} (set HYBRIDLM_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)
+
+
+def _error_line(message: str) -> None:
+    """One line on stderr; under torchrun only rank 0 says it (every rank fails the same way)."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"error: {message}", err=True)

@@ -6,3 +6,7 @@ class UserError(ValueError):
 
     Messages say what was wrong and how to fix it.
     """
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite): one line, exit 1, checkpoints kept."""

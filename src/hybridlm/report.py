@@ -8,7 +8,6 @@ was killed. Plots use matplotlib's Agg canvas directly: no display, no pyplot gl
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from hybridlm.errors import UserError
 from hybridlm.fileio import atomic_write_bytes, atomic_write_text, read_json
+from hybridlm.train.metrics import read_metrics
 
 STAGE_DIR = re.compile(r"^(\d+)-(.+)$")
 PLOTS = {"loss": "loss.png", "lr": "lr.png", "tokens_by_source": "tokens_by_source.png"}
@@ -33,27 +33,6 @@ class StageMetrics:
     finished: bool
     train: list[dict]
     val: list[dict]
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl. A last line cut off by a kill is skipped; a bad line before
-    it means the file was damaged, which a report should not paper over."""
-    if not path.is_file():
-        return []
-    lines = [(n, line) for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1)
-             if line.strip()]
-    records = []
-    for index, (number, line) in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-        elif index < len(lines) - 1:
-            raise UserError(f"{path}: line {number} is not a metrics record; the file is damaged "
-                            "(only a cut-off last line is skipped)")
-    return records
 
 
 def _is_number(value: object) -> bool:

@@ -17,19 +17,26 @@ from safetensors.torch import save as st_save
 
 from hybridlm.config import ModelConfig
 from hybridlm.errors import UserError
-from hybridlm.fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from hybridlm.fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    sha256_file,
+)
 from hybridlm.model import HybridLM
 from hybridlm.tokenizer import TextTokenizer
+from hybridlm.train.distributed import full_tensor
 
 MANIFEST = "manifest.json"
 
 
 def weights_bytes(model: HybridLM) -> bytes:
-    """The model's tensors as safetensors bytes; a tied output projection is stored once."""
+    """The model's tensors as safetensors bytes; a tied output projection is stored once. Sharded
+    (FSDP2) parameters are gathered, so every rank must call this."""
     state = model.state_dict()
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight")
-    return st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
+    return st_save({k: full_tensor(v).detach().contiguous().cpu() for k, v in state.items()})
 
 
 def load_weights_bytes(model: HybridLM, data: bytes, where: Path) -> None:
@@ -67,9 +74,13 @@ class LoadedRun:
     path: Path
 
 
-def save_final(run_dir: Path, model: HybridLM) -> None:
-    """Write model.safetensors atomically and record it (with config and tokenizer) in the manifest."""
-    atomic_write_bytes(run_dir / "model.safetensors", weights_bytes(model))
+def save_final(run_dir: Path, model: HybridLM, write: bool = True) -> None:
+    """Write model.safetensors atomically and record it (with config and tokenizer) in the manifest.
+    Every rank calls this (to gather sharded weights); only the one with `write` writes."""
+    data = weights_bytes(model)
+    if not write:
+        return
+    atomic_write_bytes(run_dir / "model.safetensors", data)
     write_manifest(run_dir, ["model.safetensors", "config.json", "tokenizer.json"])
 
 

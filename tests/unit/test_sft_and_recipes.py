@@ -55,7 +55,7 @@ def test_sft_loss_counts_only_reply_tokens_and_held_out_loss_falls(alpaca_tokeni
         "out": str(tmp_path / "sft"), "steps": 60, "batch_size": 8, "seq_len": 128, "lr": 3e-3,
         "warmup_steps": 5, "eval_every": 0, "checkpoint_every": 60, "dtype": "fp32", "log_every": 10}})
     data = build_stage_data(cfg.train, TextTokenizer.load(alpaca_tokenizer))
-    x, y = data.mixture.batch(0)
+    x, y = data.mixture.rows(0, 8, 128)
     torch.manual_seed(0)
     model = HybridLM(dataclasses.replace(cfg.model, vocab_size=600))
     fused = model(x, targets_BT=y)

@@ -11,25 +11,19 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_MODEL
 
-from hybridlm.data.prepare import prepare
 from hybridlm.errors import UserError
 from hybridlm.run import load_run
-from hybridlm.tokenizer import train_tokenizer
 from hybridlm.train.args import load_run_config
 from hybridlm.train.trainer import train
 
-MODEL = ['model.preset="tiny"', "model.n_layer=2", "model.d_model=64", "model.window=8", "model.stride=8"]
+MODEL = TINY_MODEL
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    text = "".join(f"Paragraph {i}: the value of x{i} is {i * 7 % 13}.\n\n" for i in range(800))
-    (root / "in.txt").write_text(text)
-    train_tokenizer(text.split("\n\n"), vocab_size=300).save(root / "tokenizer.json")
-    prepare([str(root / "in.txt")], root / "tokenizer.json", root / "shards")
-    return root / "shards"
+@pytest.fixture
+def data_dir(tiny_shards):
+    return tiny_shards
 
 
 def _config(data_dir: Path, out: Path, steps: int, every: int = 10):

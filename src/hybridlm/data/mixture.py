@@ -22,7 +22,7 @@ from hybridlm.model.loss import IGNORE_INDEX
 
 
 class RowSource(Protocol):
-    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def draw(self, rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """One (input, target) row of seq_len tokens each."""
 
 
@@ -34,10 +34,9 @@ class WindowSource:
         if self.stream.tokens < seq_len + 1:
             raise UserError(f"{data_dir} has {self.stream.tokens} {split} tokens, fewer than one sequence of "
                             f"{seq_len + 1}; lower train.seq_len or add data")
-        self.seq_len = seq_len
 
-    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        window = self.stream.window(int(rng.integers(0, self.stream.tokens - self.seq_len)), self.seq_len + 1)
+    def draw(self, rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        window = self.stream.window(int(rng.integers(0, self.stream.tokens - seq_len)), seq_len + 1)
         return window[:-1], window[1:]
 
 
@@ -45,14 +44,14 @@ class ExampleSource:
     """Instruction-tuning rows: one rendered conversation per row, right-padded to seq_len (see
     docs/architecture.md for why padding and not packing); only reply tokens are targets."""
 
-    def __init__(self, examples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int) -> None:
+    def __init__(self, examples: list[tuple[list[int], list[bool]]], pad_id: int) -> None:
         if not examples:
             raise UserError("the instruction source has no examples")
-        self.examples, self.seq_len, self.pad_id = examples, seq_len, pad_id
+        self.examples, self.pad_id = examples, pad_id
 
-    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def draw(self, rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         ids, trained = self.examples[int(rng.integers(0, len(self.examples)))]
-        return padded_row(ids, trained, self.seq_len, self.pad_id)
+        return padded_row(ids, trained, seq_len, self.pad_id)
 
 
 def padded_row(ids: list[int], trained: list[bool], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,42 +65,45 @@ def padded_row(ids: list[int], trained: list[bool], seq_len: int, pad_id: int) -
     return x, y
 
 
+class RowAssigner:
+    """Walks global rows in order, giving each to the source with the largest deficit."""
+
+    def __init__(self, shares: np.ndarray) -> None:
+        self.shares = shares
+        self.next_row, self.counts = 0, np.zeros(len(shares), dtype=np.int64)
+
+    def advance_to(self, row: int) -> None:
+        if row < self.next_row:
+            self.next_row, self.counts = 0, np.zeros_like(self.counts)
+        while self.next_row < row:
+            self.take()
+
+    def take(self) -> int:
+        source = int(np.argmax(self.shares * (self.next_row + 1) - self.counts))
+        self.counts[source] += 1
+        self.next_row += 1
+        return source
+
+
 class Mixture:
-    """Batches of `batch_size` rows from named sources with the given weights."""
+    """Rows from named sources with the given weights, addressed by global row number."""
 
-    def __init__(self, sources: dict[str, RowSource], weights: dict[str, float], batch_size: int, seed: int,
-                 grad_accum: int = 1, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, sources: dict[str, RowSource], weights: dict[str, float], seed: int) -> None:
         self.names = list(sources)
-        self.shares = np.array([weights[n] for n in self.names], dtype=np.float64)
-        self.shares /= self.shares.sum()
-        self.sources = sources
-        self.batch_size, self.seed, self.grad_accum, self.rank, self.world = batch_size, seed, grad_accum, rank, world
-        self._next_row, self._counts = 0, np.zeros(len(self.names), dtype=np.int64)
+        shares = np.array([weights[n] for n in self.names], dtype=np.float64)
+        self.sources, self.seed = sources, seed
+        self._drawing, self._counting = RowAssigner(shares / shares.sum()), RowAssigner(shares / shares.sum())
 
-    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        first = ((step * self.grad_accum + micro) * self.world + self.rank) * self.batch_size
-        rows = [self.sources[self.names[s]].draw(np.random.default_rng([self.seed, first + i]))
-                for i, s in enumerate(self._assign(first, self.batch_size))]
+    def rows(self, first: int, count: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global rows first .. first + count - 1 as (input, target) tensors of seq_len columns."""
+        self._drawing.advance_to(first)
+        rows = [self.sources[self.names[self._drawing.take()]].draw(np.random.default_rng([self.seed, first + i]),
+                                                                      seq_len)
+                for i in range(count)]
         x, y = (torch.from_numpy(np.stack(part)) for part in zip(*rows))
         return x, y
 
-    def rows_drawn(self, steps: int) -> dict[str, int]:
-        """Rows per source over the first `steps` optimizer steps of all ranks."""
-        self._advance_to(steps * self.grad_accum * self.world * self.batch_size)
-        return {n: int(c) for n, c in zip(self.names, self._counts)}
-
-    def _assign(self, first: int, count: int) -> list[int]:
-        self._advance_to(first)
-        return [self._take() for _ in range(count)]
-
-    def _advance_to(self, row: int) -> None:
-        if row < self._next_row:
-            self._next_row, self._counts = 0, np.zeros_like(self._counts)
-        while self._next_row < row:
-            self._take()
-
-    def _take(self) -> int:
-        source = int(np.argmax(self.shares * (self._next_row + 1) - self._counts))
-        self._counts[source] += 1
-        self._next_row += 1
-        return source
+    def rows_drawn(self, total_rows: int) -> dict[str, int]:
+        """Rows per source among the first `total_rows` global rows."""
+        self._counting.advance_to(total_rows)
+        return {n: int(c) for n, c in zip(self.names, self._counting.counts)}

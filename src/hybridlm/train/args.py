@@ -9,9 +9,10 @@ from pathlib import Path
 from hybridlm.config import ModelConfig, preset
 from hybridlm.errors import UserError
 from hybridlm.settings import apply_overrides, build, checked_kwargs, load_toml
+from hybridlm.train.distributed import PARALLEL
 
 DTYPES = ("auto", "bf16", "fp32")
-OBJECTIVES = ("clm", "sft")
+OBJECTIVES = ("clm", "mlm", "sft")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -24,7 +25,8 @@ class TrainConfig:
     mixture: dict = dataclasses.field(default_factory=dict)
     """{source: weight}: prepared directories (clm) or instruction files / stdlib-docs:qa (sft)."""
     objective: str = "clm"
-    """clm (next-token prediction on text) or sft (instruction tuning: loss on assistant replies)."""
+    """clm (next-token prediction on text), mlm (masked tokens, bidirectional attention) or sft
+    (instruction tuning: loss on assistant replies)."""
     init_from: str = ""
     """A finished run directory whose weights this run starts from (optimizer state starts fresh)."""
     init_optimizer: bool = False
@@ -36,7 +38,15 @@ class TrainConfig:
     steps: int = 200
     """Optimizer steps."""
     batch_size: int = 8
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch, over all ranks together (each of N ranks takes batch_size / N)."""
+    batch_size_start: int = 0
+    """Progressive training: start with this many sequences and grow linearly to batch_size over
+    batch_ramp_steps; 0 = no ramp."""
+    batch_ramp_steps: int = 0
+    seq_len_start: int = 0
+    """Progressive training: start with sequences of this length and grow linearly to seq_len over
+    seq_len_warmup_steps; 0 = no warmup."""
+    seq_len_warmup_steps: int = 0
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     seq_len: int = 256
@@ -67,6 +77,10 @@ class TrainConfig:
     """How many recent checkpoints to keep."""
     log_every: int = 10
     """Write a training record to metrics.jsonl every N steps."""
+    max_bad_steps: int = 5
+    """Steps with a non-finite loss or gradient are skipped; this many in a row stop the run."""
+    parallel: str = "ddp"
+    """Under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard)."""
     compile: bool = False
     """torch.compile the model for training steps: 1.15-1.19x per step on `small` at batch 8 x 1024 and
     32 x 256, but no gain on the quickstart's settings (docs/benchmarks.md); off by default."""
@@ -74,7 +88,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_tokens", "checkpoint_every",
-                     "keep_checkpoints", "log_every"):
+                     "keep_checkpoints", "log_every", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be > 0 (got {getattr(self, name)})")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -90,6 +104,14 @@ class TrainConfig:
         ) or (self.mixture and sum(self.mixture.values()) <= 0):
             raise UserError("train.mixture must map sources to weights >= 0 that sum to a positive number, "
                             'e.g. {"data/a" = 0.7, "data/b" = 0.3}')
+        for start, length, span in (("batch_size_start", "batch_size", "batch_ramp_steps"),
+                                    ("seq_len_start", "seq_len", "seq_len_warmup_steps")):
+            if getattr(self, start) and not (0 < getattr(self, start) <= getattr(self, length)
+                                             and getattr(self, span) > 0):
+                raise UserError(f"train.{start} must be in [1, train.{length}] with train.{span} > 0 "
+                                f"(got {getattr(self, start)} and {getattr(self, span)}); 0 turns it off")
+        if self.parallel not in PARALLEL:
+            raise UserError(f"train.parallel must be one of {', '.join(PARALLEL)} (got {self.parallel!r})")
         if self.dtype not in DTYPES:
             raise UserError(f"train.dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
 

@@ -19,7 +19,13 @@ from safetensors.torch import save as st_save
 from hybridlm.errors import UserError
 from hybridlm.fileio import atomic_write_bytes, atomic_write_json, read_json
 from hybridlm.model import HybridLM
-from hybridlm.run import load_weights_bytes, verify_manifest, weights_bytes, write_manifest
+from hybridlm.run import (
+    load_weights_bytes,
+    verify_manifest,
+    weights_bytes,
+    write_manifest,
+)
+from hybridlm.train.distributed import full_tensor, shard_like
 
 FILES = ["model.safetensors", "optimizer.safetensors", "state.json"]
 
@@ -32,15 +38,21 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: HybridLM, optimizer: torch.optim.Optimizer, state: dict, keep: int
+    run_dir: Path, step: int, model: HybridLM, optimizer: torch.optim.Optimizer, state: dict, keep: int,
+    write: bool = True,
 ) -> Path:
+    """Gather full weights and moments (every rank calls this: sharded tensors are collected), then
+    write them, on the rank with `write`, in the single-process format that any world size loads."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step}"
+    weights, moments = weights_bytes(model), st_save(_optimizer_tensors(model, optimizer))
+    if not write:
+        return final
     tmp = root / f".tmp_step_{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    atomic_write_bytes(tmp / "model.safetensors", weights_bytes(model))
-    atomic_write_bytes(tmp / "optimizer.safetensors", st_save(_optimizer_tensors(model, optimizer)))
+    atomic_write_bytes(tmp / "model.safetensors", weights)
+    atomic_write_bytes(tmp / "optimizer.safetensors", moments)
     atomic_write_json(tmp / "state.json", {**state, "step": step, "param_groups": _group_hparams(optimizer)})
     write_manifest(tmp, FILES)
     shutil.rmtree(final, ignore_errors=True)
@@ -61,20 +73,23 @@ def latest_valid_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, model: HybridLM, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights, optimizer moments and RNG; return state.json."""
+def load_checkpoint_weights(path: Path, model: HybridLM) -> dict:
+    """Restore the weights (before the model is wrapped or sharded); return state.json."""
     load_weights_bytes(model, (path / "model.safetensors").read_bytes(), path / "model.safetensors")
+    return read_json(path / "state.json", "checkpoint state")
+
+
+def load_optimizer_state(path: Path, model: HybridLM, optimizer: torch.optim.Optimizer) -> None:
+    """Restore AdamW moments (sharded like their parameters), hyper-parameters and the RNG."""
     tensors = st_load((path / "optimizer.safetensors").read_bytes())
     state = read_json(path / "state.json", "checkpoint state")
     torch.set_rng_state(tensors.pop("rng.torch"))
-    by_name = dict(model.named_parameters())
-    for name, param in by_name.items():
+    for name, param in model.named_parameters():
         keys = {k.rpartition("/")[2]: v for k, v in tensors.items() if k.rpartition("/")[0] == name}
         if keys:
-            optimizer.state[param] = keys
+            optimizer.state[param] = {k: v if k == "step" else shard_like(param, v) for k, v in keys.items()}
     for group, saved in zip(optimizer.param_groups, state["param_groups"]):
         group.update(saved)
-    return state
 
 
 def _optimizer_tensors(model: HybridLM, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -82,7 +97,7 @@ def _optimizer_tensors(model: HybridLM, optimizer: torch.optim.Optimizer) -> dic
     tensors = {"rng.torch": torch.get_rng_state()}
     for param, slots in optimizer.state.items():
         for key, value in slots.items():
-            tensors[f"{names[id(param)]}/{key}"] = value.detach().clone().cpu()
+            tensors[f"{names[id(param)]}/{key}"] = full_tensor(value).detach().clone().cpu()
     return tensors
 
 

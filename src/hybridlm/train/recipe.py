@@ -24,7 +24,6 @@ recipe continues where it stopped; `only` reruns one stage from scratch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 from pathlib import Path
@@ -35,6 +34,9 @@ from hybridlm.run import verify_manifest
 from hybridlm.settings import apply_overrides, load_toml
 from hybridlm.train.args import RunConfig, TrainConfig, run_config_from_dict
 from hybridlm.train.checkpoint import checkpoint_dirs
+from hybridlm.train.distributed import barrier, init_world
+from hybridlm.train.metrics import read_metrics
+from hybridlm.train.schedule import batch_schedule
 from hybridlm.train.trainer import train
 
 STAGE_KEYS = ("name", "fraction", "tokens", "fresh_optimizer")
@@ -92,7 +94,7 @@ def _steps(raw: dict, total: int, tcfg: TrainConfig) -> int:
         tokens = raw["tokens"]
         if not isinstance(tokens, int) or tokens <= 0:
             raise UserError(f"stage {raw['name']!r}: tokens must be a positive integer")
-    return max(1, math.ceil(tokens / (tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum)))
+    return batch_schedule(tcfg).steps_for_tokens(math.ceil(tokens))
 
 
 def run_recipe(stages: list[Stage], *, only: str | None = None, progress: bool = True) -> list[dict]:
@@ -108,7 +110,9 @@ def run_recipe(stages: list[Stage], *, only: str | None = None, progress: bool =
             if stage.run.train.init_from and not _finished(Path(stage.run.train.init_from)):
                 raise UserError(f"stage {only!r} starts from {stage.run.train.init_from}, which has not finished; "
                                 "run the recipe up to it first")
-            shutil.rmtree(out, ignore_errors=True)
+            if init_world().is_main:
+                shutil.rmtree(out, ignore_errors=True)
+            barrier(init_world())
         if _finished(out):
             summaries.append({"stage": stage.name, "skipped": True, **_last_summary(out)})
             continue
@@ -129,7 +133,7 @@ def _finished(run_dir: Path) -> bool:
 
 def _last_summary(run_dir: Path) -> dict:
     """The last validation record of a finished stage, from its metrics.jsonl."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    records = read_metrics(run_dir / "metrics.jsonl")
     val = next((r for r in reversed(records) if any(k.startswith("val_") for k in r)), {})
     config = read_json(run_dir / "config.json", "run config")
     return {"run_dir": str(run_dir), "steps": config["train"]["steps"], **val}

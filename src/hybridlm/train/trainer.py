@@ -3,47 +3,58 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from hybridlm.data.mixture import Mixture
 from hybridlm.device import autocast, default_device, resolve_dtype
-from hybridlm.errors import UserError
-from hybridlm.fileio import atomic_write_json, atomic_write_text, read_json
+from hybridlm.errors import TrainingStopped, UserError
+from hybridlm.fileio import atomic_write_json, read_json
 from hybridlm.lineage import lineage_record
 from hybridlm.model import HybridLM
 from hybridlm.run import load_run, save_final
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.train.args import RunConfig, TrainConfig, run_config_from_dict
-from hybridlm.train.checkpoint import checkpoint_dirs, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from hybridlm.train.checkpoint import (
+    checkpoint_dirs,
+    latest_valid_checkpoint,
+    load_checkpoint_weights,
+    load_optimizer_state,
+    save_checkpoint,
+)
+from hybridlm.train.distributed import (
+    World,
+    barrier,
+    full_tensor,
+    gradient_sync,
+    init_world,
+    mean_across,
+    wrap_model,
+)
+from hybridlm.train.metrics import MetricsLog
 from hybridlm.train.optim import build_optimizer, lr_at
-from hybridlm.train.stage_data import StageData, build_stage_data, stage_tokenizer
+from hybridlm.train.schedule import BatchSchedule, batch_schedule
+from hybridlm.train.stage_data import (
+    StageData,
+    build_stage_data,
+    mask_rows,
+    stage_tokenizer,
+)
 
 
-class MetricsLog:
-    """Append-only metrics.jsonl; on resume, records after the checkpoint are dropped first."""
-
-    def __init__(self, path: Path, keep_until_step: int | None) -> None:
-        self.path = path
-        if keep_until_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until_step]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
-        elif keep_until_step is None:
-            atomic_write_text(path, "")
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path | None, StageData]:
+def prepare_run_dir(cfg: RunConfig, resume: bool, world: World) -> tuple[RunConfig, Path | None, StageData]:
     """Create or reopen the run directory; return the config to use, the checkpoint to load and the
-    run's data (built before anything is written, so bad sources fail first)."""
+    run's data (built before anything is written, so bad sources fail first). Every rank checks;
+    only the main rank writes."""
     run_dir = Path(cfg.train.out)
+    batch_schedule(cfg.train, world.size)  # a world size that does not divide the batch fails here
     if resume:
         if not (run_dir / "config.json").is_file():
             raise UserError(f"nothing to resume in {run_dir}: no config.json; start without --resume")
@@ -51,102 +62,172 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path | Non
         checkpoint = latest_valid_checkpoint(run_dir)
         if checkpoint is None:
             raise UserError(f"no valid checkpoint in {run_dir}/checkpoints; start the run again without --resume")
-        saved = dataclasses.replace(saved, train=dataclasses.replace(saved.train, steps=cfg.train.steps))
+        saved = dataclasses.replace(saved, train=dataclasses.replace(saved.train, steps=cfg.train.steps,
+                                                                     parallel=cfg.train.parallel))
+        batch_schedule(saved.train, world.size)
         return saved, checkpoint, build_stage_data(saved.train, TextTokenizer.load(run_dir / "tokenizer.json"))
     if checkpoint_dirs(run_dir) or (run_dir / "model.safetensors").exists():
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or set another train.out")
     tokenizer = stage_tokenizer(cfg.train)
     data = build_stage_data(cfg.train, tokenizer)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", cfg.to_dict())
-    tokenizer.save(run_dir / "tokenizer.json")
+    barrier(world)  # every rank has checked before the main rank writes
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", cfg.to_dict())
+        tokenizer.save(run_dir / "tokenizer.json")
     return cfg, None, data
 
 
-def _initial_state(model: HybridLM, optimizer: torch.optim.Optimizer, tcfg: TrainConfig) -> None:
-    """Start from train.init_from's final weights (the previous stage of a recipe), and with
-    train.init_optimizer from its last checkpoint's AdamW moments too (this run's settings kept)."""
-    if not tcfg.init_from:
-        return
+def _load_initial_weights(model: HybridLM, tcfg: TrainConfig) -> None:
+    """Start from train.init_from's final weights (the previous stage of a recipe)."""
     parent = load_run(Path(tcfg.init_from))
     if parent.model.cfg != model.cfg:
         raise UserError(f"train.init_from {tcfg.init_from} has another model config than this run; "
                         "use the same [model] settings")
     model.load_state_dict(parent.model.state_dict())
-    if tcfg.init_optimizer:
-        checkpoint = latest_valid_checkpoint(Path(tcfg.init_from))
-        if checkpoint is None:
-            raise UserError(f"train.init_optimizer: {tcfg.init_from} has no valid checkpoint to take moments from")
-        settings = [{k: g[k] for k in ("betas", "eps", "weight_decay")} for g in optimizer.param_groups]
-        load_checkpoint(checkpoint, model, optimizer)
-        for group, kept in zip(optimizer.param_groups, settings):
-            group.update(kept)
+
+
+def _load_initial_moments(model: HybridLM, optimizer: torch.optim.Optimizer, tcfg: TrainConfig) -> None:
+    """With train.init_optimizer, take AdamW moments from init_from's last checkpoint (this run's
+    hyper-parameters kept)."""
+    checkpoint = latest_valid_checkpoint(Path(tcfg.init_from))
+    if checkpoint is None:
+        raise UserError(f"train.init_optimizer: {tcfg.init_from} has no valid checkpoint to take moments from")
+    settings = [{k: g[k] for k in ("lr", "betas", "eps", "weight_decay")} for g in optimizer.param_groups]
+    load_optimizer_state(checkpoint, model, optimizer)
+    for group, kept in zip(optimizer.param_groups, settings):
+        group.update(kept)
 
 
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train to cfg.train.steps; return the final summary (also the last metrics record)."""
-    cfg, checkpoint, data = prepare_run_dir(cfg, resume)
+    """Train to cfg.train.steps; return the final summary (also the last metrics record). Under
+    torchrun every rank calls this; each draws its own slice of every batch."""
+    world = init_world()
+    cfg, checkpoint, data = prepare_run_dir(cfg, resume, world)
     tcfg, run_dir = cfg.train, Path(cfg.train.out)
     device = default_device()
     dtype = resolve_dtype(tcfg.dtype, device)
+    schedule = batch_schedule(tcfg, world.size)
     torch.manual_seed(tcfg.seed)
     model = HybridLM(cfg.model).to(device)
+    start_step = load_checkpoint_weights(checkpoint, model)["step"] if checkpoint else 0
+    if checkpoint is None and tcfg.init_from:
+        _load_initial_weights(model, tcfg)
+    stepper = wrap_model(model, tcfg.parallel, world)
     optimizer = build_optimizer(model, tcfg)
-    if checkpoint is None:
-        _initial_state(model, optimizer, tcfg)
-    start_step = 0
     if checkpoint is not None:
-        start_step = load_checkpoint(checkpoint, model, optimizer)["step"]
-    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if checkpoint else None)
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
-    bar = tqdm(total=tcfg.steps, initial=start_step, file=sys.stderr, disable=not progress, unit="step",
-               desc=f"train {run_dir.name}", dynamic_ncols=True, mininterval=1.0)
-    forward = torch.compile(model) if tcfg.compile else model  # same parameters; eval and saving use model
-    t0, last_eval = time.perf_counter(), {}
+        load_optimizer_state(checkpoint, model, optimizer)
+    elif tcfg.init_from and tcfg.init_optimizer:
+        _load_initial_moments(model, optimizer, tcfg)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if checkpoint else None, world.is_main)
+    bar = tqdm(total=tcfg.steps, initial=start_step, file=sys.stderr, disable=not (progress and world.is_main),
+               unit="step", desc=f"train {run_dir.name}", dynamic_ncols=True, mininterval=1.0)
+    stepper = torch.compile(stepper) if tcfg.compile else stepper  # same parameters; eval and saving use model
+    batches = RankBatches(data.mixture, schedule, world, tcfg, data.tokenizer, device)
+    t0, last_eval, bad_in_row = time.perf_counter(), {}, 0
     for step in range(start_step, tcfg.steps):
-        loss = train_step(forward, optimizer, data.mixture, step, tcfg, dtype, device)
+        loss = train_step(stepper, optimizer, batches, step, tcfg, dtype, world)
         done = step + 1
         elapsed = time.perf_counter() - t0
-        tok_s = tokens_per_step * (done - start_step) / elapsed
+        tok_s = (schedule.tokens_before(done) - schedule.tokens_before(start_step)) / elapsed
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        if done % tcfg.log_every == 0 or done == tcfg.steps:
-            metrics.write({"step": done, "loss": loss, "lr": lr_at(step, tcfg), "tokens": done * tokens_per_step,
-                           "tok_s": tok_s, "elapsed_s": elapsed, "tokens_by_source": _tokens_by_source(data, done, tcfg)})
+        bad_in_row = 0 if math.isfinite(loss) else bad_in_row + 1
+        if bad_in_row:
+            _skip_warning(run_dir, done, loss, bad_in_row, tcfg.max_bad_steps, metrics)
+        else:
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        if not bad_in_row and (done % tcfg.log_every == 0 or done == tcfg.steps):
+            metrics.write({"step": done, "loss": loss, "lr": lr_at(step, tcfg), "tokens": schedule.tokens_before(done),
+                           "seq_len": schedule.seq_len_at(step), "batch_size": schedule.batch_at(step),
+                           "tok_s": tok_s, "elapsed_s": elapsed,
+                           "tokens_by_source": tokens_by_source(data.mixture, schedule, done)})
         if (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps:
             last_eval = data.evaluate(model, dtype)
             metrics.write({"step": done, **{f"val_{k}": v for k, v in last_eval.items()}})
         if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-            save_checkpoint(run_dir, done, model, optimizer, {"data_position": done}, tcfg.keep_checkpoints)
+            save_checkpoint(run_dir, done, model, optimizer, {"data_position": done}, tcfg.keep_checkpoints,
+                            write=world.is_main)
+            barrier(world)
     bar.close()
-    tokens_by_source = _tokens_by_source(data, tcfg.steps, tcfg)
-    atomic_write_json(run_dir / "lineage.json", lineage_record(
-        [{**src, "tokens_drawn": tokens_by_source[src["spec"]]} for src in data.lineage],
-        data.tokenizer.sha256(), parent_run=tcfg.init_from or None))
-    save_final(run_dir, model)
-    return {"run_dir": str(run_dir), "steps": tcfg.steps, "dtype": dtype,
-            "train_tokens": tcfg.steps * tokens_per_step, "seconds": time.perf_counter() - t0,
-            "tokens_by_source": tokens_by_source, **{f"val_{k}": v for k, v in last_eval.items()}}
+    drawn = tokens_by_source(data.mixture, schedule, tcfg.steps)
+    if world.is_main:
+        atomic_write_json(run_dir / "lineage.json", lineage_record(
+            [{**src, "tokens_drawn": drawn[src["spec"]]} for src in data.lineage],
+            data.tokenizer.sha256(), parent_run=tcfg.init_from or None))
+    save_final(run_dir, model, write=world.is_main)
+    barrier(world)
+    return {"run_dir": str(run_dir), "steps": tcfg.steps, "dtype": dtype, "world_size": world.size,
+            "train_tokens": schedule.tokens_before(tcfg.steps), "seconds": time.perf_counter() - t0,
+            "tokens_by_source": drawn, **{f"val_{k}": v for k, v in last_eval.items()}}
 
 
-def _tokens_by_source(data: StageData, steps: int, tcfg: TrainConfig) -> dict[str, int]:
-    return {name: rows * tcfg.seq_len for name, rows in data.mixture.rows_drawn(steps).items()}
+def _skip_warning(run_dir: Path, step: int, loss: float, in_row: int, limit: int, metrics: MetricsLog) -> None:
+    """Warn about a skipped step; stop the run when `limit` came in a row (checkpoints untouched)."""
+    metrics.write({"step": step, "skipped": f"non-finite loss or gradient ({loss})"})
+    warnings.warn(f"step {step}: non-finite loss or gradient ({loss}); step skipped ({in_row} in a row)",
+                  stacklevel=2)
+    if in_row >= limit:
+        raise TrainingStopped(
+            f"{in_row} steps in a row had a non-finite loss or gradient (train.max_bad_steps = {limit}); stopped at "
+            f"step {step}. The last good checkpoint in {run_dir}/checkpoints is intact: lower train.lr or check the "
+            "data, then rerun with --resume")
 
 
-def train_step(model, optimizer, sampler, step: int, tcfg, dtype: str, device: torch.device) -> float:
-    """One optimizer step over grad_accum micro-batches; returns the mean loss."""
+def tokens_by_source(mixture: Mixture, schedule: BatchSchedule, steps: int) -> dict[str, int]:
+    """Input tokens drawn per source by all ranks over the first `steps` steps."""
+    totals = dict.fromkeys(mixture.names, 0)
+    ramp = min(steps, schedule.ramp_steps)
+    spans = [(s, s + 1) for s in range(ramp)] + ([(ramp, steps)] if steps > ramp else [])
+    before = mixture.rows_drawn(0)
+    for first, end in spans:
+        after = mixture.rows_drawn(schedule.rows_before(end))
+        for name in totals:
+            totals[name] += (after[name] - before[name]) * schedule.seq_len_at(first)
+        before = after
+    return totals
+
+
+@dataclass
+class RankBatches:
+    """This rank's rows of each micro-batch; masked inputs for the mlm objective."""
+
+    mixture: Mixture
+    schedule: BatchSchedule
+    world: World
+    tcfg: TrainConfig
+    tokenizer: TextTokenizer
+    device: torch.device
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.schedule.batch_at(step)
+        per_rank = rows // self.world.size
+        first = self.schedule.rows_before(step) + micro * rows + self.world.rank * per_rank
+        x, y = self.mixture.rows(first, per_rank, self.schedule.seq_len_at(step))
+        if self.tcfg.objective == "mlm":
+            x, y = mask_rows(x, first, self.tcfg.seed, self.tokenizer)
+        return x.to(self.device), y.to(self.device)
+
+
+def train_step(stepper, optimizer, batches: RankBatches, step: int, tcfg: TrainConfig, dtype: str,
+               world: World) -> float:
+    """One optimizer step over grad_accum micro-batches; returns the mean loss over ranks. A
+    non-finite loss or gradient norm skips the update (every rank sees the same reduced values)."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, tcfg)
     total = 0.0
+    causal = tcfg.objective != "mlm"
     for micro in range(tcfg.grad_accum):
-        x, y = (t.to(device) for t in sampler.batch(step, micro))
-        with autocast(dtype, device):
-            loss = model(x, targets_BT=y) / tcfg.grad_accum
-        loss.backward()
+        x, y = batches.get(step, micro)
+        with gradient_sync(stepper, micro == tcfg.grad_accum - 1):
+            with autocast(dtype, x.device):
+                loss = stepper(x, targets_BT=y, causal=causal) / tcfg.grad_accum
+            loss.backward()
         total += loss.item()
-    if tcfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-    optimizer.step()
+    total = mean_across(total, world)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip or math.inf)))
+    if math.isfinite(total) and math.isfinite(norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return total if math.isfinite(norm) else math.nan

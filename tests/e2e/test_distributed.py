@@ -1,0 +1,85 @@
+"""Scale-out through real torchrun subprocesses (gloo, 2 CPU processes) against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY_MODEL
+
+from hybridlm.train.args import load_run_config
+from hybridlm.train.trainer import train
+
+STEPS = 10
+
+
+def _overrides(data: Path, out: Path, *extra: str) -> list[str]:
+    return TINY_MODEL + [
+        f"train.data={data}", f"train.out={out}", f"train.steps={STEPS}", "train.batch_size=4", "train.seq_len=32",
+        "train.log_every=1", "train.checkpoint_every=5", "train.eval_every=0", "train.eval_tokens=256",
+        "train.dtype=fp32", "train.warmup_steps=3", "train.lr=3e-3", *extra,
+    ]
+
+
+def _torchrun(nproc: int, overrides: list[str], *flags: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "hybridlm", "train", *flags, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_shards, tmp_path_factory) -> list[float]:
+    """The reference: one process, the same global batch of 4 rows."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    train(load_run_config(None, _overrides(tiny_shards, out)), progress=False)
+    return _losses(out)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_follow_one_process(parallel, single, tiny_shards, tmp_path):
+    done = _torchrun(2, _overrides(tiny_shards, tmp_path / "run", f"train.parallel={parallel}"), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)  # only rank 0 prints
+    assert summary["world_size"] == 2
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == STEPS
+    assert losses == pytest.approx(single, rel=1e-4)
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_checkpoint_of_two_fsdp_ranks_resumes_on_one(single, tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    done = _torchrun(2, _overrides(tiny_shards, run, "train.parallel=fsdp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Make it a run that stopped at step 5, then continue it in a single process.
+    shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")
+    (run / "model.safetensors").unlink()
+    train(load_run_config(None, _overrides(tiny_shards, run)), resume=True, progress=False)
+    assert _losses(run) == pytest.approx(single, rel=1e-4)
+
+
+def test_world_size_that_does_not_divide_the_batch_is_refused(tiny_shards, tmp_path):
+    overrides = _overrides(tiny_shards, tmp_path / "run", "train.batch_size=3")
+    done = subprocess.run([sys.executable, "-m", "hybridlm", "train", "--nproc-per-node", "2", *overrides],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: train.batch_size (3) is the global micro-batch and must be divisible by the world size (2); "
+        "use a multiple of 2"]
+    assert not (tmp_path / "run").exists()
+    # Under torchrun directly, each rank refuses before training; only rank 0 prints the line.
+    under = _torchrun(2, overrides)
+    assert under.returncode != 0
+    assert under.stderr.count("must be divisible by the world size (2)") == 1
+    assert not (tmp_path / "run").exists()

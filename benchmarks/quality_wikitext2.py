@@ -15,15 +15,12 @@ import argparse
 import json
 from pathlib import Path
 
-from hybridlm.data.prepare import prepare
-from hybridlm.data.sources import iter_documents, resolve_source
+from wikitext2_data import DATA, prepared_wikitext2
+
 from hybridlm.eval.perplexity import evaluate_path
 from hybridlm.run import load_run
-from hybridlm.tokenizer import train_tokenizer
 from hybridlm.train.args import run_config_from_dict
 from hybridlm.train.trainer import train
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 
 
 def curve(run_dir: Path) -> list[tuple[float, float]]:
@@ -39,18 +36,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "data" / "meta.json").exists():
-        tok = train_tokenizer(iter_documents(resolve_source(str(DATA / "train.txt"))), vocab_size=8192)
-        tok.save(out / "tokenizer.json")
-        prepare([str(DATA / "train.txt")], out / "tokenizer.json", out / "data", val_fraction=0.02)
+    data = prepared_wikitext2(out)
     results = {}
     for name, pattern in (("hybrid", "DDSSSS"), ("dense", "DDDDDD")):
         run_dir = out / name
         if not (run_dir / "model.safetensors").exists():
             cfg = run_config_from_dict({
                 "model": {"preset": "small", "layer_pattern": pattern},
-                "train": {"data": str(out / "data"), "out": str(run_dir), "steps": args.steps, "batch_size": 4,
+                "train": {"data": str(data), "out": str(run_dir), "steps": args.steps, "batch_size": 4,
                           "seq_len": 1024, "lr": 1e-3, "warmup_steps": 20, "eval_every": 25, "eval_tokens": 16384,
                           "checkpoint_every": args.steps, "log_every": 5},
             })

@@ -33,3 +33,18 @@ def tiny_shards(tmp_path_factory) -> Path:
     train_tokenizer(text.split("\n\n"), vocab_size=300).save(root / "tokenizer.json")
     prepare([str(root / "in.txt")], root / "tokenizer.json", root / "shards")
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_shards, tmp_path_factory) -> Path:
+    """A finished run directory: the two-layer model (one dense, one sparse layer) trained briefly
+    on tiny_shards in fp32, for tests that need a real trained hybridlm run."""
+    from hybridlm.train.args import load_run_config
+    from hybridlm.train.trainer import train
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    train(load_run_config(None, TINY_MODEL + [
+        f"train.data={tiny_shards}", f"train.out={out}", "train.steps=40", "train.batch_size=8", "train.seq_len=64",
+        "train.eval_every=0", "train.eval_tokens=512", "train.checkpoint_every=40", "train.dtype=fp32",
+        "train.lr=3e-3", "train.warmup_steps=4"]), progress=False)
+    return out

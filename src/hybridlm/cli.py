@@ -236,6 +236,69 @@ def eval_perplexity_cmd(model_dir: Path, data_path: Path, stride: int | None, as
                            f"({result['tokens']:,} tokens, {result['bytes']:,} bytes)")
 
 
+@eval_group.command("run")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Run directory.")
+@click.option("--tasks", "task_list", required=True,
+              help="Comma-separated: hellaswag, piqa, arc_easy, arc_challenge, lambada, wikitext2, sst2, alpaca_gen, "
+                   "mc:PATH (JSONL of context/choices/label), gen:PATH (instruction file).")
+@click.option("--shots", type=int, default=0, show_default=True, help="Few-shot examples per prompt.")
+@click.option("--limit", type=int, default=None, help="Score only the first N items of each task.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Scoring requests per forward.")
+@click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the few-shot draws.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the datasets are (default: shared/data beside the checkout).")
+@click.option("--stride", type=int, default=None, help="wikitext2 sliding-window stride (default: the context).")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Generation tasks' reply length.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Scoring precision; auto is bf16 on CPUs with AVX-512 BF16/AMX and on CUDA.")
+@json_option
+def eval_run_cmd(model_dir: Path, task_list: str, shots: int, limit: int | None, batch_size: int, seed: int,
+                 data_dir: Path | None, stride: int | None, max_new_tokens: int, dtype: str, as_json: bool) -> None:
+    """Benchmark tasks (multiple choice, LAMBADA, WikiText-2, SST-2, generation) the way
+    lm-evaluation-harness scores them."""
+    from hybridlm.eval.tasks import format_results, run_tasks, task_names
+    from hybridlm.eval.tasks.base import DEFAULT_DATA_DIR, EvalOptions
+
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be > 0 (got {batch_size})")
+    options = EvalOptions(data_dir=data_dir or DEFAULT_DATA_DIR, shots=shots, limit=limit, seed=seed, stride=stride,
+                          max_new_tokens=max_new_tokens)
+    result = run_tasks(model_dir, task_names(task_list), options, batch_size=batch_size, dtype=dtype,
+                       progress=lambda line: click.echo(line, err=True))
+    _emit(result, as_json, format_results(result))
+
+
+@eval_group.command("efficiency")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Run directory.")
+@click.option("--prompt-tokens", type=int, default=None, help="Prompt length N (default: 512, or half a smaller context).")
+@click.option("--new-tokens", type=int, default=None, help="Tokens generated M (default: 128, or what fits the context).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per figure (median).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Inference precision; auto is bf16 on CPUs with AVX-512 BF16/AMX and on CUDA.")
+@json_option
+def eval_efficiency_cmd(model_dir: Path, prompt_tokens: int | None, new_tokens: int | None, repeats: int, dtype: str,
+                        as_json: bool) -> None:
+    """The efficiency table: parameters, FLOPs/token, training cost, prefill/decode speed, time to
+    first token, peak memory, size on disk and energy per token, each with its unit and method."""
+    from hybridlm.eval.efficiency import efficiency_report, format_table
+
+    result = efficiency_report(model_dir, prompt_tokens=prompt_tokens, new_tokens=new_tokens, dtype=dtype,
+                               repeats=repeats)
+    _emit(result, as_json, format_table(result))
+
+
+@eval_group.command("report")
+@click.argument("results", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@json_option
+def eval_report_cmd(results: tuple[Path, ...], out: Path, as_json: bool) -> None:
+    """report.md and PNG charts comparing models, from `eval run --json` and `eval efficiency --json` files."""
+    from hybridlm.eval.compare import write_eval_report
+
+    result = write_eval_report(list(results), out)
+    _emit(result, as_json, f"wrote {', '.join(result['files'].values())} ({len(result['models'])} columns)")
+
+
 @app.command("report")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: RUN/report).")
@@ -258,6 +321,44 @@ def quickstart_cmd(preset_name: str, out: Path, as_json: bool) -> None:
 
     summary = run_quickstart(preset_name, out, progress=True)
     _emit(summary, as_json, format_summary(summary))
+
+
+@app.group("export")
+def export_group() -> None:
+    """Export runs to other formats."""
+
+
+@export_group.command("hf")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["auto", "remote", "gpt2"]), default="auto", show_default=True,
+              help="gpt2: a plain GPT-2 checkpoint (dense GPT-2-shaped configs only); remote: any config, loaded "
+                   "with trust_remote_code=True; auto: gpt2 when the config allows it.")
+@json_option
+def export_hf_cmd(run: Path, out: Path, fmt: str, as_json: bool) -> None:
+    """Write RUN as a Hugging Face transformers checkpoint in the new directory OUT."""
+    from hybridlm.interop.hf_export import export_hf, format_summary
+
+    result = export_hf(run, out, fmt)
+    _emit(result, as_json, format_summary(result))
+
+
+@app.group("import")
+def import_group() -> None:
+    """Import models from other formats."""
+
+
+@import_group.command("hf")
+@click.argument("src", metavar="DIR", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@json_option
+def import_hf_cmd(src: Path, out: Path, as_json: bool) -> None:
+    """Convert the local GPT-2-architecture checkpoint DIR (config.json, weights, tokenizer.json) into
+    a dense hybridlm run directory OUT."""
+    from hybridlm.interop.hf_import import format_summary, import_hf
+
+    result = import_hf(src, out)
+    _emit(result, as_json, format_summary(result))
 
 
 def _int_list(text: str, name: str) -> list[int]:

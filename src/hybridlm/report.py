@@ -92,11 +92,12 @@ def tokens_at(stage: StageMetrics, step: int) -> float:
 
 
 def stage_seconds(stage: StageMetrics) -> float:
-    """Training seconds summed over resumed segments: elapsed_s restarts at each resume, and
-    tokens - tok_s * elapsed_s gives back the tokens (so the step) each segment started from."""
+    """Training seconds (evaluations excluded) summed over resumed segments: train_s restarts at
+    each resume, and tokens - tok_s * train_s gives back the tokens each segment started from.
+    Records written before train_s existed count elapsed_s."""
     segments: dict[int, float] = {}
     for r in stage.train:
-        tokens, tok_s, elapsed = (r.get(k) for k in ("tokens", "tok_s", "elapsed_s"))
+        tokens, tok_s, elapsed = r.get("tokens"), r.get("tok_s"), r.get("train_s", r.get("elapsed_s"))
         if not all(_is_number(v) and math.isfinite(v) for v in (tokens, tok_s, elapsed)):
             continue
         start = round(tokens - tok_s * elapsed)

@@ -116,7 +116,7 @@ def test_bad_recipes_get_one_line_and_exit_2_before_training(tmp_path, quickstar
         (f'[[stage]]\nname = "a"\nfraction = 1.0\nmixture = {{ "{data}" = 0 }}\n', "sum to a positive number"),
         ('[[stage]]\nname = "a"\nfraction = 1.0\nobjective = "rlhf"\ntrain_data = 1\n', "unknown train key"),
         (f'[[stage]]\nname = "a"\nfraction = 1.0\nobjective = "dpo"\nmixture = {{ "{data}" = 1 }}\n',
-         "train.objective must be one of clm, sft"),
+         "train.objective must be one of clm, mlm, sft"),
         ('[[stage]]\nname = "a"\nfraction = 1.0\nmixture = { "no/such/dir" = 1 }\n', "no/such/dir"),
         (f'[[stage]]\nname = "a"\nfraction = 1.0\nobjective = "sft"\ntokenizer = "{data}/tokenizer.json"\n'
          f'mixture = {{ "{bad_line}" = 1 }}\n', "line 2 is not valid JSON"),
@@ -126,9 +126,22 @@ def test_bad_recipes_get_one_line_and_exit_2_before_training(tmp_path, quickstar
         recipe.write_text(base + stage)
         _bad(hybridlm("train", "--recipe", str(recipe)), needle)
         assert not (out / "1-a" / "config.json").exists()
+    # A later stage's missing or malformed data stops the recipe before its first stage trains.
+    first = f'[[stage]]\nname = "a"\ntokens = 100\nmixture = {{ "{data}" = 1 }}\n'
+    for i, (later, needle) in enumerate([
+        ('[[stage]]\nname = "b"\ntokens = 100\nmixture = { "no/such/dir" = 1 }\n', "no/such/dir"),
+        (f'[[stage]]\nname = "b"\ntokens = 100\nobjective = "sft"\nmixture = {{ "{bad_line}" = 1 }}\n',
+         "line 2 is not valid JSON"),
+    ]):
+        recipe = tmp_path / f"later{i}.toml"
+        recipe.write_text(base + first + later)
+        _bad(hybridlm("train", "--recipe", str(recipe)), needle)
+        assert not (out / "1-a" / "config.json").exists()
     recipe = tmp_path / "ok.toml"
-    recipe.write_text(base + f'[[stage]]\nname = "a"\ntokens = 100\nmixture = {{ "{data}" = 1 }}\n')
+    recipe.write_text(base + first)
     _bad(hybridlm("train", "--recipe", str(recipe), "--stage", "b"), "no stage named 'b'")
+    _bad(hybridlm("train", "--recipe", str(recipe), "--nproc-per-node", "2", "recipe.train.batch_size=3"),
+         "must be divisible by the world size (2)")
 
 
 def test_tampered_model_is_refused_and_nothing_is_damaged(tmp_path, quickstart):

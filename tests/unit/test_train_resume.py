@@ -73,13 +73,20 @@ def test_sigkill_then_resume_continues_identically(data_dir, tmp_path):
     assert _losses(killed) == _losses(reference)
 
 
-def test_tampered_checkpoint_is_skipped_for_the_previous_one(data_dir, tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "one byte changed"])
+def test_damaged_checkpoint_is_skipped_for_the_previous_one(damage, data_dir, tmp_path):
     cfg = _config(data_dir, tmp_path / "run", 20)
     train(cfg, progress=False)
     straight = _losses(tmp_path / "run")
     (tmp_path / "run" / "model.safetensors").unlink()
-    weights = tmp_path / "run" / "checkpoints" / "step_20" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    if damage == "truncated":
+        weights = tmp_path / "run" / "checkpoints" / "step_20" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:  # same size, still a valid safetensors file: only the hash can tell
+        moments = tmp_path / "run" / "checkpoints" / "step_20" / "optimizer.safetensors"
+        data = bytearray(moments.read_bytes())
+        data[-1] ^= 0x01
+        moments.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="skipping checkpoint step_20"):
         train(cfg, resume=True, progress=False)
     assert _losses(tmp_path / "run") == straight

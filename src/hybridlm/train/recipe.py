@@ -37,6 +37,7 @@ from hybridlm.train.checkpoint import checkpoint_dirs
 from hybridlm.train.distributed import barrier, init_world
 from hybridlm.train.metrics import read_metrics
 from hybridlm.train.schedule import batch_schedule
+from hybridlm.train.stage_data import check_sources
 from hybridlm.train.trainer import train
 
 STAGE_KEYS = ("name", "fraction", "tokens", "fresh_optimizer")
@@ -101,10 +102,12 @@ def run_recipe(stages: list[Stage], *, only: str | None = None, progress: bool =
     """Train the stages in order (or just `only`); return one summary per stage run or found done."""
     if only is not None and only not in [s.name for s in stages]:
         raise UserError(f"no stage named {only!r}; the recipe has {', '.join(s.name for s in stages)}")
+    chosen = [s for s in stages if only is None or s.name == only]
+    for stage in chosen:
+        if not _finished(Path(stage.run.train.out)) or only is not None:
+            check_sources(stage.run.train)
     summaries = []
-    for stage in stages:
-        if only is not None and stage.name != only:
-            continue
+    for stage in chosen:
         out = Path(stage.run.train.out)
         if only is not None:
             if stage.run.train.init_from and not _finished(Path(stage.run.train.init_from)):

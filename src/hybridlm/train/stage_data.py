@@ -62,6 +62,16 @@ def stage_tokenizer(tcfg: TrainConfig) -> TextTokenizer:
     raise UserError("an sft run needs a tokenizer: set train.tokenizer or train.init_from")
 
 
+def check_sources(tcfg: TrainConfig) -> None:
+    """Fail now if a source is missing or malformed: what a recipe checks for every stage before it
+    trains any (built-in question/answer pairs are generated, not read, so they are not checked)."""
+    for spec in source_weights(tcfg):
+        if tcfg.objective != "sft":
+            load_meta(Path(spec))
+        elif spec != BUILTIN_QA:
+            read_conversations(spec)
+
+
 def build_stage_data(tcfg: TrainConfig, tokenizer: TextTokenizer) -> StageData:
     weights = source_weights(tcfg)
     build = _sft_sources if tcfg.objective == "sft" else _clm_sources

@@ -125,12 +125,12 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
                unit="step", desc=f"train {run_dir.name}", dynamic_ncols=True, mininterval=1.0)
     stepper = torch.compile(stepper) if tcfg.compile else stepper  # same parameters; eval and saving use model
     batches = RankBatches(data.mixture, schedule, world, tcfg, data.tokenizer, device)
-    t0, last_eval, bad_in_row = time.perf_counter(), {}, 0
+    t0, eval_s, last_eval, bad_in_row = time.perf_counter(), 0.0, {}, 0
     for step in range(start_step, tcfg.steps):
         loss = train_step(stepper, optimizer, batches, step, tcfg, dtype, world)
         done = step + 1
         elapsed = time.perf_counter() - t0
-        tok_s = (schedule.tokens_before(done) - schedule.tokens_before(start_step)) / elapsed
+        tok_s = (schedule.tokens_before(done) - schedule.tokens_before(start_step)) / (elapsed - eval_s)
         bar.update(1)
         bad_in_row = 0 if math.isfinite(loss) else bad_in_row + 1
         if bad_in_row:
@@ -140,10 +140,12 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
         if not bad_in_row and (done % tcfg.log_every == 0 or done == tcfg.steps):
             metrics.write({"step": done, "loss": loss, "lr": lr_at(step, tcfg), "tokens": schedule.tokens_before(done),
                            "seq_len": schedule.seq_len_at(step), "batch_size": schedule.batch_at(step),
-                           "tok_s": tok_s, "elapsed_s": elapsed,
+                           "tok_s": tok_s, "elapsed_s": elapsed, "train_s": elapsed - eval_s,
                            "tokens_by_source": tokens_by_source(data.mixture, schedule, done)})
         if (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps:
+            eval_start = time.perf_counter()
             last_eval = data.evaluate(model, dtype)
+            eval_s += time.perf_counter() - eval_start
             metrics.write({"step": done, **{f"val_{k}": v for k, v in last_eval.items()}})
         if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
             save_checkpoint(run_dir, done, model, optimizer, {"data_position": done}, tcfg.keep_checkpoints,

@@ -1,0 +1,102 @@
+"""Task metrics and their standard errors, defined as lm-evaluation-harness defines them.
+
+- acc: the choice with the highest log-likelihood is the gold one (first index wins ties);
+  acc_norm: the same after dividing each log-likelihood by the length of the choice text in
+  characters (the choice without the " " target delimiter): lm-eval 0.4's acc_norm is len(str),
+  not bytes; acc_bytes divides by the choice's UTF-8 bytes instead (lm-eval's acc_bytes). The
+  two differ only on non-ASCII choices;
+- perplexity (LAMBADA): exp of minus the mean per-item log-likelihood of the target;
+- bleu: sacrebleu corpus BLEU (0-100); rouge_l: mean rouge-score ROUGE-L F-measure (0-1);
+  exact_match: mean of prediction == reference after stripping surrounding whitespace.
+
+Standard errors: a mean of per-item scores gets the sample standard deviation over sqrt(n)
+(lm-eval's mean_stderr); corpus-level metrics (perplexity, BLEU) get a bootstrap, as lm-eval
+does, here with a fixed seed and BOOTSTRAP_ITERS resamples so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from hybridlm.errors import UserError
+
+T = TypeVar("T")
+BOOTSTRAP_ITERS = 200
+BOOTSTRAP_SEED = 0
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def sample_stddev(values: Sequence[float]) -> float | None:
+    """Standard deviation with the n - 1 denominator; None when n < 2 (undefined)."""
+    if len(values) < 2:
+        return None
+    mu = mean(values)
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (len(values) - 1))
+
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """Standard error of a mean: sample standard deviation / sqrt(n)."""
+    stddev = sample_stddev(values)
+    return None if stddev is None else stddev / math.sqrt(len(values))
+
+
+def bootstrap_stderr(metric: Callable[[list[T]], float], items: Sequence[T], iters: int = BOOTSTRAP_ITERS,
+                     seed: int = BOOTSTRAP_SEED) -> float | None:
+    """Standard deviation of `metric` over resamples (with replacement) of the items."""
+    if len(items) < 2:
+        return None
+    rng = random.Random(seed)
+    return sample_stddev([metric(rng.choices(items, k=len(items))) for _ in range(iters)])
+
+
+def argmax(values: Sequence[float]) -> int:
+    """Index of the largest value; the first one on ties (numpy.argmax's rule)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def choice_hits(lls: Sequence[float], choices: Sequence[str], gold: int) -> dict[str, float]:
+    """acc, acc_norm and acc_bytes of one multiple-choice item from its per-choice log-likelihoods."""
+    per_char = [ll / max(len(c), 1) for ll, c in zip(lls, choices)]
+    per_byte = [ll / max(len(c.encode("utf-8")), 1) for ll, c in zip(lls, choices)]
+    return {"acc": float(argmax(lls) == gold), "acc_norm": float(argmax(per_char) == gold),
+            "acc_bytes": float(argmax(per_byte) == gold)}
+
+
+def perplexity(lls: Sequence[float]) -> float:
+    return math.exp(min(-mean(lls), 700.0))
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """sacrebleu corpus BLEU (default 13a tokenisation, one reference per prediction)."""
+    try:
+        import sacrebleu
+    except ImportError:
+        raise UserError("BLEU needs sacrebleu: pip install 'hybridlm[eval]'") from None
+    return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
+    """Per-item ROUGE-L F-measure (rouge-score, no stemming)."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise UserError("ROUGE-L needs rouge-score: pip install 'hybridlm[eval]'") from None
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
+def exact_match(predictions: list[str], references: list[str]) -> list[float]:
+    return [float(pred.strip() == ref.strip()) for pred, ref in zip(predictions, references)]
+
+
+def summarise(per_item: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Means of per-item scores and their standard errors (those that are defined)."""
+    metrics = {name: mean(values) for name, values in per_item.items()}
+    stderr = {name: s for name, values in per_item.items() if (s := mean_stderr(values)) is not None}
+    return metrics, stderr

@@ -1,0 +1,254 @@
+"""hybridlm's hybrid-attention transformer for Hugging Face transformers (remote code).
+
+Copied into the directory that `hybridlm export hf --format remote` writes; it imports only torch
+and transformers, so `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` works
+where hybridlm is not installed. Parameter names are hybridlm's own, so the weights are the run's.
+
+Written for exactness, not speed: every layer kind gets an explicit boolean mask (T x T) for SDPA,
+so memory grows like T^2, and `generate()` recomputes the whole sequence at every step (no KV
+cache). A sparse layer's query at position i sees the key at position j when j <= i and
+(j > i - window or (j + 1) % stride == 0), plus the layer's learned global key/value slots, always
+visible. Positions count the real tokens of a row (attention_mask), so a left-padded row gives the
+same logits as the same tokens unpadded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_hybridlm import HybridLMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _norm(cfg: HybridLMConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, pos_BT: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, 1, T, head_dim / 2) of the rotate-half rotary embedding at positions pos_BT."""
+    device = pos_BT.device
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles_TF = torch.outer(torch.arange(int(pos_BT.max()) + 1, dtype=torch.float32, device=device), inv_freq)
+    return angles_TF.cos()[pos_BT][:, None], angles_TF.sin()[pos_BT][:, None]
+
+
+def apply_rope(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHTD.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BHTD.dtype)
+
+
+def sinusoidal_table(n: int, dim: int, device: torch.device) -> torch.Tensor:
+    """The fixed sin/cos table of "Attention Is All You Need", shape (n, dim)."""
+    pos = torch.arange(n, dtype=torch.float32, device=device)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n, dim, device=device)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table
+
+
+def visible_keys(pos_BT: torch.Tensor, real_BT: torch.Tensor, sparse: bool, window: int, stride: int) -> torch.Tensor:
+    """(B, 1, T, T) boolean: query t sees key s. Keys must be real tokens at or before the query;
+    sparse layers keep the local window and the strided summary columns of the positions. A query
+    always sees itself, so a padding row is never empty."""
+    T = pos_BT.shape[1]
+    index = torch.arange(T, device=pos_BT.device)
+    i, j = pos_BT[:, :, None], pos_BT[:, None, :]
+    visible = (index[None, None, :] <= index[None, :, None]) & real_BT[:, None, :]
+    if sparse:
+        visible = visible & ((j > i - window) | ((j + 1) % stride == 0))
+    return (visible | torch.eye(T, dtype=torch.bool, device=pos_BT.device))[:, None]
+
+
+class HybridLMAttention(nn.Module):
+    """Grouped-query attention of one kind; sparse layers own n_global learned key/value slots."""
+
+    def __init__(self, cfg: HybridLMConfig, sparse: bool) -> None:
+        super().__init__()
+        self.sparse = sparse
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.d_model // cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * self.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if sparse and cfg.n_global:
+            self.k_global = nn.Parameter(torch.zeros(cfg.n_kv_head, cfg.n_global, self.head_dim))
+            self.v_global = nn.Parameter(torch.zeros(cfg.n_kv_head, cfg.n_global, self.head_dim))
+        else:
+            self.k_global = self.v_global = None
+
+    def forward(self, x_BTC: torch.Tensor, mask_B1TS: torch.Tensor, rope: tuple | None) -> torch.Tensor:
+        B, T, _ = x_BTC.shape
+        kv_width = self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x_BTC).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
+        q_BHTD = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k_BHTD = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v_BHTD = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q_BHTD, k_BHTD = apply_rope(q_BHTD, *rope), apply_rope(k_BHTD, *rope)
+        if self.k_global is not None:  # the global slots come first; the mask's first columns are theirs
+            k_BHTD = torch.cat([self.k_global.to(k_BHTD.dtype).expand(B, -1, -1, -1), k_BHTD], dim=2)
+            v_BHTD = torch.cat([self.v_global.to(v_BHTD.dtype).expand(B, -1, -1, -1), v_BHTD], dim=2)
+        group = self.n_head // self.n_kv_head
+        if group > 1:
+            k_BHTD, v_BHTD = k_BHTD.repeat_interleave(group, dim=1), v_BHTD.repeat_interleave(group, dim=1)
+        y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=mask_B1TS)
+        return self.dropout(self.proj(y_BHTD.transpose(1, 2).reshape(B, T, -1)))
+
+
+class HybridLMFeedForward(nn.Module):
+    """GELU (tanh approximation) MLP or SwiGLU."""
+
+    def __init__(self, cfg: HybridLMConfig) -> None:
+        super().__init__()
+        self.gated = cfg.ffn == "swiglu"
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.gated else 1), bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = self.up(x_BTC).chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.gelu(self.up(x_BTC), approximate="tanh")
+        return self.dropout(self.down(hidden))
+
+
+class HybridLMBlock(nn.Module):
+    """Pre-norm residual block."""
+
+    def __init__(self, cfg: HybridLMConfig, sparse: bool) -> None:
+        super().__init__()
+        self.norm1, self.attn = _norm(cfg), HybridLMAttention(cfg, sparse)
+        self.norm2, self.ffn = _norm(cfg), HybridLMFeedForward(cfg)
+
+    def forward(self, x_BTC: torch.Tensor, mask_B1TS: torch.Tensor, rope: tuple | None) -> torch.Tensor:
+        x_BTC = x_BTC + self.attn(self.norm1(x_BTC), mask_B1TS, rope)
+        return x_BTC + self.ffn(self.norm2(x_BTC))
+
+
+class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
+    """Decoder-only language model with per-layer dense or sparse attention."""
+
+    config_class = HybridLMConfig
+    base_model_prefix = ""
+    _no_split_modules = ["HybridLMBlock"]  # noqa: RUF012 - as transformers declares it
+    _tied_weights_keys = {"lm_head.weight": "tok_emb.weight"}  # noqa: RUF012
+
+    def __init__(self, config: HybridLMConfig) -> None:
+        super().__init__(config)
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(HybridLMBlock(config, kind == "S") for kind in config.layer_pattern)
+        self.norm_f = _norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Fresh models only (from_config): loaded weights replace all of this."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, HybridLMAttention) and module.k_global is not None:
+            nn.init.zeros_(module.k_global)
+            nn.init.zeros_(module.v_global)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.tok_emb
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.tok_emb = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def _masks(self, pos_BT: torch.Tensor, real_BT: torch.Tensor) -> dict:
+        """One (B, 1, T, n_global + T) mask per layer kind; the global slots' columns come first."""
+        cfg, masks = self.config, {}
+        B, T = pos_BT.shape
+        for kind in set(cfg.layer_pattern):
+            sparse = kind == "S"
+            visible = visible_keys(pos_BT, real_BT, sparse, cfg.window, cfg.stride)
+            if sparse and cfg.n_global:
+                always = torch.ones(B, 1, T, cfg.n_global, dtype=torch.bool, device=pos_BT.device)
+                visible = torch.cat([always, visible], dim=-1)
+            masks[kind] = visible
+        return masks
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits for every position (and the mean next-token loss with `labels`, shifted here as
+        transformers does). Cache arguments are accepted and ignored: nothing is cached."""
+        cfg = self.config
+        x_BTC = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x_BTC.shape
+        if T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the context of {cfg.max_seq_len}")
+        if attention_mask is None:
+            real_BT = torch.ones(B, T, dtype=torch.bool, device=x_BTC.device)
+        else:
+            real_BT = attention_mask[:, -T:].to(x_BTC.device).bool()
+        pos_BT = (real_BT.long().cumsum(-1) - 1).clamp(min=0)  # padding before a row's text takes no position
+        if self.pos_emb is not None:
+            x_BTC = x_BTC + self.pos_emb(pos_BT)
+        elif cfg.position == "sinusoidal":
+            x_BTC = x_BTC + sinusoidal_table(int(pos_BT.max()) + 1, cfg.d_model, x_BTC.device)[pos_BT].to(x_BTC.dtype)
+        rope = rope_tables(cfg.d_model // cfg.n_head, pos_BT, cfg.rope_theta) if cfg.position == "rope" else None
+        masks = self._masks(pos_BT, real_BT)
+        x_BTC = self.drop(x_BTC)
+        for kind, block in zip(cfg.layer_pattern, self.blocks):
+            x_BTC = block(x_BTC, masks[kind], rope)
+        logits = self.lm_head(self.norm_f(x_BTC))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        if return_dict is False:
+            return (logits,) if loss is None else (loss, logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> dict:
+        """Without a KV cache every step sees the whole sequence so far."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not build a cache this model never fills

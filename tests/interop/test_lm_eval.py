@@ -1,0 +1,129 @@
+"""The lm-evaluation-harness plugin: registration, the three request types against the Scorer,
+and lm-eval itself (offline, a local task YAML over JSONL items) agreeing with `hybridlm eval run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+from conftest import shared_file
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from hybridlm.eval.scoring import Scorer, rolling_windows
+from hybridlm.eval.tasks import hellaswag, piqa
+from hybridlm.eval.tasks.base import EvalOptions
+from hybridlm.eval.tasks.multiple_choice import prepare_generic
+from hybridlm.interop.lm_eval_plugin import HybridLMEval
+
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+fewshot_split: test
+num_fewshot: {shots}
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+  - metric: acc_bytes
+"""
+
+
+def test_the_model_is_registered_and_declared_as_an_entry_point():
+    assert get_model("hybridlm") is HybridLMEval
+    declared = {ep.name: ep.value for ep in entry_points(group="lm_eval.models")}
+    assert declared.get("hybridlm") == "hybridlm.interop.lm_eval_plugin:HybridLMEval"
+
+
+def test_rolling_windows_equal_lm_evals():
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = [rng.randrange(100) for _ in range(rng.randrange(0, 40))]
+        context = rng.randrange(1, 12)
+        theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, -1, context, 1)]
+        assert rolling_windows(ids, -1, context) == [(list(a), list(b)) for a, b in theirs]
+
+
+def test_hellaswag_preprocess_equals_lm_evals():
+    from lm_eval.tasks.hellaswag.utils import preprocess
+
+    items = hellaswag.read_hellaswag(shared_file(hellaswag.FILE))
+    for item in items[:500]:
+        for text in (item.query, *item.choices):
+            assert hellaswag.preprocess(text) == preprocess(text)
+    for text in (" A [title] B [step] c  d ", "x [header] y"):
+        assert hellaswag.preprocess(text) == preprocess(text)
+
+
+def test_plugin_requests_go_through_the_scorer(tiny_run):
+    plugin = HybridLMEval.create_from_arg_string(f"path={tiny_run},dtype=fp32,batch_size=3",
+                                                 {"batch_size": 1, "device": "cpu", "max_batch_size": None})
+    scorer = Scorer.from_path(tiny_run, batch_size=2, dtype="fp32")
+    assert plugin.scorer.batch_size == 3
+    pairs = [("Paragraph 3: the value of x3 is", " 8."), ("", "Paragraph 5")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    got, want = plugin.loglikelihood(requests), scorer.loglikelihood(pairs)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
+    text = "".join(f"Paragraph {i}: the value of x{i} is {i * 7 % 13}.\n\n" for i in range(30))
+    rolling = plugin.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert rolling == pytest.approx(scorer.loglikelihood_rolling([text]), abs=1e-3)
+    generated = plugin.generate_until([Instance("generate_until", {}, ("Paragraph 4:", {"until": ["\n"],
+                                                                                         "max_gen_toks": 10}), 0)])
+    assert generated == scorer.generate_until(["Paragraph 4:"], 10, ["\n"]) and "\n" not in generated[0]
+
+
+def _items(path: Path, n: int) -> None:
+    """The first n PIQA items as generic multiple-choice JSON lines, with PIQA's lm-eval prompt."""
+    items = piqa.read_piqa(shared_file(piqa.ITEMS), shared_file(piqa.LABELS))[:n]
+    path.write_text("".join(json.dumps({"context": i.query, "choices": list(i.choices), "label": i.gold}) + "\n"
+                            for i in items))
+
+
+def test_lm_eval_accuracy_equals_eval_run(tiny_run, tmp_path):
+    data, tasks, out = tmp_path / "piqa30.jsonl", tmp_path / "tasks", tmp_path / "out"
+    _items(data, 30)
+    tasks.mkdir()
+    for shots in (0, 2):
+        (tasks / f"piqa30_{shots}shot.yaml").write_text(TASK_YAML.format(name=f"piqa30_{shots}shot", data=data,
+                                                                           shots=shots))
+    script = Path(sys.executable).parent / "hybridlm-lm-eval"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "hybridlm.interop.lm_eval_plugin"]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([*command, "--model", "hybridlm", "--model_args", f"path={tiny_run},dtype=fp32",
+                             "--tasks", "piqa30_0shot,piqa30_2shot", "--include_path", str(tasks),
+                             "--output_path", str(out), "--log_samples"],
+                            capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [results_file] = out.rglob("results_*.json")
+    theirs = json.loads(results_file.read_text())["results"]
+    for shots in (0, 2):
+        ours = subprocess.run([sys.executable, "-m", "hybridlm", "eval", "run", "--model", str(tiny_run), "--tasks",
+                               f"mc:{data}", "--shots", str(shots), "--dtype", "fp32", "--json"],
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert ours.returncode == 0, ours.stderr[-2000:]
+        task = json.loads(ours.stdout)["tasks"][f"mc:{data}"]
+        for metric in ("acc", "acc_norm", "acc_bytes"):
+            assert task["metrics"][metric] == pytest.approx(theirs[f"piqa30_{shots}shot"][f"{metric},none"],
+                                                            abs=1e-12), (shots, metric)
+            assert task["stderr"][metric] == pytest.approx(theirs[f"piqa30_{shots}shot"][f"{metric}_stderr,none"])
+    [samples_file] = out.rglob("samples_piqa30_2shot_*.jsonl")
+    their_contexts = {s["doc_id"]: s["arguments"]["gen_args_0"]["arg_0"] for s in map(json.loads, samples_file.open())}
+    ours = prepare_generic(f"mc:{data}", EvalOptions(shots=2)).contexts
+    assert [their_contexts[i] for i in range(len(ours))] == ours  # the same shots, drawn with the same seed

@@ -141,13 +141,13 @@ def _figure(title: str, xlabel: str, ylabel: str):
     return fig, ax
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
 
 
-def _colour(index: int) -> str:
+def series_colour(index: int) -> str:
     return f"C{index % 10}"
 
 
@@ -163,17 +163,17 @@ def _stage_lines(stages: list[StageMetrics], key: str, ylabel: str, title: str, 
             ax.axvline(offset, color="grey", linestyle="--", linewidth=0.8)
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, color=_colour(i), marker="o" if len(xs) == 1 else None,
+            ax.plot(xs, ys, color=series_colour(i), marker="o" if len(xs) == 1 else None,
                     label=f"{stage.name}{'' if stage.finished else ' (unfinished)'}")
         val = [(offset + tokens_at(stage, r["step"]), r["val_loss"]) for r in stage.val
                if _is_number(r.get("val_loss"))]
         if with_val and val:
             xs, ys = zip(*val)
-            ax.plot(xs, ys, linestyle="none", marker="o", markerfacecolor="none", color=_colour(i),
+            ax.plot(xs, ys, linestyle="none", marker="o", markerfacecolor="none", color=series_colour(i),
                     label=None if val_labelled else "validation loss")
             val_labelled = True
     ax.legend(fontsize="small")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_loss(stages: list[StageMetrics]) -> bytes:
@@ -204,14 +204,14 @@ def plot_tokens_by_source(summaries: list[dict]) -> bytes:
     labels = _source_labels(sources)
     for i, source in enumerate(sources):
         heights = [s["tokens_by_source"].get(source, 0) for s in summaries]
-        ax.bar(names, heights, bottom=bottom, color=_colour(i), label=labels[source])
+        ax.bar(names, heights, bottom=bottom, color=series_colour(i), label=labels[source])
         bottom = [b + h for b, h in zip(bottom, heights)]
     if sources:
         ax.legend(fontsize="small")
-    return _png(fig)
+    return figure_png(fig)
 
 
-def _fmt(value: object, digits: int = 4) -> str:
+def format_figure(value: object, digits: int = 4) -> str:
     if value is None:
         return MISSING
     if isinstance(value, float):
@@ -219,7 +219,7 @@ def _fmt(value: object, digits: int = 4) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _cell(text: str) -> str:
+def escape_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
@@ -235,17 +235,17 @@ def render_markdown(run: Path, summaries: list[dict]) -> str:
     lines = [f"# Training report: {run}", "", "| " + " | ".join(header) + " |",
              "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 3) + ["---"]) + "|"]
     for s in summaries:
-        steps = _fmt(s["steps"]) if s["finished"] or s["steps_planned"] is None else \
+        steps = format_figure(s["steps"]) if s["finished"] or s["steps_planned"] is None else \
             f"{s['steps']:,} of {s['steps_planned']:,}"
-        row = [_cell(s["stage"]), _fmt(s["objective"]), steps, _fmt(s["tokens"]), _fmt(s["train_loss"]),
-               *(_fmt(s.get(k)) for k in vals), _fmt(s["seconds"], 1), "yes" if s["finished"] else "no (unfinished)"]
+        row = [escape_cell(s["stage"]), format_figure(s["objective"]), steps, format_figure(s["tokens"]), format_figure(s["train_loss"]),
+               *(format_figure(s.get(k)) for k in vals), format_figure(s["seconds"], 1), "yes" if s["finished"] else "no (unfinished)"]
         lines.append("| " + " | ".join(row) + " |")
-    names = [_cell(s["stage"]) for s in summaries]
+    names = [escape_cell(s["stage"]) for s in summaries]
     lines += ["", "## Tokens per source", "", "| source | " + " | ".join(names) + " | total |",
               "|---|" + "---:|" * (len(names) + 1)]
     for source in all_sources(summaries):
         counts = [s["tokens_by_source"].get(source, 0) for s in summaries]
-        lines.append(f"| `{_cell(source)}` | " + " | ".join(f"{c:,}" for c in counts) + f" | {sum(counts):,} |")
+        lines.append(f"| `{escape_cell(source)}` | " + " | ".join(f"{c:,}" for c in counts) + f" | {sum(counts):,} |")
     lines += ["", "## Plots", ""]
     lines += [f"![{key.replace('_', ' ')}]({name})" for key, name in PLOTS.items()]
     return "\n".join(lines) + "\n"
@@ -283,5 +283,5 @@ def write_report(run: Path, out: Path | None = None) -> dict:
 def format_summary(result: dict) -> str:
     """The plain-text answer: one line per stage, then where the report went."""
     lines = [f"{s['stage']} ({s['objective'] or '?'}): {s['steps']:,} steps, {s['tokens']:,} tokens, "
-             f"train loss {_fmt(s['train_loss'])}{'' if s['finished'] else ', unfinished'}" for s in result["stages"]]
+             f"train loss {format_figure(s['train_loss'])}{'' if s['finished'] else ', unfinished'}" for s in result["stages"]]
     return "\n".join([*lines, f"wrote {result['files']['report']} and {len(PLOTS)} plots in {result['out']}"])

@@ -15,7 +15,7 @@ from pathlib import Path
 from hybridlm.errors import UserError
 from hybridlm.eval.efficiency import FIELDS, display, format_value
 from hybridlm.fileio import atomic_write_bytes, atomic_write_text, read_json
-from hybridlm.report import MISSING, _cell, _colour, _fmt, _png
+from hybridlm.report import MISSING, escape_cell, figure_png, format_figure, series_colour
 
 TASKS_SHAPE = ('`hybridlm eval run --json` output {"model": RUN, "tasks": {TASK: {"metrics": {NAME: number}, '
                '"stderr": {NAME: number}, "n": items}}}')
@@ -100,14 +100,14 @@ def column_names(results: list[Result]) -> list[str]:
 
 
 def _table(header: list[str], rows: list[list[str]], left: int) -> list[str]:
-    return ["| " + " | ".join(_cell(h) for h in header) + " |",
+    return ["| " + " | ".join(escape_cell(h) for h in header) + " |",
             "|" + "|".join(["---"] * left + ["---:"] * (len(header) - left)) + "|",
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
 def _metric_cell(task: dict, metric: str) -> str:
     value, stderr = task["metrics"].get(metric), task.get("stderr", {}).get(metric)
-    return MISSING if value is None else _fmt(value) + (f" ± {_fmt(stderr)}" if stderr is not None else "")
+    return MISSING if value is None else format_figure(value) + (f" ± {format_figure(stderr)}" if stderr is not None else "")
 
 
 def task_rows(results: list[Result]) -> list[tuple[str, str]]:
@@ -117,11 +117,11 @@ def task_rows(results: list[Result]) -> list[tuple[str, str]]:
 
 def tasks_markdown(results: list[Result], names: list[str]) -> list[str]:
     """The tasks table (task, metric, one column per model: value ± stderr), items per task, settings."""
-    rows = [[_cell(task), _cell(metric), *(_metric_cell(r.doc["tasks"][task], metric) if task in r.doc["tasks"]
+    rows = [[escape_cell(task), escape_cell(metric), *(_metric_cell(r.doc["tasks"][task], metric) if task in r.doc["tasks"]
                                            else MISSING for r in results)] for task, metric in task_rows(results)]
     for task in dict.fromkeys(t for t, _ in task_rows(results)):
-        rows.append([_cell(task), "items", *(_fmt(r.doc["tasks"].get(task, {}).get("n")) for r in results)])
-    settings = [f"- {_cell(name)}: " + ", ".join(f"{k} {_cell(str(r.doc.get(k)).lower())}"  # limit None -> none
+        rows.append([escape_cell(task), "items", *(format_figure(r.doc["tasks"].get(task, {}).get("n")) for r in results)])
+    settings = [f"- {escape_cell(name)}: " + ", ".join(f"{k} {escape_cell(str(r.doc.get(k)).lower())}"  # limit None -> none
                                                  for k in ("shots", "seed", "limit")) for name, r in zip(names, results)]
     return ["## Tasks", "", *_table(["task", "metric", *names], rows, 2), "", *settings]
 
@@ -134,7 +134,7 @@ def efficiency_keys(results: list[Result]) -> list[str]:
 
 def _efficiency_cell(result: Result, key: str) -> str:
     item = result.doc["efficiency"].get(key)
-    return MISSING if item is None else _cell(format_value(item["value"], item["unit"]))
+    return MISSING if item is None else escape_cell(format_value(item["value"], item["unit"]))
 
 
 def _method_line(key: str, said: dict[str, str | None]) -> str | None:
@@ -142,14 +142,14 @@ def _method_line(key: str, said: dict[str, str | None]) -> str | None:
     if not any(said.values()):
         return None
     if len(set(said.values())) == 1:
-        return f"- {FIELDS.get(key, key)}: {_cell(str(next(iter(said.values()))))}"
-    return f"- {FIELDS.get(key, key)}: " + "; ".join(f"{_cell(n)}: {_cell(m)}" for n, m in said.items() if m)
+        return f"- {FIELDS.get(key, key)}: {escape_cell(str(next(iter(said.values()))))}"
+    return f"- {FIELDS.get(key, key)}: " + "; ".join(f"{escape_cell(n)}: {escape_cell(m)}" for n, m in said.items() if m)
 
 
 def efficiency_markdown(results: list[Result], names: list[str]) -> list[str]:
     """The efficiency table (field x model, values in readable units) and how each was obtained."""
     keys = efficiency_keys(results)
-    rows = [[_cell(FIELDS.get(k, k)), *(_efficiency_cell(r, k) for r in results)] for k in keys]
+    rows = [[escape_cell(FIELDS.get(k, k)), *(_efficiency_cell(r, k) for r in results)] for k in keys]
     methods = [_method_line(k, {n: r.doc["efficiency"][k].get("method") for n, r in zip(names, results)
                                 if k in r.doc["efficiency"]}) for k in keys]
     return ["## Efficiency", "", *_table(["field", *names], rows, 1), "", "How each figure was obtained:", "",
@@ -187,11 +187,11 @@ def plot_tasks(results: list[Result], names: list[str]) -> bytes:
             errors = [math.nan if (e := g.get("stderr", {}).get(metric)) is None else e for g in got]  # nan: no bar
             ax.bar([x + (i - (len(results) - 1) / 2) * width for x in range(len(tasks))],
                    [math.nan if v is None else v for v in values], width, yerr=errors, capsize=3,
-                   color=_colour(i), label=name)
+                   color=series_colour(i), label=name)
         ax.set(title=metric, xticks=range(len(tasks)))
         ax.set_xticklabels(tasks, rotation=20, fontsize="small")
     axes[0].legend(fontsize="small")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_efficiency(results: list[Result], names: list[str]) -> bytes:
@@ -205,10 +205,10 @@ def plot_efficiency(results: list[Result], names: list[str]) -> bytes:
         shown_peak, shown_unit = display(peak, unit)  # one unit per chart, chosen by its largest bar
         factor = shown_peak / peak if peak else 1.0
         ax.bar(range(len(names)), [math.nan if v is None else v * factor for v in values],
-               color=[_colour(i) for i in range(len(names))])
+               color=[series_colour(i) for i in range(len(names))])
         ax.set(title=FIELDS.get(key, key), ylabel=shown_unit, xticks=range(len(names)))
         ax.set_xticklabels(names, rotation=20, fontsize="small")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def write_eval_report(paths: list[Path], out: Path) -> dict:
@@ -222,7 +222,7 @@ def write_eval_report(paths: list[Path], out: Path) -> dict:
     results = [load_result(Path(p)) for p in paths]
     names = column_names(results)
     lines, files = ["# Evaluation report", ""], {}
-    lines += [f"- {_cell(n)}: `{_cell(r.model)}` (from {_cell(str(r.path))})" for n, r in zip(names, results)]
+    lines += [f"- {escape_cell(n)}: `{escape_cell(r.model)}` (from {escape_cell(str(r.path))})" for n, r in zip(names, results)]
     for kind, markdown, plot in (("tasks", tasks_markdown, plot_tasks),
                                  ("efficiency", efficiency_markdown, plot_efficiency)):
         chosen = [(n, r) for n, r in zip(names, results) if r.kind == kind]

@@ -30,3 +30,14 @@ def masked_sparse_attention(q, k, v, window, stride, k_global=None, v_global=Non
         k, v = torch.cat([k_global, k], 2), torch.cat([v_global, v], 2)
     mask = sparse_mask(q.shape[2], window, stride, n_global, causal)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def assert_same_with_grads(out, ref, tensors, gen, tol: float = 1e-5) -> None:
+    """`out` equals `ref`, and so do their gradients w.r.t. `tensors` under one random upstream
+    gradient (fp32 tolerance)."""
+    upstream = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad((out * upstream).sum(), tensors)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), tensors)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)

@@ -7,7 +7,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from hybridlm.errors import UserError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -46,7 +48,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def read_json(path: Path, what: str) -> Any:
     """Parse a JSON file, turning a missing or corrupt file into a clear UserError."""
-    from hybridlm.errors import UserError
 
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -54,3 +55,16 @@ def read_json(path: Path, what: str) -> Any:
         raise UserError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{what} at {path} is not valid JSON ({exc}); recreate it") from None
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-empty line of a JSON Lines file, streamed; a line
+    that is not JSON is a UserError naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg}); fix or remove that line") from None

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hybridlm.model.attention import FLASH_BLOCK, blockwise_sparse_attention, fused_sparse_attention, sparse_causal_attention
 from hybridlm.model.sparse_flash import SparseFlashAttention
 from hybridlm.model.sparse_kernel_bf16 import SparseAttentionBF16, kernel_applies
-from reference import masked_sparse_attention, sparse_mask
+from reference import assert_same_with_grads, masked_sparse_attention, sparse_mask
 
 # Both kernel paths, and the dispatcher the model calls (which picks one by length).
 KERNELS = {"fused": fused_sparse_attention, "blockwise": blockwise_sparse_attention, "dispatch": sparse_causal_attention}
@@ -35,12 +35,7 @@ def _check(batch, heads, kv_heads, n, dim, window, stride, n_global, block, seed
     ref = masked_sparse_attention(
         q, expand(k), expand(v), window, stride, None if kg is None else expand(kg), None if vg is None else expand(vg)
     )
-    upstream = torch.randn(out.shape, generator=gen)
-    grads = torch.autograd.grad((out * upstream).sum(), tensors)
-    ref_grads = torch.autograd.grad((ref * upstream).sum(), tensors)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_same_with_grads(out, ref, tensors, gen)
 
 
 @pytest.mark.parametrize(

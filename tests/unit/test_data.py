@@ -68,7 +68,7 @@ def test_empty_file_is_refused(tmp_path):
 def test_malformed_jsonl_names_the_line(tmp_path):
     jl = tmp_path / "bad.jsonl"
     jl.write_text('{"text": "ok"}\n{broken\n')
-    with pytest.raises(UserError, match="bad.jsonl:2"):
+    with pytest.raises(UserError, match="bad.jsonl: line 2 is not valid JSON"):
         list(iter_documents(resolve_source(str(jl))))
 
 

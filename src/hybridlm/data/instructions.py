@@ -17,6 +17,7 @@ from typing import Iterator
 
 from hybridlm.data import stdlib_docs
 from hybridlm.errors import UserError
+from hybridlm.fileio import jsonl_records
 from hybridlm.tokenizer.chat import Message
 
 BUILTIN_QA = "stdlib-docs:qa"
@@ -47,12 +48,7 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
             raise UserError(f"{path} must hold a JSON array of records (or use .jsonl, one record per line)")
         yield from ((f"record {i + 1}", item) for i, item in enumerate(items))
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                yield f"line {number}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+    yield from ((f"line {number}", record) for number, record in jsonl_records(path))
 
 
 def _conversations(record: object, where: str) -> list[Conversation]:

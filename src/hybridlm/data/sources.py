@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Iterator
 
 from hybridlm.data import stdlib_docs
 from hybridlm.errors import UserError
-from hybridlm.fileio import sha256_file
+from hybridlm.fileio import jsonl_records, sha256_file
 
 BUILTIN = "stdlib-docs"
 DOC_SPLITS = ("paragraph", "line", "file")
@@ -117,15 +116,8 @@ def _text_documents(path: Path, doc_split: str) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number} is not valid JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise UserError(f"{path}:{number} has no string field {field!r}; pick the field with --field")
-            if record[field].strip():
-                yield record[field]
+    for number, record in jsonl_records(path):
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise UserError(f"{path}: line {number} has no string field {field!r}; pick the field with --field")
+        if record[field].strip():
+            yield record[field]

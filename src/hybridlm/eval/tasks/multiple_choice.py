@@ -10,12 +10,12 @@ lm-eval YAML with `doc_to_text: context`, `doc_to_choice: choices`, `doc_to_targ
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hybridlm.errors import UserError
+from hybridlm.fileio import jsonl_records
 from hybridlm.eval.tasks.base import (
     TARGET_DELIMITER,
     EvalOptions,
@@ -80,17 +80,10 @@ def prepare_mc(name: str, items: list[McItem], pool: list[McItem] | None, option
 def read_jsonl(path: Path) -> list[dict]:
     """JSON objects, one per non-empty line; a bad line is a UserError naming file and line."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}: line {number} is not a JSON object")
-            records.append(record)
+    for number, record in jsonl_records(path):
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: line {number} is not a JSON object")
+        records.append(record)
     return records
 
 

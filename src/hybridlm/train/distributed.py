@@ -57,7 +57,8 @@ def mean_across(value: float, world: World) -> float:
     """The mean of a float over ranks (a non-finite value anywhere makes the result non-finite)."""
     if world.size == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(t)
     return float(t) / world.size
 

@@ -414,6 +414,90 @@ bench.command("train")(_bench_command("train", "1024,4096", "train"))
 bench.command("generate")(_bench_command("generate", "1024,8192", "decode"))
 
 
+def _need_serve_extra() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"serving needs the serve extra ({exc.name} is missing): pip install 'hybridlm[serve]'") from None
+
+
+@app.command("serve", context_settings={"ignore_unknown_options": True})
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Run directory.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-keys", "keys_file", type=click.Path(path_type=Path), default=None,
+              help="File with one API key (or sha256:<hex>) per line; also read: HYBRIDLM_API_KEYS.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="Server TOML ([server], [limits], [safety], [audit]).")
+@click.argument("overrides", nargs=-1)
+def serve_cmd(model_dir: Path, host: str, port: int, keys_file: Path | None, config_path: Path | None,
+              overrides) -> None:
+    """OpenAI-compatible HTTP server for a run: /v1/completions, /v1/chat/completions, /v1/models,
+    /health, /metrics. Overrides: section.key=value (e.g. limits.requests_per_minute=30)."""
+    _need_serve_extra()
+    from hybridlm.serve.app import serve
+    from hybridlm.serve.auth import load_keys
+    from hybridlm.serve.config import load_serve_config
+
+    if not 0 <= port < 65536:
+        raise UserError(f"--port must be in 0..65535 (got {port})")
+    config = load_serve_config(config_path, list(overrides))
+    serve(model_dir, config, load_keys(keys_file), host, port)
+
+
+@app.group()
+def review() -> None:
+    """The human review queue of texts the safety filter flagged or blocked."""
+
+
+db_option = click.option("--db", type=click.Path(path_type=Path), default=Path("review.sqlite"), show_default=True,
+                         help="The review database (the server's safety.review_db).")
+
+
+@review.command("list")
+@db_option
+@click.option("--status", type=click.Choice(["open", "resolved", "all"]), default="open", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+def review_list_cmd(db: Path, status: str, limit: int, as_json: bool) -> None:
+    """Items waiting for review (or resolved, or all), oldest first."""
+    from hybridlm.serve.review import ReviewQueue, format_item
+
+    queue = ReviewQueue(db, create=False)
+    items = queue.list(None if status == "all" else status, limit)
+    text = "\n".join(format_item(i) for i in items) or f"no {'' if status == 'all' else status + ' '}items in {db}"
+    _emit({"db": str(db), "counts": queue.counts(), "items": [i.to_dict() for i in items]}, as_json, text)
+
+
+@review.command("show")
+@click.argument("item_id", metavar="ID", type=int)
+@db_option
+@json_option
+def review_show_cmd(item_id: int, db: Path, as_json: bool) -> None:
+    """One item in full."""
+    from hybridlm.serve.review import ReviewQueue, format_item
+
+    item = ReviewQueue(db, create=False).get(item_id)
+    _emit(item.to_dict(), as_json, format_item(item, full=True))
+
+
+@review.command("resolve")
+@click.argument("item_id", metavar="ID", type=int)
+@click.option("--decision", type=click.Choice(["allowed", "confirmed"]), required=True,
+              help="allowed: the text was fine; confirmed: the filter was right.")
+@click.option("--note", default="", help="Why (kept with the item).")
+@db_option
+@json_option
+def review_resolve_cmd(item_id: int, decision: str, note: str, db: Path, as_json: bool) -> None:
+    """Close an item with a decision."""
+    from hybridlm.serve.review import ReviewQueue, format_item
+
+    item = ReviewQueue(db, create=False).resolve(item_id, decision, note)
+    _emit(item.to_dict(), as_json, format_item(item, full=True))
+
+
 def main() -> None:
     """Entry point: map bad input to exit 2 and failures to exit 1, each with one line."""
     try:

@@ -55,3 +55,9 @@ def test_stream_stops_at_stop_string_and_never_leaks_it():
     assert "".join(pieces) == "hello world. "
     assert all("S" not in p for p in pieces)
     assert "".join(stream_text(tok, ids)) == "hello world. STOP here. more text"
+
+
+def test_a_subnormal_temperature_samples_the_argmax_instead_of_failing():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    params = SamplingParams(temperature=5e-324, seed=0)
+    assert choose_token(logits, params, torch.tensor([], dtype=torch.long), torch.Generator().manual_seed(0)) == 1

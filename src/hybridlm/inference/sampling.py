@@ -38,9 +38,11 @@ def choose_token(
     if params.repetition_penalty != 1.0 and seen_ids.numel():
         prior = logits_V[seen_ids]
         logits_V[seen_ids] = torch.where(prior > 0, prior / params.repetition_penalty, prior * params.repetition_penalty)
-    if params.temperature == 0:
+    if params.temperature < torch.finfo(torch.float32).smallest_normal:  # 0, or too small for float32
         return int(logits_V.argmax())
-    logits_V = logits_V / params.temperature
+    # Shift so the largest logit is 0 before dividing: a tiny temperature then sends the others to
+    # -inf (a one-hot softmax) instead of overflowing every logit to inf (NaN probabilities).
+    logits_V = (logits_V - logits_V.max()) / params.temperature
     if params.top_k:
         kth = torch.topk(logits_V, min(params.top_k, logits_V.numel())).values[-1]
         logits_V[logits_V < kth] = float("-inf")

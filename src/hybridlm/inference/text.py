@@ -2,34 +2,64 @@
 
 Text is released only once it can no longer turn into a stop string or an unfinished UTF-8
 character, so a streamed reply never shows text that the final reply would not contain.
+`TextStream` is the push form (the server feeds it tokens as they arrive from the batching
+engine); `stream_text` is the pull form over an iterable of ids (`hybridlm generate`).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from hybridlm.tokenizer import TextTokenizer
 
 
+class TextStream:
+    """Feed token ids one at a time; each push returns the text that is now safe to show."""
+
+    def __init__(self, tokenizer: TextTokenizer, stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.generated: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+        """True once a stop string appeared: later tokens add nothing."""
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.generated.append(token)
+        text = self.tokenizer.decode(self.generated)
+        hit = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            self.stopped = True
+            return self._release(text, hit)
+        return self._release(text, len(text) - _held_back(text, self.stop))
+
+    def flush(self) -> str:
+        """The held-back tail once generation has ended (nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.generated)
+        return self._release(text, len(text))
+
+    def _release(self, text: str, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        piece, self.emitted = text[self.emitted : upto], upto
+        return piece
+
+
 def stream_text(tokenizer: TextTokenizer, ids: Iterable[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
     """Yield text pieces of the decoded ids; end at (and drop) the first stop string."""
-    generated: list[int] = []
-    emitted = 0
+    stream = TextStream(tokenizer, stop)
     for token in ids:
-        generated.append(token)
-        text = tokenizer.decode(generated)
-        hit = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-        if hit >= 0:
-            if hit > emitted:
-                yield text[emitted:hit]
+        piece = stream.push(token)
+        if piece:
+            yield piece
+        if stream.stopped:
             return
-        safe = len(text) - _held_back(text, stop)
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    text = tokenizer.decode(generated)
-    if len(text) > emitted:
-        yield text[emitted:]
+    tail = stream.flush()
+    if tail:
+        yield tail
 
 
 def _held_back(text: str, stop: tuple[str, ...]) -> int:

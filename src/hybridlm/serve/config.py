@@ -1,0 +1,155 @@
+"""The server's settings: `hybridlm serve --config FILE.toml` plus `section.key=value` overrides.
+
+```toml
+[server]                      # batching, caps, request size
+max_batch = 16
+max_tokens_cap = 512
+[limits]                      # per API key; 0 turns a limit off
+requests_per_minute = 120
+tokens_per_minute = 100000
+[safety]
+review_db = "review.sqlite"
+[[safety.rules]]
+name = "internal-codename"
+action = "redact"             # block | redact | flag
+words = ["project falcon"]    # and/or patterns = ["regex", ...]
+applies_to = ["output"]       # default: both prompt and output
+[audit]
+log = "audit.jsonl"           # "-" is stderr
+include_text = false
+```
+
+Why one dataclass per section: each validates itself in `__post_init__` with a message that names
+the fix, and the field docstrings say what each key does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybridlm.errors import UserError
+from hybridlm.serve.safety import ACTIONS, DIRECTIONS, Rule
+from hybridlm.settings import apply_overrides, build, checked_kwargs, load_toml
+
+
+def _positive(section: str, **values: int) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise UserError(f"{section}.{name} must be > 0 (got {value})")
+
+
+@dataclass(kw_only=True)
+class ServerSettings:
+    model_name: str = ""
+    """The model id clients send and /v1/models lists; default: the run directory's name."""
+    max_batch: int = 16
+    """Sequences decoded together (continuous batching)."""
+    max_queue: int = 64
+    """Requests that may wait for a slot; beyond that the server answers 503."""
+    max_tokens_cap: int = 512
+    """The most new tokens one choice may ask for."""
+    max_n: int = 8
+    """The most choices one request may ask for."""
+    max_body_bytes: int = 1 << 20
+    """Larger request bodies are refused with 413 before they are read."""
+    dtype: str = "auto"
+    """Inference precision: auto, bf16 or fp32."""
+
+    def __post_init__(self) -> None:
+        _positive("server", max_batch=self.max_batch, max_queue=self.max_queue, max_tokens_cap=self.max_tokens_cap,
+                  max_n=self.max_n, max_body_bytes=self.max_body_bytes)
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise UserError(f"server.dtype must be auto, bf16 or fp32 (got {self.dtype!r})")
+
+
+@dataclass(kw_only=True)
+class LimitSettings:
+    requests_per_minute: int = 120
+    """Per API key; 0 = unlimited."""
+    tokens_per_minute: int = 100_000
+    """Per API key, counting prompt tokens + max_tokens x n; 0 = unlimited."""
+
+    def __post_init__(self) -> None:
+        if self.requests_per_minute < 0 or self.tokens_per_minute < 0:
+            raise UserError("limits.requests_per_minute and limits.tokens_per_minute must be >= 0 (0 = unlimited)")
+
+
+@dataclass(kw_only=True)
+class SafetySettings:
+    enabled: bool = True
+    """Run the filter chain on prompts and output."""
+    builtin_rules: bool = True
+    """Include the built-in rules (hybridlm.serve.safety.DEFAULT_RULES)."""
+    hold_chars: int = 48
+    """Streamed output waits this many characters so a match split across tokens is caught."""
+    classifier: str = ""
+    """Optional `module:function` called as function(text, direction) -> score in [0, 1]."""
+    classifier_threshold: float = 0.5
+    classifier_action: str = "flag"
+    """block or flag."""
+    review_db: str = "review.sqlite"
+    """SQLite file of the review queue (flagged and blocked items)."""
+    rules: list[Rule] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.hold_chars < 0:
+            raise UserError(f"safety.hold_chars must be >= 0 (got {self.hold_chars})")
+        if self.classifier_action not in ("block", "flag"):
+            raise UserError(f"safety.classifier_action must be block or flag (got {self.classifier_action!r})")
+
+
+@dataclass(kw_only=True)
+class AuditSettings:
+    log: str = "-"
+    """Where audit lines go: a file (appended) or "-" for stderr."""
+    include_text: bool = False
+    """Also log prompt and reply text (off by default: the log then holds no user text)."""
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    safety: SafetySettings = field(default_factory=SafetySettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+
+
+_RULE_LISTS = ("patterns", "words", "applies_to")
+
+
+def _rule(doc: object, index: int) -> Rule:
+    where = f"safety.rules[{index}]"
+    if not isinstance(doc, dict):
+        raise UserError(f"{where} must be a table ([[safety.rules]] with name, action, patterns/words)")
+    for key in _RULE_LISTS:
+        value = doc.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{where}.{key} must be a list of strings (got {value!r})")
+    values = {k: tuple(v) if k in _RULE_LISTS else v for k, v in doc.items()}
+    if "name" not in values or "action" not in values:
+        raise UserError(f"{where} needs a name and an action ({', '.join(ACTIONS)}); applies_to: {', '.join(DIRECTIONS)}")
+    return Rule(**checked_kwargs(Rule, values, where, {k: tuple for k in _RULE_LISTS}))
+
+
+def load_serve_config(path: Path | None, overrides: list[str] | None = None) -> ServeConfig:
+    """Read the TOML file (if any), apply overrides, validate every section."""
+    doc = apply_overrides(load_toml(path) if path else {}, list(overrides or []))
+    sections = {"server": ServerSettings, "limits": LimitSettings, "safety": SafetySettings, "audit": AuditSettings}
+    unknown = sorted(set(doc) - set(sections))
+    if unknown:
+        raise UserError(f"unknown config section(s) {', '.join(unknown)}; known: {', '.join(sections)}")
+    for name, value in doc.items():
+        if not isinstance(value, dict):
+            raise UserError(f"{name} must be a table ([{name}]) in the serve config")
+    safety = dict(doc.get("safety", {}))
+    rules = safety.pop("rules", [])
+    if not isinstance(rules, list):
+        raise UserError("safety.rules must be an array of tables ([[safety.rules]])")
+    return ServeConfig(
+        server=build(ServerSettings, doc.get("server", {}), "server"),
+        limits=build(LimitSettings, doc.get("limits", {}), "limits"),
+        safety=SafetySettings(**checked_kwargs(SafetySettings, safety, "safety", {"rules": list}) | {
+            "rules": [_rule(r, i) for i, r in enumerate(rules)]}),
+        audit=build(AuditSettings, doc.get("audit", {}), "audit"),
+    )

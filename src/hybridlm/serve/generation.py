@@ -1,0 +1,219 @@
+"""One generation request from validated body to choices: the checks that need the running server,
+the safety filter on the way in and out, rate-limit token accounting, and the bookkeeping that
+metrics, the audit log and the review queue read.
+
+Why apart from routes.py: the same steps serve completions and chat, streamed or not; the routes
+only shape the result. Nothing here blocks the event loop: tokenizing runs in a worker thread,
+generation runs in the Service's engine thread, review writes go to a one-thread executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from hybridlm.errors import UserError
+from hybridlm.serve.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
+from hybridlm.serve.service import GenerationRequest, PromptTooLong, QueueFull
+
+if TYPE_CHECKING:
+    from hybridlm.serve.monitoring import RequestRecord
+    from hybridlm.serve.service import Chunk
+    from hybridlm.serve.state import ServerState
+
+
+@dataclass
+class Job:
+    """A request admitted for generation."""
+
+    kind: str  # "completion" | "chat"
+    id: str
+    created: int
+    model: str
+    key_id: str
+    gen: GenerationRequest
+    stream: bool
+    include_usage: bool
+    record: RequestRecord
+    reserved: int
+    completion_tokens: int = 0
+    first_chunk_at: float | None = None
+    finished: bool = False
+    texts: dict[int, str] | None = None
+    """The text sent per choice, kept only when the audit log records text."""
+
+
+@dataclass
+class Piece:
+    """Text for one choice, ready to send; `finish` is set on the choice's last piece."""
+
+    index: int
+    text: str
+    finish: str | None = None
+
+
+@dataclass
+class Result:
+    texts: dict[int, str] = field(default_factory=dict)
+    finish: dict[int, str] = field(default_factory=dict)
+
+
+def _check_common(state: ServerState, body: SamplingFields) -> None:
+    if body.model != state.model_name:
+        raise ApiError(404, f"model {body.model!r} is not served here; this server serves {state.model_name!r} "
+                       "(see GET /v1/models)", param="model", code="model_not_found")
+    max_n = min(state.config.server.max_n, state.config.server.max_batch)
+    if body.n > max_n:
+        raise ApiError(400, f"n is {body.n} but this server allows at most {max_n}", param="n")
+
+
+def _check_cap(state: ServerState, asked: int | None) -> None:
+    cap = state.service.max_tokens_cap
+    if asked is not None and asked > cap:
+        raise ApiError(400, f"max_tokens is {asked} but this server allows at most {cap}", param="max_tokens")
+
+
+def _default_max_tokens(state: ServerState, chat: bool, prompt_len: int) -> int:
+    """OpenAI's defaults: 16 for completions; for chat, as much as the cap and the context allow."""
+    cap = state.service.max_tokens_cap
+    return min(16, cap) if not chat else max(1, min(cap, state.service.context - prompt_len))
+
+
+async def _screen(state: ServerState, texts: list[str], record: RequestRecord, param: str) -> list[str]:
+    """The prompt filter: redacted texts, or a 400 when a block rule fires (and review items)."""
+    if state.safety is None:
+        return texts
+    started = time.perf_counter()
+    out, blocked = [], None
+    for text in texts:
+        verdict = state.safety.check(text, "prompt") if state.safety.fast else \
+            await asyncio.to_thread(state.safety.check, text, "prompt")
+        state.note_hits(verdict.hits, "prompt", text, record)
+        blocked = blocked or next((h for h in verdict.hits if h.action == "block"), None)
+        out.append(verdict.text)
+    record.safety_s += time.perf_counter() - started
+    if blocked is not None:
+        raise ApiError(400, f"the prompt was blocked by the safety filter (rule {blocked.rule!r}); rephrase it",
+                       param=param, code="content_filter")
+    return out
+
+
+async def admit(state: ServerState, body: CompletionRequest | ChatCompletionRequest, record: RequestRecord,
+                key_id: str) -> Job:
+    """Every check that can refuse the request, in the order a client would want to hear about them."""
+    _check_common(state, body)
+    chat = isinstance(body, ChatCompletionRequest)
+    asked = body.requested_max_tokens() if chat else body.max_tokens
+    record.stream, record.n, record.max_tokens = body.stream, body.n, asked
+    _check_cap(state, asked)
+    if chat:
+        contents = await _screen(state, [m.text() for m in body.messages], record, "messages")
+        messages = [{"role": m.role, "content": c} for m, c in zip(body.messages, contents)]
+        record.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+        prompt_ids = await _encode(asyncio.to_thread(state.service.encode_chat, messages))
+    else:
+        (prompt,) = await _screen(state, [body.prompt_text()], record, "prompt")
+        record.prompt_text = prompt
+        prompt_ids = await _encode(asyncio.to_thread(state.service.encode_prompt, prompt))
+    record.prompt_tokens = len(prompt_ids)
+    if len(prompt_ids) >= state.service.context:
+        raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens but the context is {state.service.context}; "
+                       "shorten it", param="messages" if chat else "prompt", code="context_length_exceeded")
+    max_tokens = asked if asked is not None else _default_max_tokens(state, chat, len(prompt_ids))
+    gen = GenerationRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=body.temperature,
+                            top_p=body.top_p, stop=body.stop_list(), seed=body.seed, n=body.n)
+    reserved = len(prompt_ids) + max_tokens * body.n
+    state.charge_tokens(key_id, reserved)
+    return Job(kind="chat" if chat else "completion", id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+               created=int(time.time()), model=state.model_name, key_id=key_id, gen=gen, stream=body.stream,
+               include_usage=body.include_usage(), record=record, reserved=reserved)
+
+
+async def _encode(call) -> list[int]:
+    try:
+        return await call
+    except UserError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+async def open_stream(state: ServerState, job: Job) -> tuple[AsyncIterator[Chunk], Chunk | None]:
+    """Start generation; the Service raises for a full queue or a bad request before its first chunk."""
+    stream = state.service.stream(job.gen)
+    try:
+        first = await stream.__anext__()
+    except StopAsyncIteration:
+        return stream, None
+    except QueueFull as exc:
+        state.refund(job, all_of_it=True)
+        raise ApiError(503, str(exc) or "the server is busy; retry later", type="server_error",
+                       code="queue_full", headers={"Retry-After": "1"}) from None
+    except PromptTooLong as exc:
+        state.refund(job, all_of_it=True)
+        raise ApiError(400, str(exc), param="prompt", code="context_length_exceeded") from None
+    except UserError as exc:
+        state.refund(job, all_of_it=True)
+        raise ApiError(400, str(exc)) from None
+    return stream, first
+
+
+async def pieces(state: ServerState, job: Job, stream: AsyncIterator[Chunk], first: Chunk | None) -> AsyncIterator[Piece]:
+    """The choices' text through the output filter. A choice that a block rule stops ends with
+    finish "content_filter"; the stream is closed as soon as every choice has ended."""
+    guards = {i: state.safety.guard() for i in range(job.gen.n)} if state.safety else {}
+    ended: set[int] = set()
+    chunk = first
+    if state.audit.with_text:
+        job.texts = {i: "" for i in range(job.gen.n)}
+    while chunk is not None and len(ended) < job.gen.n:
+        if chunk.index not in ended:
+            piece = _filter_chunk(state, job, chunk, guards.get(chunk.index))
+            if piece.finish is not None:
+                ended.add(piece.index)
+            if job.texts is not None:
+                job.texts[piece.index] += piece.text
+            if piece.text or piece.finish:
+                yield piece
+        chunk = await anext(stream, None) if len(ended) < job.gen.n else None
+
+
+def _filter_chunk(state: ServerState, job: Job, chunk: Chunk, guard) -> Piece:
+    job.completion_tokens += len(chunk.token_ids)
+    if job.first_chunk_at is None:
+        job.first_chunk_at = time.perf_counter()
+        job.record.first_token()
+    if guard is None:
+        return Piece(chunk.index, chunk.text, chunk.finish_reason)
+    started = time.perf_counter()
+    text = guard.feed(chunk.text)
+    finish = "content_filter" if guard.blocked else chunk.finish_reason
+    if chunk.finish_reason is not None and not guard.blocked:
+        text += guard.finish()
+        finish = "content_filter" if guard.blocked else chunk.finish_reason
+    job.record.safety_s += time.perf_counter() - started
+    if guard.new_hits:
+        state.note_hits(guard.new_hits, "output", guard.raw, job.record)
+        guard.new_hits = []
+    return Piece(chunk.index, text, finish)
+
+
+async def collect(state: ServerState, job: Job, stream: AsyncIterator[Chunk], first: Chunk | None) -> Result:
+    """A non-streamed reply: every choice's whole text and finish reason."""
+    result = Result({i: "" for i in range(job.gen.n)}, {})
+    try:
+        async for piece in pieces(state, job, stream, first):
+            result.texts[piece.index] += piece.text
+            if piece.finish:
+                result.finish[piece.index] = piece.finish
+    finally:
+        await stream.aclose()
+        state.finish(job, result.finish)
+    return result

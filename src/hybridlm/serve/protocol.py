@@ -1,0 +1,174 @@
+"""The wire format: OpenAI-shaped request, response and error models (pydantic).
+
+Why OpenAI's shapes: users already have clients, SDKs and tools that speak them, so the server is
+useful the moment it starts. Requests are validated strictly (a string is not a number) and unknown
+fields are ignored, as OpenAI's own server does, so newer clients keep working. Limits that depend
+on the running server (the token cap, the context) are checked in the routes, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+StopList = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "content_filter"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    """Send one more chunk before `[DONE]` with the request's token counts."""
+
+
+class SamplingFields(_Request):
+    """Parameters both endpoints share."""
+
+    model: str = Field(min_length=1, max_length=256)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding; tiny values are greedy in effect.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128, description="Choices per prompt (at most the server's max_n).")
+    stop: str | StopList | None = Field(None, description="Up to 4 strings; the reply ends before the first one.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="The text to continue (a list holds exactly one prompt).")
+    max_tokens: int | None = Field(None, ge=1, description="New tokens per choice (default 16; at most the server's cap).")
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Role
+    content: str | list[TextPart]
+    name: str | None = Field(None, max_length=64)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, description="New tokens per choice; default: the cap, or what fits.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="The newer name for max_tokens.")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "hybridlm"
+    context_length: int
+    max_tokens: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ApiError(Exception):
+    """Any request the server refuses: becomes `{"error": {...}}` with `status`, never a traceback."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param,
+                                             code=self.code)).model_dump()
+
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": what} for status, what in {
+        400: "Invalid request (bad parameters, prompt too long, blocked by the safety filter)",
+        401: "Missing or unknown API key",
+        404: "Unknown model",
+        413: "Request body too large",
+        429: "Rate limit reached (see Retry-After)",
+        503: "Queue full; retry later",
+    }.items()
+}

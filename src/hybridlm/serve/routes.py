@@ -1,0 +1,180 @@
+"""The HTTP routes: thin functions that authenticate, hand the body to generation.py, and shape the
+result as OpenAI's JSON or server-sent events.
+
+Streams end with `data: [DONE]`. A choice stopped by an output block rule ends with finish_reason
+"content_filter" (the text before the match has been sent, nothing after it); an error after the
+stream started arrives as one `data: {"error": {...}}` event before `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from hybridlm.serve.generation import Job, admit, collect, open_stream, pieces
+from hybridlm.serve.protocol import (
+    ERROR_RESPONSES,
+    ApiError,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from hybridlm.serve.sse import (
+    ClientGone,
+    EventStream,
+    event,
+    unless_gone,
+    watch_disconnect,
+)
+from hybridlm.serve.state import ServerState, rate_limited
+
+router = APIRouter()
+bearer = HTTPBearer(auto_error=False, description="An API key from the server's key file or HYBRIDLM_API_KEYS.")
+_STREAM_DOC = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                     "description": "JSON, or server-sent events when stream is true"}}
+
+
+def server(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def api_key(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+    """The caller's key id (401 without a valid key), after its request budget is charged (429)."""
+    state = server(request)
+    key_id = "anonymous"
+    if state.keys.enabled:
+        key_id = state.keys.identify(credentials.credentials if credentials else None) or ""
+        if not key_id:
+            raise ApiError(401, "missing or unknown API key; send it as 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+    request.state.record.key_id = key_id
+    limited = state.limiter.take_request(key_id)
+    if limited is not None:
+        raise rate_limited(limited)
+    return key_id
+
+
+KeyId = Annotated[str, Depends(api_key)]
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    state = server(request)
+    return {"status": "ok", "model": state.model_name, **state.service.stats()}
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(request: Request) -> Response:
+    state = server(request)
+    return Response(state.metrics.scrape(state.service.stats()), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+async def models(request: Request, key_id: KeyId) -> ModelList:
+    state = server(request)
+    return ModelList(data=[ModelCard(id=state.model_name, created=int(time.time()), context_length=state.service.context,
+                                     max_tokens=state.service.max_tokens_cap)])
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses={**ERROR_RESPONSES, **_STREAM_DOC})
+async def completions(body: CompletionRequest, request: Request, key_id: KeyId) -> Response:
+    return await _generate(request, body, key_id)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses={**ERROR_RESPONSES, **_STREAM_DOC})
+async def chat_completions(body: ChatCompletionRequest, request: Request, key_id: KeyId) -> Response:
+    return await _generate(request, body, key_id)
+
+
+async def _generate(request: Request, body: CompletionRequest | ChatCompletionRequest, key_id: str) -> Response:
+    """Admit, start, then answer: one JSON document, or events until [DONE]. A client that leaves
+    at any point cancels the generation (its batch slots are freed at once)."""
+    state, record = server(request), request.state.record
+    job = await admit(state, body, record, key_id)
+    watch = watch_disconnect(request.receive)
+    try:
+        stream, first = await unless_gone(open_stream(state, job), watch)
+        if job.stream:
+            async def close() -> None:  # also when the body never started (the client left at once)
+                await stream.aclose()
+                state.finish(job, {})
+
+            return EventStream(_events(state, job, stream, first), watch, on_close=close)
+        result = await unless_gone(collect(state, job, stream, first), watch)
+    except ClientGone:
+        record.error_code = "client_disconnected"
+        state.finish(job, {})
+        return Response(status_code=499)
+    except BaseException:
+        watch.cancel()
+        raise
+    watch.cancel()
+    usage = _usage(job)
+    if job.kind == "chat":
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=result.finish.get(i))
+                   for i, t in result.texts.items()]
+        doc = ChatCompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices, usage=usage)
+    else:
+        choices = [CompletionChoice(index=i, text=t, finish_reason=result.finish.get(i)) for i, t in result.texts.items()]
+        doc = CompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices, usage=usage)
+    return JSONResponse(doc.model_dump())
+
+
+def _usage(job: Job) -> Usage:
+    prompt = job.record.prompt_tokens
+    return Usage(prompt_tokens=prompt, completion_tokens=job.completion_tokens,
+                 total_tokens=prompt + job.completion_tokens)
+
+
+async def _events(state: ServerState, job: Job, stream, first) -> AsyncIterator[bytes]:
+    """The SSE body. Its `finally` runs on success, error and disconnect alike."""
+    finish: dict[int, str] = {}
+    try:
+        if job.kind == "chat":
+            yield event(_frame(job, [_choice(job, i, "", role=True) for i in range(job.gen.n)]))
+        async for piece in pieces(state, job, stream, first):
+            if piece.finish:
+                finish[piece.index] = piece.finish
+            yield event(_frame(job, [_choice(job, piece.index, piece.text, piece.finish)]))
+        if job.include_usage:
+            yield event(_frame(job, [], _usage(job)))
+        yield event("[DONE]")
+    except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, keep the server up
+        error = exc if isinstance(exc, ApiError) else ApiError(500, f"generation failed ({type(exc).__name__})",
+                                                               type="server_error", code="internal_error")
+        job.record.error_code = error.code
+        yield event(error.body())
+        yield event("[DONE]")
+    finally:
+        await stream.aclose()
+        state.finish(job, finish)
+
+
+def _frame(job: Job, choices: list[dict], usage: Usage | None = None) -> dict:
+    """One streamed chunk in OpenAI's shape (`chat.completion.chunk` or `text_completion`)."""
+    kind = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+    doc = {"id": job.id, "object": kind, "created": job.created, "model": job.model, "choices": choices}
+    if usage is not None:
+        doc["usage"] = usage.model_dump()
+    return doc
+
+
+def _choice(job: Job, index: int, text: str, finish: str | None = None, role: bool = False) -> dict:
+    if job.kind != "chat":
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+    delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}

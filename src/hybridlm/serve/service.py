@@ -1,0 +1,155 @@
+"""The service layer: text <-> token ids <-> the batching engine, for the HTTP routes to call.
+
+It knows the run (model id, context, tokenizer, how prompts are framed) and turns the engine's
+token events into text chunks per choice, honouring stop strings and holding back unfinished
+UTF-8 (inference/text.py). It knows nothing of HTTP: errors are exceptions (QueueFull -> 503,
+UserError / PromptTooLong -> 400) that the routes map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybridlm.device import default_device, resolve_dtype
+from hybridlm.errors import UserError
+from hybridlm.inference.sampling import SamplingParams
+from hybridlm.inference.text import TextStream
+from hybridlm.run import load_run
+from hybridlm.serve.engine import Engine, PromptTooLong, QueueFull, TokenEvent
+from hybridlm.tokenizer import TextTokenizer
+from hybridlm.tokenizer.chat import Message, render_chat
+
+__all__ = ["Chunk", "GenerationRequest", "PromptTooLong", "QueueFull", "Service"]
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    """Choice i samples from seed + i (so choice 0 repeats a single-choice request)."""
+    n: int = 1
+
+
+@dataclass
+class Chunk:
+    index: int
+    """Choice index (0..n-1)."""
+    text: str
+    """New text; "" when only the finish is being reported."""
+    token_ids: list[int]
+    """Every token generated since the previous chunk of this choice (a final eos included), so
+    their lengths add up to the completion's token count."""
+    finish_reason: str | None
+    """None while running, then "stop" (eos / end of turn, or a stop string) or "length"."""
+
+
+class _Choice:
+    """Per-choice text state: tokens not yet reported, and the stop-string-aware decoder."""
+
+    def __init__(self, index: int, tokenizer: TextTokenizer, stop: tuple[str, ...]) -> None:
+        self.index, self.text = index, TextStream(tokenizer, stop)
+        self.pending: list[int] = []
+        self.done = False
+
+    def take(self, event: TokenEvent) -> Chunk | None:
+        """The chunk this token completes, or None while its text is held back."""
+        if self.done:  # tokens the engine produced after a stop string
+            return None
+        self.pending.append(event.token)
+        piece = self.text.push(event.token)
+        finish = "stop" if self.text.stopped else event.finish
+        if finish is not None and not self.text.stopped:
+            piece += self.text.flush()
+        if not piece and finish is None:
+            return None
+        chunk, self.pending = Chunk(self.index, piece, self.pending, finish), []
+        self.done = finish is not None
+        return chunk
+
+
+class Service:
+    """One loaded run behind a continuous-batching engine."""
+
+    def __init__(self, run_dir: Path, *, max_batch: int = 16, max_queue: int = 64, max_tokens_cap: int = 512,
+                 dtype: str = "auto") -> None:
+        if dtype not in ("auto", "fp32", "bf16"):
+            raise UserError(f"dtype must be auto, fp32 or bf16 (got {dtype!r})")
+        device = default_device()
+        run = load_run(Path(run_dir), resolve_dtype(dtype, device))
+        model = run.model.to(device)
+        self.tokenizer = run.tokenizer
+        self.model_id: str = run.path.name
+        self.context: int = model.cfg.max_seq_len
+        self.max_tokens_cap = max_tokens_cap
+        # Completions end at eos (the document boundary of pre-training), chat replies at <|end|>
+        # (the end of an assistant turn in instruction tuning): either one ends a choice.
+        self._stop_ids = frozenset({self.tokenizer.eos_id, self.tokenizer.special_ids["end"]})
+        self._engine = Engine(model, max_batch=max_batch, max_queue=max_queue, max_tokens_cap=max_tokens_cap)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A completions prompt starts after eos: training documents are separated by eos
+        (data/prepare.py), so that is where the model saw text begin."""
+        return [self.tokenizer.eos_id, *self.tokenizer.encode(text)]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The chat template of instruction tuning, ending with the assistant marker."""
+        if not messages:
+            raise UserError("messages is empty; give at least one message")
+        parsed = []
+        for message in messages:
+            if not isinstance(message.get("content"), str) or not isinstance(message.get("role"), str):
+                raise UserError("each message needs a string role and a string content")
+            parsed.append(Message(message["role"], message["content"]))
+        return render_chat(self.tokenizer, parsed, add_generation_prompt=True)[0]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    async def start(self) -> None:
+        self._engine.start()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._engine.close)
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Chunks of all n choices, interleaved as they are produced. Bad input and a full queue
+        raise before the first chunk; leaving the loop early (aclose, a cancelled task) cancels
+        the request and frees its batch slots."""
+        request = self._engine.submit(req.prompt_ids, self._params(req), self._stop_ids)
+        choices = [_Choice(i, self.tokenizer, tuple(req.stop)) for i in range(req.n)]
+        try:
+            running = req.n
+            while running:
+                event = await request.next_event()
+                chunk = choices[event.index].take(event)
+                if chunk is None:
+                    continue
+                if chunk.finish_reason is not None:
+                    running -= 1
+                    if not event.finish:  # a stop string ended it: the engine would go on
+                        request.cancel(chunk.index)
+                yield chunk
+        finally:
+            request.cancel()
+
+    def stats(self) -> dict:
+        """{"queue_depth", "active_sequences", "batch_size" (of the last decode step), "tokens_generated"}."""
+        return self._engine.stats()
+
+    def _params(self, req: GenerationRequest) -> list[SamplingParams]:
+        if req.n < 1:
+            raise UserError(f"n must be >= 1 (got {req.n})")
+        if req.max_tokens <= 0:
+            raise UserError(f"max_tokens must be > 0 (got {req.max_tokens})")
+        return [
+            SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                           seed=None if req.seed is None else req.seed + i, stop=tuple(req.stop))
+            for i in range(req.n)
+        ]

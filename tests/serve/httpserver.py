@@ -1,26 +1,29 @@
-"""Helpers for the HTTP tests: a real uvicorn server on a free 127.0.0.1 port in a thread, and a
-scripted stand-in for the Service where a test needs exact control (a full queue, slow chunks,
-known output text)."""
+"""Helpers for the HTTP tests: a real uvicorn server on a free 127.0.0.1 port in a thread, serving
+a real Service on a run directory, and raw-socket clients that decide exactly when they leave."""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlparse
 
 import uvicorn
 
 from hybridlm.serve.app import create_app
 from hybridlm.serve.auth import KeyStore, hash_key
 from hybridlm.serve.config import load_serve_config
-from hybridlm.serve.service import Chunk, GenerationRequest, QueueFull
+from hybridlm.serve.service import Service
 
 KEY = "sk-test-3f9a1c"
 OTHER_KEY = "sk-other-77d0"
+NO_LIMITS = ("limits.requests_per_minute=0", "limits.tokens_per_minute=0")
 
 
 def keys(*plain: str) -> KeyStore:
@@ -63,56 +66,80 @@ def serving(service, tmp: Path, *overrides: str, api_keys: KeyStore | None = Non
         yield url
 
 
-class ScriptedService:
-    """The Service contract with scripted output: every choice yields `pieces` (up to max_tokens),
-    `delay` seconds apart, one token per piece; counts open streams like the engine's slots."""
-
-    model_id = "scripted"
-    context = 64
-    max_tokens_cap = 32
-
-    def __init__(self, pieces: list[str], delay: float = 0.0, fail: Exception | None = None) -> None:
-        self.pieces, self.delay, self.fail = pieces, delay, fail
-        self.active = 0
-        self.closed = 0
-        self.generated = 0
-        self.requests: list[GenerationRequest] = []
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return [0, *(ord(c) % 50 + 1 for c in text)]
-
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return [0, *(ord(c) % 50 + 1 for m in messages for c in m["role"] + m["content"])]
-
-    def count_tokens(self, text: str) -> int:
-        return len(text)
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
-        self.requests.append(req)
-        if self.fail is not None:
-            raise self.fail
-        self.active += req.n
-        try:
-            steps = self.pieces[: req.max_tokens]
-            for step, piece in enumerate(steps):
-                await asyncio.sleep(self.delay)
-                for index in range(req.n):
-                    self.generated += 1
-                    yield Chunk(index, piece, [step], "length" if step == len(steps) - 1 else None)
-        finally:
-            self.active -= req.n
-            self.closed += 1
-
-    def stats(self) -> dict:
-        return {"queue_depth": 0, "active_sequences": self.active, "batch_size": self.active,
-                "tokens_generated": self.generated}
+@contextmanager
+def serving_run(run_dir: Path, tmp: Path, *overrides: str, api_keys: KeyStore | None = None) -> Iterator[SimpleNamespace]:
+    """A real Service on `run_dir`, built from the config's [server] section as `hybridlm serve`
+    builds it (fp32 unless overridden), behind the app; yields (url, model, service, tmp)."""
+    cfg = config(tmp, "server.dtype=\"fp32\"", *overrides)
+    server = cfg.server
+    service = Service(run_dir, max_batch=server.max_batch, max_queue=server.max_queue,
+                      max_tokens_cap=server.max_tokens_cap, dtype=server.dtype)
+    with running(create_app(service, cfg, api_keys if api_keys is not None else keys(KEY, OTHER_KEY))) as url:
+        yield SimpleNamespace(url=url, model=service.model_id, service=service, tmp=tmp)
 
 
-def queue_full() -> ScriptedService:
-    return ScriptedService(["x"], fail=QueueFull("the server is busy (64 requests waiting); retry later"))
+def rules(*specs: dict) -> str:
+    """A `safety.rules=[...]` override from rule tables (strings quoted as TOML basic strings)."""
+    def value(v) -> str:
+        return "true" if v is True else "false" if v is False else json.dumps(v)
+    return "safety.rules=[" + ", ".join("{" + ", ".join(f"{k} = {value(v)}" for k, v in spec.items()) + "}"
+                                        for spec in specs) + "]"
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/health", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "the condition") -> float:
+    """Poll until `condition()` holds; returns the seconds it took (fails after `timeout`)."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"{what} did not happen within {timeout} s"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def send(url: str, body: dict, path: str = "/v1/completions", key: str = KEY) -> socket.socket:
+    """POST `body` over a raw socket and return it unread: the test decides when the client reads or
+    leaves (closing the socket is a disconnect). The server closes it after the response."""
+    parts = urlparse(url)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                 f"Authorization: Bearer {key}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def first_event(sock: socket.socket) -> bytes:
+    """Read a streamed response until its first `data:` event has arrived; returns what was read."""
+    received = b""
+    while b"data: " not in received:
+        more = sock.recv(4096)
+        assert more, f"the connection closed before the first event: {received[:300]!r}"
+        received += more
+    assert received.startswith(b"HTTP/1.1 200"), received[:300]
+    return received
+
+
+def response(sock: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of a (non-streamed) response, read to the end; closes the socket."""
+    received = b""
+    while more := sock.recv(65536):
+        received += more
+    sock.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+@contextmanager
+def holding_the_slot(url: str, model: str, max_tokens: int) -> Iterator[None]:
+    """A long greedy stream that is running (its first event arrived) until the block ends, when
+    its client disconnects. On a server with max_batch=1 it keeps every other request waiting."""
+    sock = send(url, {"model": model, "prompt": "Paragraph 1", "max_tokens": max_tokens, "temperature": 0,
+                      "stream": True})
+    try:
+        first_event(sock)
+        yield
+    finally:
+        sock.close()

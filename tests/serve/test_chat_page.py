@@ -1,8 +1,8 @@
 """The chat page at / in headless Chromium (playwright driving the system chromium), against the live
 server on 127.0.0.1 with the tiny trained run: the API key field and the model picker, a streamed
 reply that grows chunk by chunk and equals the API's greedy reply, errors shown inline (400, 401,
-429, 503), Stop closing the stream (the server frees the slot), and no request leaving 127.0.0.1.
-Each test saves a screenshot in its tmp dir.
+429, and 503 while a long chatty_run reply holds the only slot), Stop closing a long stream (the
+server frees the slot), and no request leaving 127.0.0.1. Each test saves a screenshot in its tmp dir.
 
 Why not skipped when Chromium is missing: the page is a deliverable like the API, so a machine
 without a browser fails here with what to install (scripts/test installs it where it can)."""
@@ -12,17 +12,25 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from urllib.parse import urlparse
 
 import openai
 import pytest
-from httpserver import KEY, ScriptedService, queue_full, serving
+from httpserver import (
+    KEY,
+    NO_LIMITS,
+    health,
+    holding_the_slot,
+    send,
+    serving_run,
+    wait_until,
+)
 
 CAP = 32
+LONG = 4000
+"""max_tokens of a chatty_run reply that outlasts a test (seconds of decoding); the tests end it early."""
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -49,12 +57,9 @@ def browser():
 
 @pytest.fixture(scope="module")
 def live(tiny_run, tmp_path_factory):
-    from hybridlm.serve.service import Service
-
-    tmp = tmp_path_factory.mktemp("chat_page")
-    service = Service(tiny_run, max_batch=4, max_queue=8, max_tokens_cap=CAP, dtype="fp32")
-    with serving(service, tmp, "limits.requests_per_minute=0", "limits.tokens_per_minute=0") as url:
-        yield SimpleNamespace(url=url, model=service.model_id)
+    with serving_run(tiny_run, tmp_path_factory.mktemp("chat_page"), "server.max_batch=4", "server.max_queue=8",
+                     f"server.max_tokens_cap={CAP}", *NO_LIMITS) as live:
+        yield live
 
 
 @pytest.fixture
@@ -148,39 +153,48 @@ def test_errors_are_shown_inline(live, page):
     assert page.get_by_label("Message").input_value() == "Hello?"  # given back for another try
 
 
-@pytest.mark.parametrize("name, overrides, service, status", [
-    ("rate limited", ("limits.requests_per_minute=1",), lambda: ScriptedService(["hi"]), "429"),
-    ("queue full", (), queue_full, "503"),
-])
-def test_refusals_under_load_are_shown_inline(page, tmp_path, name, overrides, service, status):
-    with serving(service(), tmp_path, *overrides) as url:  # the page's model list takes the one request
-        page.goto(url + "/")
-        page.get_by_label("API key").fill(KEY)
-        page.get_by_label("API key").press("Tab")
-        page.wait_for_function("() => document.getElementById('model').value === 'scripted'")
-        ask(page, "Hello?")
-        error = page.locator("#messages [role=alert] .text").last.inner_text()
-        assert error.startswith(status) and re.search(r"retry (in|after) \d+ s", error), error
+def refusal_shown(page, live, status: str) -> None:
+    """Open the page on `live`, pick its model with the key, ask, and find the refusal inline."""
+    page.goto(live.url + "/")
+    page.get_by_label("API key").fill(KEY)
+    page.get_by_label("API key").press("Tab")
+    page.wait_for_function(f"() => document.getElementById('model').value === {live.model!r}")
+    ask(page, "Hello?")
+    error = page.locator("#messages [role=alert] .text").last.inner_text()
+    assert error.startswith(status) and re.search(r"retry (in|after) \d+ s", error), error
+    assert page.get_by_label("Message").input_value() == "Hello?"  # given back for another try
 
 
-def test_stop_ends_the_reply_and_frees_the_slot(page, tmp_path):
-    service = ScriptedService(["word "] * 40, delay=0.05)
-    with serving(service, tmp_path, "safety.enabled=false") as url:
-        page.goto(url + "/")
+def test_a_rate_limit_is_shown_inline(tiny_run, page, tmp_path):
+    with serving_run(tiny_run, tmp_path, "limits.requests_per_minute=1") as live:  # the model list takes it
+        refusal_shown(page, live, "429")
+
+
+def test_a_full_queue_is_shown_inline(chatty_run, page, tmp_path):
+    with serving_run(chatty_run, tmp_path, "server.max_batch=1", "server.max_queue=1", f"server.max_tokens_cap={LONG}",
+                     *NO_LIMITS) as live:
+        with holding_the_slot(live.url, live.model, LONG):
+            waiting = send(live.url, {"model": live.model, "prompt": "Paragraph 2", "max_tokens": 2})
+            wait_until(lambda: health(live.url)["queue_depth"] == 1, what="the second request queueing")
+            refusal_shown(page, live, "503")
+        waiting.close()
+
+
+def test_stop_ends_the_reply_and_frees_the_slot(chatty_run, page, tmp_path):
+    with serving_run(chatty_run, tmp_path, "safety.enabled=false", f"server.max_tokens_cap={LONG}", *NO_LIMITS) as live:
+        page.goto(live.url + "/")
         page.get_by_label("API key").fill(KEY)
         page.get_by_label("API key").press("Tab")
-        page.wait_for_function("() => document.getElementById('model').value === 'scripted'")
-        page.get_by_label("Max tokens").fill("32")
+        page.wait_for_function(f"() => document.getElementById('model').value === {live.model!r}")
+        page.get_by_label("Temperature").fill("0")  # greedy: the untrained run's reply runs to max_tokens
+        page.get_by_label("Max tokens").fill(str(LONG))
         page.get_by_label("Message").fill("Go on")
         page.get_by_role("button", name="Send").click()
         reply = page.locator("#messages .message.assistant").last
         page.wait_for_function("() => Number(document.querySelector('.message.assistant').dataset.chunks) >= 3")
         page.get_by_role("button", name="Stop").click()
         page.wait_for_function("() => document.querySelector('.message.assistant').dataset.state === 'stopped'")
-        shown = reply.locator(".text").inner_text()
-        assert shown.startswith("word word word") and len(shown) < len("word ") * 32
-        deadline = time.monotonic() + 10
-        while service.active and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert service.active == 0 and service.closed == 1  # the server closed the stream: its slot is free
+        assert reply.locator(".text").inner_text()
+        wait_until(lambda: health(live.url)["active_sequences"] == 0, what="the slot freeing")
+        assert health(live.url)["tokens_generated"] < LONG  # the server closed the stream long before max_tokens
         assert page.get_by_role("button", name="Send").is_enabled()

@@ -1,29 +1,23 @@
-"""The service layer through real asyncio, on the trained tiny_run and on an untrained "chatty" run
-whose replies run long: streamed text of concurrent requests equals one-at-a-time and `hybridlm
-generate` output; n choices, seeds, stop strings, the token cap, a too-long prompt, a full queue,
-and consumers that leave (their slots free at once)."""
+"""The service layer through real asyncio, on the trained tiny_run and on the untrained chatty_run
+(conftest.py) whose replies run long: streamed text of concurrent requests equals one-at-a-time
+and `hybridlm generate` output; n choices, seeds, stop strings, the token cap, a too-long prompt,
+a full queue, and consumers that leave (their slots free at once)."""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
-import torch
 
-from hybridlm.config import ModelConfig
 from hybridlm.device import default_device
 from hybridlm.errors import UserError
-from hybridlm.fileio import atomic_write_json
 from hybridlm.inference.engine import generate_ids
 from hybridlm.inference.generate import generate_text
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.inference.text import TextStream
-from hybridlm.model import HybridLM
-from hybridlm.run import LoadedRun, load_run, save_final
+from hybridlm.run import LoadedRun, load_run
 from hybridlm.serve.service import (
     Chunk,
     GenerationRequest,
@@ -32,37 +26,11 @@ from hybridlm.serve.service import (
     Service,
 )
 from hybridlm.tokenizer.chat import Message, render_chat
-from hybridlm.train.args import RunConfig, TrainConfig
 
 
 @pytest.fixture(scope="module")
 def run(tiny_run) -> LoadedRun:
     return load_run(tiny_run)
-
-
-@pytest.fixture(scope="module")
-def chatty_run(tiny_run, tmp_path_factory) -> Path:
-    """A run directory with random weights (tiny_run's tokenizer) whose replies run to max_tokens,
-    so requests overlap for long: the logits of the special tokens (eos, <|end|>) are held at 0
-    while the others spread around it. Dense + sparse layers with a short window and stride, so
-    sparse caches roll; weights pushed off the initial ones and an untied head, so greedy
-    replies depend on the context instead of repeating one token."""
-    torch.manual_seed(0)
-    tokenizer = load_run(tiny_run).tokenizer
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=3, n_head=4, n_kv_head=2,
-                      d_model=64, max_seq_len=320, layer_pattern="DSS", window=8, stride=5, n_global=2,
-                      tie_embeddings=False)
-    model = HybridLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-        model.lm_head.weight[list(tokenizer.special_ids.values())] = 0.0
-    out = tmp_path_factory.mktemp("chatty") / "chatty"
-    out.mkdir()
-    atomic_write_json(out / "config.json", RunConfig(model=cfg, train=TrainConfig(out=str(out))).to_dict())
-    shutil.copy(tiny_run / "tokenizer.json", out / "tokenizer.json")
-    save_final(out, model)
-    return out
 
 
 @dataclass

@@ -14,8 +14,11 @@ def masked_accuracy(model: HybridLM, inputs_BT: torch.Tensor, targets_BT: torch.
     IGNORE_INDEX. Counts rather than a ratio, so batches of any size sum exactly. Runs the model
     with causal=False, in whatever train/eval mode it is in."""
     device = next(model.parameters()).device
-    logits_BTV = model(inputs_BT.to(device), causal=False)
-    targets_BT = targets_BT.to(device)
+    return masked_hits(model(inputs_BT.to(device), causal=False), targets_BT.to(device))
+
+
+def masked_hits(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> tuple[int, int]:
+    """(correct, counted) from logits already computed (e.g. by an evaluation that also wants the loss)."""
     scored_BT = targets_BT != IGNORE_INDEX
     correct = (logits_BTV.argmax(-1) == targets_BT) & scored_BT
     return int(correct.sum()), int(scored_BT.sum())

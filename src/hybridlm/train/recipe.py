@@ -113,9 +113,10 @@ def run_recipe(stages: list[Stage], *, only: str | None = None, progress: bool =
             if stage.run.train.init_from and not _finished(Path(stage.run.train.init_from)):
                 raise UserError(f"stage {only!r} starts from {stage.run.train.init_from}, which has not finished; "
                                 "run the recipe up to it first")
-            if init_world().is_main:
+            world = init_world()
+            if world.is_main:
                 shutil.rmtree(out, ignore_errors=True)
-            barrier(init_world())
+            barrier(world)
         if _finished(out):
             summaries.append({"stage": stage.name, "skipped": True, **_last_summary(out)})
             continue

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from hybridlm.data.instructions import BUILTIN_QA, read_conversations
 from hybridlm.data.loader import TokenStream, eval_windows
@@ -21,7 +22,7 @@ from hybridlm.data.mixture import ExampleSource, Mixture, WindowSource, padded_r
 from hybridlm.data.prepare import load_meta
 from hybridlm.device import autocast
 from hybridlm.errors import UserError
-from hybridlm.eval.masked import masked_accuracy
+from hybridlm.eval.masked import masked_hits
 from hybridlm.eval.perplexity import evaluate_split
 from hybridlm.fileio import sha256_file
 from hybridlm.model import HybridLM
@@ -135,10 +136,11 @@ def _masked_evaluator(data_dir: Path, tcfg: TrainConfig, tokenizer: TextTokenize
         nats, correct, counted = 0.0, 0, 0
         for i in range(0, len(x_BT), EVAL_BATCH):
             x, y = x_BT[i : i + EVAL_BATCH].to(device), y_BT[i : i + EVAL_BATCH].to(device)
-            count = int((y != IGNORE_INDEX).sum())
             with autocast(dtype, device):
-                nats += float(model(x, targets_BT=y, causal=False)) * count
-                hits, _ = masked_accuracy(model, x, y)
+                logits_BTV = model(x, causal=False)  # one forward for both the loss and the accuracy
+            scored = y != IGNORE_INDEX
+            nats += float(F.cross_entropy(logits_BTV[scored].float(), y[scored], reduction="sum"))
+            hits, count = masked_hits(logits_BTV, y)
             correct, counted = correct + hits, counted + count
         model.train(was_training)
         return {"loss": nats / max(counted, 1), "accuracy": correct / max(counted, 1), "tokens": counted}

@@ -125,6 +125,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
                unit="step", desc=f"train {run_dir.name}", dynamic_ncols=True, mininterval=1.0)
     stepper = torch.compile(stepper) if tcfg.compile else stepper  # same parameters; eval and saving use model
     batches = RankBatches(data.mixture, schedule, world, tcfg, data.tokenizer, device)
+    drawn = SourceTokens(data.mixture, schedule)
     t0, eval_s, last_eval, bad_in_row = time.perf_counter(), 0.0, {}, 0
     for step in range(start_step, tcfg.steps):
         loss = train_step(stepper, optimizer, batches, step, tcfg, dtype, world)
@@ -141,7 +142,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
             metrics.write({"step": done, "loss": loss, "lr": lr_at(step, tcfg), "tokens": schedule.tokens_before(done),
                            "seq_len": schedule.seq_len_at(step), "batch_size": schedule.batch_at(step),
                            "tok_s": tok_s, "elapsed_s": elapsed, "train_s": elapsed - eval_s,
-                           "tokens_by_source": tokens_by_source(data.mixture, schedule, done)})
+                           "tokens_by_source": drawn.at(done)})
         if (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps:
             eval_start = time.perf_counter()
             last_eval = data.evaluate(model, dtype)
@@ -152,16 +153,16 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
                             write=world.is_main)
             barrier(world)
     bar.close()
-    drawn = tokens_by_source(data.mixture, schedule, tcfg.steps)
+    totals = drawn.at(tcfg.steps)
     if world.is_main:
         atomic_write_json(run_dir / "lineage.json", lineage_record(
-            [{**src, "tokens_drawn": drawn[src["spec"]]} for src in data.lineage],
+            [{**src, "tokens_drawn": totals[src["spec"]]} for src in data.lineage],
             data.tokenizer.sha256(), parent_run=tcfg.init_from or None))
     save_final(run_dir, model, write=world.is_main)
     barrier(world)
     return {"run_dir": str(run_dir), "steps": tcfg.steps, "dtype": dtype, "world_size": world.size,
             "train_tokens": schedule.tokens_before(tcfg.steps), "seconds": time.perf_counter() - t0,
-            "tokens_by_source": drawn, **{f"val_{k}": v for k, v in last_eval.items()}}
+            "tokens_by_source": totals, **{f"val_{k}": v for k, v in last_eval.items()}}
 
 
 def _skip_warning(run_dir: Path, step: int, loss: float, in_row: int, limit: int, metrics: MetricsLog) -> None:
@@ -176,18 +177,26 @@ def _skip_warning(run_dir: Path, step: int, loss: float, in_row: int, limit: int
             "data, then rerun with --resume")
 
 
-def tokens_by_source(mixture: Mixture, schedule: BatchSchedule, steps: int) -> dict[str, int]:
-    """Input tokens drawn per source by all ranks over the first `steps` steps."""
-    totals = dict.fromkeys(mixture.names, 0)
-    ramp = min(steps, schedule.ramp_steps)
-    spans = [(s, s + 1) for s in range(ramp)] + ([(ramp, steps)] if steps > ramp else [])
-    before = mixture.rows_drawn(0)
-    for first, end in spans:
-        after = mixture.rows_drawn(schedule.rows_before(end))
-        for name in totals:
-            totals[name] += (after[name] - before[name]) * schedule.seq_len_at(first)
-        before = after
-    return totals
+class SourceTokens:
+    """Input tokens drawn per source by all ranks, tallied forward as training advances: each step's
+    rows are counted once (the mixture's counting walk never restarts), so logging stays O(rows per
+    step) however long the run is."""
+
+    def __init__(self, mixture: Mixture, schedule: BatchSchedule) -> None:
+        self.mixture, self.schedule = mixture, schedule
+        self.steps, self.rows = 0, mixture.rows_drawn(0)
+        self.tokens = dict.fromkeys(mixture.names, 0)
+
+    def at(self, steps: int) -> dict[str, int]:
+        """Tokens per source over the first `steps` steps (steps only grow between calls)."""
+        while self.steps < steps:
+            # One step at a time while shapes grow, then the steady rest in one jump.
+            end = self.steps + 1 if self.steps < self.schedule.ramp_steps else steps
+            after = self.mixture.rows_drawn(self.schedule.rows_before(end))
+            for name in self.tokens:
+                self.tokens[name] += (after[name] - self.rows[name]) * self.schedule.seq_len_at(self.steps)
+            self.steps, self.rows = end, after
+        return dict(self.tokens)
 
 
 @dataclass

@@ -197,14 +197,13 @@ def _train(config_path: Path | None, recipe_path: Path | None, stage: str | None
 def generate_cmd(model_dir: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                  repetition_penalty: float, seed: int | None, stop, dtype: str, as_json: bool) -> None:
     """Continue PROMPT with a trained model, streaming text to stdout."""
-    from hybridlm.device import default_device, resolve_dtype
     from hybridlm.inference.generate import generate_text
     from hybridlm.inference.sampling import SamplingParams
-    from hybridlm.run import load_run
+    from hybridlm.run import load_run_on_device
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
-    run = load_run(model_dir, resolve_dtype(dtype, default_device()))
+    run, _ = load_run_on_device(model_dir, dtype)
     pieces = generate_text(run, prompt, params)
     if as_json:
         _emit({"prompt": prompt, "text": "".join(pieces)}, True, "")

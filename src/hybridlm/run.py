@@ -16,6 +16,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from hybridlm.config import ModelConfig
+from hybridlm.device import default_device, resolve_dtype
 from hybridlm.errors import UserError
 from hybridlm.fileio import (
     atomic_write_bytes,
@@ -100,3 +101,12 @@ def load_run(path: Path, dtype: str = "fp32") -> LoadedRun:
         model.to(torch.bfloat16)
     return LoadedRun(model=model, tokenizer=TextTokenizer.load(run_dir / "tokenizer.json"), config=config, path=run_dir)
 
+
+def load_run_on_device(path: Path, dtype: str = "auto") -> tuple[LoadedRun, str]:
+    """Load a run for inference on the default device, in `dtype` resolved ("auto" is bf16 where the
+    hardware runs it natively; weights are cast once); returns the run and the resolved dtype."""
+    device = default_device()
+    resolved = resolve_dtype(dtype, device)
+    run = load_run(Path(path), resolved)
+    run.model.to(device)
+    return run, resolved

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA, shared_file
 
+from hybridlm.data.instructions import HELD_OUT_PERIOD
 from hybridlm.errors import UserError
 from hybridlm.eval.tasks import (
     arc,
@@ -34,7 +35,6 @@ from hybridlm.eval.tasks.metrics import (
     rouge_l,
 )
 from hybridlm.eval.tasks.multiple_choice import McItem, prepare_mc
-from hybridlm.train.stage_data import HELD_OUT_PERIOD
 
 
 def hybridlm(*args: str) -> subprocess.CompletedProcess:

@@ -97,3 +97,15 @@ def _text(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str) or not (allow_empty or value.strip()):
         raise UserError(f"{where}: missing or empty string field {key!r}")
     return value
+
+
+HELD_OUT_PERIOD = 20
+"""Every HELD_OUT_PERIOD-th conversation of an instruction source is held out: instruction tuning
+validates on them and `eval run`'s generation tasks score them."""
+
+
+def held_out_split(items: list) -> tuple[list, list]:
+    """(held out, the rest) by the HELD_OUT_PERIOD rule, order kept."""
+    held = [c for i, c in enumerate(items) if i % HELD_OUT_PERIOD == HELD_OUT_PERIOD - 1]
+    rest = [c for i, c in enumerate(items) if i % HELD_OUT_PERIOD != HELD_OUT_PERIOD - 1]
+    return held, rest

@@ -13,9 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybridlm.errors import UserError
-from hybridlm.eval.efficiency import FIELDS, display, format_value
+from hybridlm.eval.units import FIELDS, display, format_value
 from hybridlm.fileio import atomic_write_bytes, atomic_write_text, read_json
-from hybridlm.report import MISSING, escape_cell, figure_png, format_figure, series_colour
+from hybridlm.report import (
+    MISSING,
+    escape_cell,
+    figure_png,
+    format_figure,
+    series_colour,
+)
 
 TASKS_SHAPE = ('`hybridlm eval run --json` output {"model": RUN, "tasks": {TASK: {"metrics": {NAME: number}, '
                '"stderr": {NAME: number}, "n": items}}}')

@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 
 from hybridlm.bench.timing import median_seconds, seconds
-from hybridlm.device import default_device, resolve_dtype
 from hybridlm.errors import UserError
+from hybridlm.eval.units import FIELDS, field, format_value
 from hybridlm.fileio import read_json
 from hybridlm.inference.engine import generate_ids, prefill
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.model import HybridLM
 from hybridlm.model.info import model_info
 from hybridlm.report import load_stage, stage_seconds
-from hybridlm.run import load_run
+from hybridlm.run import load_run_on_device
 
 WATTS_PER_CORE = 3.75
 """Estimated power of one busy core: AMD EPYC 9654 (Genoa, 96 cores, 360 W default TDP) gives
@@ -37,25 +37,6 @@ rough full-load estimate for a server core (DRAM and idle power not counted; lap
 WATTS_SOURCE = "AMD EPYC 9654: 360 W TDP / 96 cores"
 RAPL_ROOT = Path("/sys/class/powercap")
 PACKAGE_DOMAIN = re.compile(r"^intel-rapl:\d+$")  # packages only: sub-domains (core, dram) are inside them
-FIELDS = {
-    "params": "parameters",
-    "flops_per_token": "FLOPs per token",
-    "training_time": "training time",
-    "tokens_seen": "tokens seen",
-    "prefill_tokens_per_s": "prefill speed",
-    "decode_tokens_per_s": "decode speed",
-    "time_to_first_token": "time to first token",
-    "peak_memory": "peak memory",
-    "size_on_disk": "model size on disk",
-    "energy_per_token": "energy per generated token",
-}
-"""Field keys in the method's table order, with the labels the tables print."""
-
-
-def field(value: float | None, unit: str, method: str) -> dict:
-    return {"value": value, "unit": unit, "method": method}
-
-
 # --- energy -------------------------------------------------------------------------------------
 
 
@@ -206,18 +187,17 @@ def efficiency_report(model_dir: Path, *, prompt_tokens: int | None = None, new_
     """Every field of the efficiency table for the run at `model_dir` (or a checkpoint in it)."""
     if repeats < 1:
         raise UserError(f"--repeats must be >= 1 (got {repeats})")
-    device = default_device()
-    dtype = resolve_dtype(dtype, device)
-    run = load_run(model_dir, dtype)
-    model = run.model.to(device)
+    run, dtype = load_run_on_device(model_dir, dtype)
+    model = run.model
+    device = next(model.parameters()).device
     cfg = model.cfg
     prompt, new = token_counts(cfg.max_seq_len, prompt_tokens, new_tokens)
     ids = torch.randint(0, cfg.vocab_size, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     info = model_info(cfg)
+    train_time, tokens_seen = training_cost(run.path)  # a damaged metrics.jsonl fails before the timing
     was_reset = reset_peak_memory(device)
     speed = measure_speed(model, ids, new, repeats, meter or EnergyMeter())
     memory = peak_memory(device, was_reset)
-    train_time, tokens_seen = training_cost(run.path)
     setting = f"{dtype} on {device.type}, {torch.get_num_threads()} threads, batch 1"
     fields = {
         "params": field(info["params"], "params", "model_info: all parameters, tied weights counted once"),
@@ -236,26 +216,6 @@ def efficiency_report(model_dir: Path, *, prompt_tokens: int | None = None, new_
     }
     return {"model": str(model_dir), "device": device.type, "dtype": dtype, "threads": torch.get_num_threads(),
             "prompt_tokens": prompt, "new_tokens": new, "repeats": repeats, "efficiency": fields}
-
-
-def display(value: float | None, unit: str) -> tuple[float | None, str]:
-    """A value in the unit people read: bytes as MiB, sub-second times as ms."""
-    if value is None:
-        return None, unit
-    if unit == "B":
-        return value / 2**20, "MiB"
-    if unit == "s" and value < 1:
-        return value * 1000, "ms"
-    return value, unit
-
-
-def format_value(value: float | None, unit: str) -> str:
-    shown, shown_unit = display(value, unit)
-    if shown is None:
-        return "—"
-    if isinstance(shown, int):
-        return f"{shown:,} {shown_unit}"
-    return f"{shown:,.1f} {shown_unit}" if 100 <= abs(shown) < 1e9 else f"{shown:.4g} {shown_unit}"
 
 
 def format_table(result: dict) -> str:

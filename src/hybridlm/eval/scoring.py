@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hybridlm.device import autocast, default_device, resolve_dtype
+from hybridlm.device import autocast
 from hybridlm.errors import UserError
 from hybridlm.inference.engine import generate_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.inference.text import stream_text
-from hybridlm.run import LoadedRun, load_run
+from hybridlm.run import LoadedRun, load_run_on_device
 
 Pair = tuple[list[int], list[int]]
 """(context ids, continuation ids)."""
@@ -70,10 +70,7 @@ class Scorer:
     def from_path(cls, path: Path, batch_size: int = 16, dtype: str = "auto") -> Scorer:
         """Load a run for scoring on the default device; dtype "auto" is bf16 where the hardware
         runs it natively (weights cast once, as the generation engine expects)."""
-        device = default_device()
-        resolved = resolve_dtype(dtype, device)
-        run = load_run(Path(path), resolved)
-        run.model.to(device)
+        run, resolved = load_run_on_device(Path(path), dtype)
         return cls(run, batch_size=batch_size, dtype=resolved)
 
     def encode_pair(self, context: str, continuation: str) -> Pair:

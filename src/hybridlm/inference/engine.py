@@ -33,9 +33,13 @@ def prefill(model: HybridLM, ids_BT: torch.Tensor, cache: list, chunk: int | Non
     return logits[:, -1]
 
 
-def _generator(seed: int | None) -> torch.Generator:
+def sampling_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with `seed`, or from the OS when None (torch's global RNG untouched)."""
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
     return generator
 
 
@@ -47,7 +51,7 @@ def generate_ids(
     """Yield new token ids until eos, max_new_tokens or the end of the context."""
     _check_prompt(model, prompt_ids)
     device = next(model.parameters()).device
-    generator = _generator(params.seed)
+    generator = sampling_generator(params.seed)
     seen = torch.tensor(prompt_ids, device=device)
     cache = model.new_cache()
     logits = prefill(model, seen[None], cache, prefill_chunk)[0]
@@ -72,7 +76,7 @@ def generate_samples(
         raise UserError(f"n must be > 0 (got {n})")
     device = next(model.parameters()).device
     base = params.seed if params.seed is not None else torch.seed() % 2**62
-    generators = [_generator(base + i) for i in range(n)]
+    generators = [sampling_generator(base + i) for i in range(n)]
     seen = torch.tensor(prompt_ids, device=device).expand(n, -1)
     cache = model.new_cache()
     logits = prefill(model, seen, cache, prefill_chunk)

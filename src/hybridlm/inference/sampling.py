@@ -8,6 +8,9 @@ import torch
 
 from hybridlm.errors import UserError
 
+GREEDY_BELOW = torch.finfo(torch.float32).smallest_normal
+"""Temperatures below this (0, or too small for float32) pick the argmax."""
+
 
 @dataclass(kw_only=True, frozen=True)
 class SamplingParams:
@@ -38,7 +41,7 @@ def choose_token(
     if params.repetition_penalty != 1.0 and seen_ids.numel():
         prior = logits_V[seen_ids]
         logits_V[seen_ids] = torch.where(prior > 0, prior / params.repetition_penalty, prior * params.repetition_penalty)
-    if params.temperature < torch.finfo(torch.float32).smallest_normal:  # 0, or too small for float32
+    if params.temperature < GREEDY_BELOW:
         return int(logits_V.argmax())
     # Shift so the largest logit is 0 before dividing: a tiny temperature then sends the others to
     # -inf (a one-hot softmax) instead of overflowing every logit to inf (NaN probabilities).

@@ -28,7 +28,9 @@ class TextStream:
             return ""
         self.generated.append(token)
         text = self.tokenizer.decode(self.generated)
-        hit = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        # Released text never holds a stop string, so a new one can only start near its end.
+        hits = (text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stop)
+        hit = min((i for i in hits if i >= 0), default=-1)
         if hit >= 0:
             self.stopped = True
             return self._release(text, hit)

@@ -74,9 +74,9 @@ def export_hf(run_path: Path, out: Path, fmt: str = "auto") -> dict:
     """Write the run at `run_path` into the new (or empty) directory `out`; returns a summary."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
-    run = load_run(Path(run_path))
     out = Path(out)
-    check_empty_out(out)
+    check_empty_out(out)  # before load_run, which hashes and loads the whole model
+    run = load_run(Path(run_path))
     if unknown := unexported_field(run.model.cfg):
         raise UserError(f"Hugging Face export does not implement {unknown} yet; it needs that field's default")
     blocker = gpt2_blocker(run.model.cfg)

@@ -83,13 +83,3 @@ def load_keys(path: Path | None, env: dict[str, str] | None = None) -> KeyStore:
     if env.get(ENV_VAR, "").strip():
         hashes |= parse_keys(env[ENV_VAR], ENV_VAR)
     return KeyStore(hashes)
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    """The key in an `Authorization: Bearer KEY` header."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None

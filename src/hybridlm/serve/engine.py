@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 import torch
 
 from hybridlm.errors import UserError
-from hybridlm.inference.engine import prefill
+from hybridlm.inference.engine import prefill, sampling_generator
 from hybridlm.inference.sampling import SamplingParams, choose_token
 from hybridlm.model import HybridLM
 from hybridlm.model.transformer import LayerCache
 from hybridlm.serve.batched_decode import decode_step
+
+_NO_IDS = torch.empty(0, dtype=torch.long)  # no repetition penalty: no history tensor per step
 
 
 class QueueFull(Exception):
@@ -107,15 +109,6 @@ class _Prefill:
     @property
     def complete(self) -> bool:
         return self.done == self.ids_1T.shape[1]
-
-
-def _generator(seed: int | None) -> torch.Generator:
-    generator = torch.Generator(device="cpu")
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
 
 
 class Engine:
@@ -261,7 +254,7 @@ class Engine:
                 continue
             cache = job.cache if not sequences else copy.deepcopy(job.cache)
             seen = list(request.prompt_ids) if params.repetition_penalty != 1.0 else []
-            sequence = _Sequence(request, index, cache, _generator(params.seed), seen)
+            sequence = _Sequence(request, index, cache, sampling_generator(params.seed), seen)
             events.append((request, self._sample(sequence, logits_V)))
             sequences.append(sequence)
         return sequences
@@ -286,7 +279,7 @@ class Engine:
 
     def _sample(self, sequence: _Sequence, logits_V: torch.Tensor) -> TokenEvent:
         params = sequence.request.params[sequence.index]
-        token = choose_token(logits_V, params, torch.tensor(sequence.seen, dtype=torch.long), sequence.generator)
+        token = choose_token(logits_V, params, torch.tensor(sequence.seen, dtype=torch.long) if params.repetition_penalty != 1.0 else _NO_IDS, sequence.generator)
         if params.repetition_penalty != 1.0:
             sequence.seen.append(token)
         sequence.produced += 1

@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybridlm.device import default_device, resolve_dtype
 from hybridlm.errors import UserError
+from hybridlm.inference.generate import completion_prompt_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.inference.text import TextStream
-from hybridlm.run import load_run
+from hybridlm.run import load_run_on_device
 from hybridlm.serve.engine import Engine, PromptTooLong, QueueFull, TokenEvent
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.tokenizer.chat import Message, render_chat
@@ -81,9 +81,8 @@ class Service:
                  dtype: str = "auto") -> None:
         if dtype not in ("auto", "fp32", "bf16"):
             raise UserError(f"dtype must be auto, fp32 or bf16 (got {dtype!r})")
-        device = default_device()
-        run = load_run(Path(run_dir), resolve_dtype(dtype, device))
-        model = run.model.to(device)
+        run, _ = load_run_on_device(Path(run_dir), dtype)
+        model = run.model
         self.tokenizer = run.tokenizer
         self.model_id: str = run.path.name
         self.context: int = model.cfg.max_seq_len
@@ -94,9 +93,7 @@ class Service:
         self._engine = Engine(model, max_batch=max_batch, max_queue=max_queue, max_tokens_cap=max_tokens_cap)
 
     def encode_prompt(self, text: str) -> list[int]:
-        """A completions prompt starts after eos: training documents are separated by eos
-        (data/prepare.py), so that is where the model saw text begin."""
-        return [self.tokenizer.eos_id, *self.tokenizer.encode(text)]
+        return completion_prompt_ids(self.tokenizer, text)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """The chat template of instruction tuning, ending with the assistant marker."""

@@ -2,7 +2,7 @@
 
 Causal-LM (`clm`) sources are directories made by `hybridlm prepare` (all with one tokenizer);
 instruction-tuning (`sft`) sources are instruction files or `stdlib-docs:qa`, rendered with the
-chat template. Every `HELD_OUT_PERIOD`-th conversation of an sft source is held out for validation.
+chat template. The conversations data/instructions.py's held_out_split picks are kept for validation.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybridlm.data.instructions import BUILTIN_QA, read_conversations
+from hybridlm.data.instructions import BUILTIN_QA, held_out_split, read_conversations
 from hybridlm.data.loader import TokenStream, eval_windows
 from hybridlm.data.masking import mask_tokens
 from hybridlm.data.mixture import ExampleSource, Mixture, WindowSource, padded_row
@@ -31,7 +31,6 @@ from hybridlm.tokenizer import TextTokenizer
 from hybridlm.tokenizer.chat import render_chat
 from hybridlm.train.args import TrainConfig
 
-HELD_OUT_PERIOD = 20
 EVAL_BATCH = 16
 
 
@@ -153,8 +152,7 @@ def _sft_sources(tcfg: TrainConfig, weights: dict[str, float], tokenizer: TextTo
     pad = tokenizer.special_ids["pad"]
     for spec, weight in weights.items():
         rendered = [render_chat(tokenizer, c) for c in read_conversations(spec)]
-        train = [r for i, r in enumerate(rendered) if i % HELD_OUT_PERIOD != HELD_OUT_PERIOD - 1]
-        held_out = [r for i, r in enumerate(rendered) if i % HELD_OUT_PERIOD == HELD_OUT_PERIOD - 1]
+        held_out, train = held_out_split(rendered)
         sources[spec] = ExampleSource(train, pad)
         evaluators[spec] = _held_out_evaluator(held_out or train, tcfg.seq_len, pad)
         lineage.append({"spec": spec, "weight": weight, "examples": len(rendered), "held_out": len(held_out),

@@ -2,8 +2,8 @@
 
 `gen:PATH` takes any instruction file data/instructions.py reads; `alpaca_gen` is the Code
 Alpaca 2k file in shared/data. The items are the conversations instruction tuning holds out
-(every HELD_OUT_PERIOD-th, train/stage_data.py's rule), so a model tuned on the same file is
-scored on examples it never trained on; shots come from the others, as earlier turns of the chat.
+(data/instructions.py's held_out_split), so a model tuned on the same file is scored on
+examples it never trained on; shots come from the others, as earlier turns of the chat.
 The prompt is the conversation up to its last reply, rendered with the chat template and a
 generation prompt; the model decodes greedily until its end-of-turn marker, and the reference
 is the last reply.
@@ -14,18 +14,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hybridlm.data.instructions import Conversation, read_conversations
+from hybridlm.data.instructions import (
+    HELD_OUT_PERIOD,
+    Conversation,
+    held_out_split,
+    read_conversations,
+)
 from hybridlm.errors import UserError
 from hybridlm.eval.tasks.base import EvalOptions, data_file, draw_shots, limited
 from hybridlm.eval.tasks.metrics import (
     bleu,
     bootstrap_stderr,
     exact_match,
+    require_eval_extra,
     rouge_l,
     summarise,
 )
 from hybridlm.tokenizer.chat import render_chat
-from hybridlm.train.stage_data import HELD_OUT_PERIOD
 
 if TYPE_CHECKING:
     from hybridlm.eval.scoring import Scorer
@@ -54,14 +59,8 @@ class GenerationTask:
         return {"metrics": metrics, "n": len(pairs), "stderr": stderr}
 
 
-def held_out_split(conversations: list[Conversation]) -> tuple[list[Conversation], list[Conversation]]:
-    """(held out, the rest): train/stage_data.py's rule, the same indices instruction tuning keeps out."""
-    held = [c for i, c in enumerate(conversations) if i % HELD_OUT_PERIOD == HELD_OUT_PERIOD - 1]
-    rest = [c for i, c in enumerate(conversations) if i % HELD_OUT_PERIOD != HELD_OUT_PERIOD - 1]
-    return held, rest
-
-
 def prepare_conversations(name: str, conversations: list[Conversation], options: EvalOptions) -> GenerationTask:
+    require_eval_extra()
     held, rest = held_out_split(conversations)
     if not held:
         raise UserError(f"{name} has {len(conversations)} examples, fewer than the {HELD_OUT_PERIOD} it takes to "

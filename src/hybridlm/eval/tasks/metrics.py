@@ -16,6 +16,7 @@ does, here with a fixed seed and BOOTSTRAP_ITERS resamples so results are determ
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -70,6 +71,13 @@ def choice_hits(lls: Sequence[float], choices: Sequence[str], gold: int) -> dict
 
 def perplexity(lls: Sequence[float]) -> float:
     return math.exp(min(-mean(lls), 700.0))
+
+
+def require_eval_extra() -> None:
+    """Fail before any reply is generated when the [eval] extra (sacrebleu, rouge-score) is missing."""
+    for module, message in (("sacrebleu", "BLEU needs sacrebleu"), ("rouge_score", "ROUGE-L needs rouge-score")):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"{message}: pip install 'hybridlm[eval]'")
 
 
 def bleu(predictions: list[str], references: list[str]) -> float:

@@ -45,6 +45,28 @@ metric_list:
 """
 
 
+FRESH_INTERPRETER_LOOKUP = """
+import json, sys
+torch_at_start = "torch" in sys.modules
+from lm_eval.api.registry import get_model, model_registry
+model = get_model("hybridlm")
+names = list(model_registry.keys())
+print(json.dumps({"torch_at_start": torch_at_start, "names": names, "model": f"{model.__module__}:{model.__name__}"}))
+"""
+
+
+def test_a_fresh_interpreter_finds_the_model_through_the_startup_hook():
+    """What `lm_eval --model hybridlm` relies on: the installed .pth registers the model lazily,
+    before anything of hybridlm is imported, and lm-eval's own models stay registered."""
+    result = subprocess.run([sys.executable, "-c", FRESH_INTERPRETER_LOOKUP], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout)
+    assert found["model"] == "hybridlm.interop.lm_eval_plugin:HybridLMEval"
+    assert not found["torch_at_start"]
+    assert {"hybridlm", "hf", "vllm", "local-completions"} <= set(found["names"])
+
+
 def test_the_model_is_registered_and_declared_as_an_entry_point():
     assert get_model("hybridlm") is HybridLMEval
     declared = {ep.name: ep.value for ep in entry_points(group="lm_eval.models")}
@@ -103,8 +125,8 @@ def test_lm_eval_accuracy_equals_eval_run(tiny_run, tmp_path):
     for shots in (0, 2):
         (tasks / f"piqa30_{shots}shot.yaml").write_text(TASK_YAML.format(name=f"piqa30_{shots}shot", data=data,
                                                                            shots=shots))
-    script = Path(sys.executable).parent / "hybridlm-lm-eval"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "hybridlm.interop.lm_eval_plugin"]
+    script = Path(sys.executable).parent / "lm_eval"  # lm-eval's own command line, no wrapper
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "lm_eval"]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run([*command, "--model", "hybridlm", "--model_args", f"path={tiny_run},dtype=fp32",
                              "--tasks", "piqa30_0shot,piqa30_2shot", "--include_path", str(tasks),

@@ -1,16 +1,13 @@
 """lm-evaluation-harness model `hybridlm`: `--model hybridlm --model_args path=RUN[,batch_size=N,dtype=fp32]`.
 
 The three request types are answered by eval/scoring.py's Scorer, the code `hybridlm eval run`
-scores with, so both tools give the same numbers on the same prompts. Importing this module
-registers the model. lm-eval releases that load model plugins from the "lm_eval.models" entry
-point group find it through pyproject.toml; lm-eval 0.4.x does not (its registry only knows the
-models its own package registers), so the `hybridlm-lm-eval` console script imports this module
-and then runs lm-eval's own command line (`main`).
+scores with, so both tools give the same numbers on the same prompts. lm-eval finds the model
+through the "lm_eval.models" entry point (pyproject.toml) where it reads entry points, and through
+interop/lm_eval_startup.py where it does not (0.4.x); importing this module registers it too.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 try:
@@ -70,14 +67,3 @@ class HybridLMEval(LM):
             max_new = min(int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), self.scorer.context - 1)
             outputs.append(self.scorer.generate_until([context], max_new, stop)[0])
         return outputs
-
-
-def main() -> None:
-    """`hybridlm-lm-eval`: lm-eval's command line with the hybridlm model registered."""
-    from lm_eval.__main__ import cli_evaluate
-
-    sys.exit(cli_evaluate())
-
-
-if __name__ == "__main__":
-    main()

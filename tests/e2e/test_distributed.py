@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, shared_file
 
 from hybridlm.train.args import load_run_config
 from hybridlm.train.trainer import train
@@ -56,6 +56,20 @@ def test_two_processes_follow_one_process(parallel, single, tiny_shards, tmp_pat
     assert len(losses) == STEPS
     assert losses == pytest.approx(single, rel=1e-4)
     assert losses[-1] < losses[0] - 1.0
+
+
+def test_two_processes_weight_reply_tokens_like_one_process(tiny_shards, tmp_path):
+    """Instruction tuning: the two ranks score different numbers of reply tokens each step, and the
+    loss and update are still the one-process mean over all of them."""
+    alpaca = shared_file("instruct/codealpaca/code_alpaca_2k.json")
+    sft = TINY_MODEL + [
+        "train.objective=sft", f'train.mixture={{"{alpaca}" = 1.0}}', f"train.tokenizer={tiny_shards.parent}/tokenizer.json",
+        "train.steps=4", "train.batch_size=4", "train.seq_len=96", "train.log_every=1", "train.checkpoint_every=4",
+        "train.eval_every=0", "train.dtype=fp32", "train.warmup_steps=1", "train.lr=3e-3"]
+    train(load_run_config(None, [*sft, f"train.out={tmp_path / 'single'}"]), progress=False)
+    done = _torchrun(2, [*sft, f"train.out={tmp_path / 'ddp'}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"), rel=1e-5)
 
 
 def test_checkpoint_of_two_fsdp_ranks_resumes_on_one(single, tiny_shards, tmp_path):

@@ -19,6 +19,7 @@ from hybridlm.run import load_run
 from hybridlm.tokenizer import TextTokenizer, train_tokenizer
 from hybridlm.tokenizer.chat import Message, render_chat
 from hybridlm.train.args import run_config_from_dict
+from hybridlm.train.metrics import read_metrics
 from hybridlm.train.recipe import plan_stages, run_recipe
 from hybridlm.train.stage_data import build_stage_data
 from hybridlm.train.trainer import train
@@ -67,6 +68,31 @@ def test_sft_loss_counts_only_reply_tokens_and_held_out_loss_falls(alpaca_tokeni
     result = train(cfg, progress=False)
     assert result["val_loss"] < before - 1.0, (before, result["val_loss"])
     assert result["val_by_source"][str(shared_file(ALPACA))]["tokens"] > 1000  # 100 held-out examples scored
+
+
+def test_gradient_accumulation_weights_every_reply_token_equally(alpaca_tokenizer, tmp_path):
+    """Rows of 4 in one micro-batch, or in 2 or 4 micro-batches with different numbers of reply
+    tokens: the same step losses and the same weights (the mean over all scored tokens of a step)."""
+    runs = {}
+    for batch_size, grad_accum in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"b{batch_size}x{grad_accum}"
+        train(run_config_from_dict({"model": MODEL, "train": {
+            "objective": "sft", "mixture": {str(shared_file(ALPACA)): 1.0}, "tokenizer": str(alpaca_tokenizer),
+            "out": str(out), "steps": 4, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": 128,
+            "lr": 3e-3, "warmup_steps": 1, "eval_every": 0, "checkpoint_every": 4, "dtype": "fp32",
+            "log_every": 1}}), progress=False)
+        runs[(batch_size, grad_accum)] = ([r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r],
+                                          load_run(out).model.state_dict())
+    data = build_stage_data(run_config_from_dict({"model": MODEL, "train": {
+        "objective": "sft", "mixture": {str(shared_file(ALPACA)): 1.0}, "tokenizer": str(alpaca_tokenizer),
+        "out": str(tmp_path / "unused"), "seq_len": 128}}).train, TextTokenizer.load(alpaca_tokenizer))
+    _, y = data.mixture.rows(0, 4, 128)
+    assert len({int((row != IGNORE_INDEX).sum()) for row in y}) > 1  # the rows' reply lengths differ
+    losses, weights = runs[(4, 1)]
+    for key in ((2, 2), (1, 4)):
+        assert runs[key][0] == pytest.approx(losses, rel=1e-5), key
+        for name, tensor in weights.items():
+            torch.testing.assert_close(runs[key][1][name], tensor, rtol=1e-4, atol=1e-5)
 
 
 def test_second_stage_starts_from_the_first_stage_weights(alpaca_tokenizer, tmp_path):

@@ -53,14 +53,20 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def mean_across(value: float, world: World) -> float:
-    """The mean of a float over ranks (a non-finite value anywhere makes the result non-finite)."""
+def sum_across(value: float, world: World) -> float:
+    """The sum of a float over ranks, in float64 (exact for counts; a non-finite value anywhere makes
+    the result non-finite)."""
     if world.size == 1:
         return value
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(t)
-    return float(t) / world.size
+    return float(t)
+
+
+def mean_across(value: float, world: World) -> float:
+    """The mean of a float over ranks."""
+    return value if world.size == 1 else sum_across(value, world) / world.size
 
 
 def wrap_model(model: torch.nn.Module, parallel: str, world: World) -> torch.nn.Module:

@@ -19,6 +19,7 @@ from hybridlm.errors import TrainingStopped, UserError
 from hybridlm.fileio import atomic_write_json, read_json
 from hybridlm.lineage import lineage_record
 from hybridlm.model import HybridLM
+from hybridlm.model.loss import IGNORE_INDEX
 from hybridlm.run import load_run, save_final
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.train.args import RunConfig, TrainConfig, run_config_from_dict
@@ -36,6 +37,7 @@ from hybridlm.train.distributed import (
     gradient_sync,
     init_world,
     mean_across,
+    sum_across,
     wrap_model,
 )
 from hybridlm.train.metrics import MetricsLog
@@ -222,17 +224,26 @@ class RankBatches:
 
 def train_step(stepper, optimizer, batches: RankBatches, step: int, tcfg: TrainConfig, dtype: str,
                world: World) -> float:
-    """One optimizer step over grad_accum micro-batches; returns the mean loss over ranks. A
-    non-finite loss or gradient norm skips the update (every rank sees the same reduced values)."""
+    """One optimizer step over grad_accum micro-batches; returns the mean loss per scored token of
+    the whole step, over every rank. A non-finite loss or gradient norm skips the update (every rank
+    sees the same reduced values).
+
+    Each micro-batch's mean loss is weighted by its share of the step's scored tokens (times the
+    world size, which DDP and FSDP divide gradients by), so the gradient is the mean over all scored
+    tokens however they fall into micro-batches and ranks. Averaging the micro-batch means instead
+    would over-weight the tokens of short replies (sft) and of sparsely masked rows (mlm).
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, tcfg)
+    micro_batches = [batches.get(step, micro) for micro in range(tcfg.grad_accum)]
+    scored = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]
+    step_scored = max(sum_across(sum(scored), world), 1.0)
     total = 0.0
     causal = tcfg.objective != "mlm"
-    for micro in range(tcfg.grad_accum):
-        x, y = batches.get(step, micro)
+    for micro, (x, y) in enumerate(micro_batches):
         with gradient_sync(stepper, micro == tcfg.grad_accum - 1):
             with autocast(dtype, x.device):
-                loss = stepper(x, targets_BT=y, causal=causal) / tcfg.grad_accum
+                loss = stepper(x, targets_BT=y, causal=causal) * (world.size * scored[micro] / step_scored)
             loss.backward()
         total += loss.item()
     total = mean_across(total, world)

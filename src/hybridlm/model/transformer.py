@@ -52,19 +52,27 @@ class Attention(nn.Module):
             self.k_global = self.v_global = None
 
     def forward(self, x_BTC: torch.Tensor, start: int, cache: LayerCache | None, causal: bool) -> torch.Tensor:
-        B, T, _ = x_BTC.shape
-        q, k, v = self.qkv(x_BTC).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
-        )
-        q_BHTD = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k_BHTD = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v_BHTD = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q_BHTD, k_BHTD, v_BHTD = self.heads(x_BTC)
         if self.rotary is not None:
             q_BHTD, k_BHTD = self.rotary(q_BHTD, start), self.rotary(k_BHTD, start)
-        y_BHTD = self._attend(q_BHTD, k_BHTD, v_BHTD, cache, causal)
+        return self.merge(self.attend(q_BHTD, k_BHTD, v_BHTD, cache, causal))
+
+    def heads(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, n_head, T, D), k and v (B, n_kv_head, T, D): one projection for all three."""
+        B, T, _ = x_BTC.shape
+        H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x_BTC).split([H * D, KV * D, KV * D], dim=-1)
+        return (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, KV, D).transpose(1, 2),
+                v.view(B, T, KV, D).transpose(1, 2))
+
+    def merge(self, y_BHTD: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs back to (B, T, C) through the output projection."""
+        B, _, T, _ = y_BHTD.shape
         return self.dropout(self.proj(y_BHTD.transpose(1, 2).reshape(B, T, -1)))
 
-    def _attend(self, q, k, v, cache: LayerCache | None, causal: bool) -> torch.Tensor:
+    def attend(self, q, k, v, cache: LayerCache | None, causal: bool) -> torch.Tensor:
+        """Attention of this layer's kind (dense, or sparse with the global slots), through the
+        cache when decoding; q and k already rotated."""
         if not self.spec.sparse:
             if cache is not None:
                 return cache.attend(q, k, v)
@@ -153,6 +161,16 @@ class HybridLM(nn.Module):
             for spec in self.specs
         ]
 
+    def embed(self, ids_BT: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token embeddings plus absolute position encodings (learned or sinusoidal) at `positions`,
+        (T,) shared by the batch or (B, T) per row; RoPE models add nothing here (attention rotates)."""
+        x_BTC = self.tok_emb(ids_BT)
+        if self.pos_emb is not None:
+            x_BTC = x_BTC + self.pos_emb(positions)
+        elif self.cfg.position == "sinusoidal":
+            x_BTC = x_BTC + self.pos_table[positions]
+        return self.drop(x_BTC)
+
     def forward(
         self,
         ids_BT: torch.Tensor,
@@ -171,12 +189,7 @@ class HybridLM(nn.Module):
         T = ids_BT.shape[1]
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.max_seq_len}")
-        x_BTC = self.tok_emb(ids_BT)
-        if self.pos_emb is not None:
-            x_BTC = x_BTC + self.pos_emb(torch.arange(start, start + T, device=ids_BT.device))
-        elif self.cfg.position == "sinusoidal":
-            x_BTC = x_BTC + self.pos_table[start : start + T]
-        x_BTC = self.drop(x_BTC)
+        x_BTC = self.embed(ids_BT, torch.arange(start, start + T, device=ids_BT.device))
         for i, block in enumerate(self.blocks):
             x_BTC = block(x_BTC, start, None if cache is None else cache[i], causal)
         x_BTC = self.norm_f(x_BTC)

@@ -27,8 +27,7 @@ def decode_step(model: HybridLM, tokens: list[int], caches: list[list[LayerCache
     if max(starts) >= model.cfg.max_seq_len:
         raise ValueError(f"a sequence is already at the context length of {model.cfg.max_seq_len}")
     device = model.tok_emb.weight.device
-    x_B1C = model.tok_emb(torch.tensor(tokens, device=device)[:, None])
-    x_B1C = model.drop(_add_positions(model, x_B1C, starts))
+    x_B1C = model.embed(torch.tensor(tokens, device=device)[:, None], torch.tensor(starts, device=device)[:, None])
     for layer, block in enumerate(model.blocks):
         layer_caches = [cache[layer] for cache in caches]
         x_B1C = x_B1C + _attention(block.attn, block.norm1(x_B1C), starts, layer_caches)
@@ -36,25 +35,9 @@ def decode_step(model: HybridLM, tokens: list[int], caches: list[list[LayerCache
     return model.lm_head(model.norm_f(x_B1C))[:, 0]
 
 
-def _add_positions(model: HybridLM, x_B1C: torch.Tensor, starts: list[int]) -> torch.Tensor:
-    """Absolute position encodings (learned or sinusoidal) at each row's own position; RoPE
-    models add nothing here (the rotation happens per row in attention)."""
-    if model.pos_emb is not None:
-        positions = torch.tensor(starts, device=x_B1C.device)
-        return x_B1C + model.pos_emb(positions)[:, None]
-    if model.cfg.position == "sinusoidal":
-        return x_B1C + model.pos_table[starts][:, None]
-    return x_B1C
-
-
 def _attention(attn: Attention, x_B1C: torch.Tensor, starts: list[int], caches: list[LayerCache]) -> torch.Tensor:
     """Batched qkv and output projections around per-row RoPE + cached attention."""
-    B = x_B1C.shape[0]
-    H, KV, D = attn.n_head, attn.n_kv_head, attn.head_dim
-    q, k, v = attn.qkv(x_B1C).split([H * D, KV * D, KV * D], dim=-1)
-    q_BH1D = q.view(B, 1, H, D).transpose(1, 2)
-    k_BK1D = k.view(B, 1, KV, D).transpose(1, 2)
-    v_BK1D = v.view(B, 1, KV, D).transpose(1, 2)
+    q_BH1D, k_BK1D, v_BK1D = attn.heads(x_B1C)
     rows = []
     for b, (start, cache) in enumerate(zip(starts, caches)):
         q_1H1D, k_1K1D = q_BH1D[b : b + 1], k_BK1D[b : b + 1]
@@ -62,6 +45,5 @@ def _attention(attn: Attention, x_B1C: torch.Tensor, starts: list[int], caches: 
             q_1H1D, k_1K1D = attn.rotary(q_1H1D, start), attn.rotary(k_1K1D, start)
         # The model's own dispatch (dense cache, or sparse cache + global slots), so a row takes
         # exactly the path `model(ids, cache)` takes for a single sequence.
-        rows.append(attn._attend(q_1H1D, k_1K1D, v_BK1D[b : b + 1], cache, True))
-    y_B1HD = torch.cat(rows).transpose(1, 2).reshape(B, 1, H * D)
-    return attn.dropout(attn.proj(y_B1HD))
+        rows.append(attn.attend(q_1H1D, k_1K1D, v_BK1D[b : b + 1], cache, True))
+    return attn.merge(torch.cat(rows))

@@ -66,7 +66,7 @@ def sum_across(value: float, world: World) -> float:
 
 def mean_across(value: float, world: World) -> float:
     """The mean of a float over ranks."""
-    return value if world.size == 1 else sum_across(value, world) / world.size
+    return sum_across(value, world) / world.size
 
 
 def wrap_model(model: torch.nn.Module, parallel: str, world: World) -> torch.nn.Module:

@@ -67,6 +67,25 @@ def test_a_fresh_interpreter_finds_the_model_through_the_startup_hook():
     assert {"hybridlm", "hf", "vllm", "local-completions"} <= set(found["names"])
 
 
+def test_an_lm_eval_without_the_expected_registry_still_imports(tmp_path):
+    """The start-up hook must never break lm-eval: against a layout it does not know (no
+    model_registry) `import lm_eval.models` works and a warning says how to register by hand."""
+    fake = tmp_path / "lm_eval"
+    (fake / "models").mkdir(parents=True)
+    (fake / "api").mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "api" / "__init__.py").write_text("")
+    (fake / "api" / "registry.py").write_text("MODELS = {}\n")
+    (fake / "models" / "__init__.py").write_text("LOADED = True\n")
+    code = "import lm_eval.models; print(lm_eval.models.LOADED, lm_eval.models.__file__)"
+    result = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", str(fake / "models" / "__init__.py")]
+    assert "hybridlm could not register the lm-eval model 'hybridlm'" in result.stderr
+    assert "import hybridlm.interop.lm_eval_plugin" in result.stderr
+
+
 def test_the_model_is_registered_and_declared_as_an_entry_point():
     assert get_model("hybridlm") is HybridLMEval
     declared = {ep.name: ep.value for ep in entry_points(group="lm_eval.models")}

@@ -24,11 +24,18 @@ WATCHED_MODULE = "lm_eval.models"
 
 
 def register() -> None:
-    """Add the lazy placeholder unless lm-eval already knows the name (from the entry point)."""
-    from lm_eval.api.registry import model_registry
+    """Add the lazy placeholder unless lm-eval already knows the name (from the entry point). An
+    lm-eval whose registry looks different gets a warning, never a failed `import lm_eval.models`."""
+    try:
+        from lm_eval.api.registry import model_registry
 
-    if MODEL_NAME not in model_registry:
-        model_registry.register(MODEL_NAME, target=PLUGIN)
+        if MODEL_NAME not in model_registry:
+            model_registry.register(MODEL_NAME, target=PLUGIN)
+    except Exception as exc:  # noqa: BLE001 - whatever this lm-eval lacks, lm-eval itself must keep working
+        import warnings
+
+        warnings.warn(f"hybridlm could not register the lm-eval model {MODEL_NAME!r} with this lm-eval ({exc!r}); "
+                      f"import {PLUGIN.split(':')[0]} before evaluating to register it", stacklevel=2)
 
 
 class _RegisterAfterLoading:

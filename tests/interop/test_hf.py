@@ -114,6 +114,29 @@ def _assert_left_padding_is_transparent(run_dir: Path, hf_model, length: int = 4
     assert torch.isfinite(logits).all()
 
 
+@torch.no_grad()
+def _assert_cache_continues_the_sequence(hf_model, vocab: int, length: int = 40, pad: int = 7) -> None:
+    """Feeding a left-padded batch through the KV cache (a prefix, then single tokens and a chunk)
+    gives the logits of one whole forward pass, and cached greedy generation equals uncached."""
+    from transformers import DynamicCache
+
+    ids = _random_ids(vocab, batch=2, length=length)
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0  # row 0 is left-padded
+    whole = hf_model(ids, attention_mask=mask).logits
+    cache, pieces, at = DynamicCache(config=hf_model.config), [], 0
+    for end in (pad + 5, pad + 6, pad + 7, length - 3, length - 2, length):
+        pieces.append(hf_model(ids[:, at:end], attention_mask=mask[:, :end], past_key_values=cache,
+                               use_cache=True).logits)
+        at = end
+    assert cache.get_seq_length() == length
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=ATOL, rtol=0)
+    cached = hf_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    uncached = hf_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, min_new_tokens=6,
+                                 use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
 def test_remote_export_of_the_trained_run_matches_logits_and_greedy_decoding(tiny_run, tmp_path):
     out = tmp_path / "remote_tiny"
     result = export_hf(tiny_run, out)
@@ -126,6 +149,7 @@ def test_remote_export_of_the_trained_run_matches_logits_and_greedy_decoding(tin
     hf_model = _load_remote(out)
     _assert_same_logits(tiny_run, hf_model)
     _assert_left_padding_is_transparent(tiny_run, hf_model)
+    _assert_cache_continues_the_sequence(hf_model, hf_model.config.vocab_size)
 
     run = load_run(tiny_run)
     tok = run.tokenizer
@@ -156,6 +180,7 @@ def test_remote_export_matches_logits_for_each_config_family(name, tiny_run, tmp
     hf_model = _load_remote(out)
     _assert_same_logits(run, hf_model, length=60)
     _assert_left_padding_is_transparent(run, hf_model)
+    _assert_cache_continues_the_sequence(hf_model, cfg.vocab_size)
 
 
 def test_exported_tokenizer_encodes_like_hybridlm(tiny_run, tmp_path):

@@ -4,9 +4,11 @@ Copied into the directory that `hybridlm export hf --format remote` writes; it i
 and transformers, so `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` works
 where hybridlm is not installed. Parameter names are hybridlm's own, so the weights are the run's.
 
-Written for exactness, not speed: every layer kind gets an explicit boolean mask (T x T) for SDPA,
-so memory grows like T^2, and `generate()` recomputes the whole sequence at every step (no KV
-cache). A sparse layer's query at position i sees the key at position j when j <= i and
+Written for exactness rather than speed: every layer kind gets an explicit boolean mask (queries x
+keys) for SDPA, so memory grows like T^2. `generate()` keeps every layer's keys and values in
+transformers' DynamicCache (rotated, before the global slots), so each new token costs one query
+against the cache, as with any transformers model; sparse layers keep the whole history and mask
+it. A sparse layer's query at position i sees the key at position j when j <= i and
 (j > i - window or (j + 1) % stride == 0), plus the layer's learned global key/value slots, always
 visible. Positions count the real tokens of a row (attention_mask), so a left-padded row gives the
 same logits as the same tokens unpadded.
@@ -19,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_hybridlm import HybridLMConfig
@@ -64,25 +66,27 @@ def sinusoidal_table(n: int, dim: int, device: torch.device) -> torch.Tensor:
     return table
 
 
-def visible_keys(pos_BT: torch.Tensor, real_BT: torch.Tensor, sparse: bool, window: int, stride: int) -> torch.Tensor:
-    """(B, 1, T, T) boolean: query t sees key s. Keys must be real tokens at or before the query;
-    sparse layers keep the local window and the strided summary columns of the positions. A query
-    always sees itself, so a padding row is never empty."""
-    T = pos_BT.shape[1]
-    index = torch.arange(T, device=pos_BT.device)
-    i, j = pos_BT[:, :, None], pos_BT[:, None, :]
-    visible = (index[None, None, :] <= index[None, :, None]) & real_BT[:, None, :]
+def visible_keys(pos_BS: torch.Tensor, real_BS: torch.Tensor, T: int, sparse: bool, window: int,
+                 stride: int) -> torch.Tensor:
+    """(B, 1, T, S) boolean: query t (the last T of the S tokens so far) sees key s. Keys must be
+    real tokens at or before the query; sparse layers keep the local window and the strided summary
+    columns of the positions. A query always sees itself, so a padding row is never empty."""
+    S = pos_BS.shape[1]
+    key = torch.arange(S, device=pos_BS.device)
+    query = key[S - T :]
+    i, j = pos_BS[:, S - T :, None], pos_BS[:, None, :]
+    visible = (key[None, None, :] <= query[None, :, None]) & real_BS[:, None, :]
     if sparse:
         visible = visible & ((j > i - window) | ((j + 1) % stride == 0))
-    return (visible | torch.eye(T, dtype=torch.bool, device=pos_BT.device))[:, None]
+    return (visible | (key[None, None, :] == query[None, :, None]))[:, None]
 
 
 class HybridLMAttention(nn.Module):
     """Grouped-query attention of one kind; sparse layers own n_global learned key/value slots."""
 
-    def __init__(self, cfg: HybridLMConfig, sparse: bool) -> None:
+    def __init__(self, cfg: HybridLMConfig, sparse: bool, layer_idx: int) -> None:
         super().__init__()
-        self.sparse = sparse
+        self.sparse, self.layer_idx = sparse, layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.d_model // cfg.n_head
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
@@ -93,7 +97,8 @@ class HybridLMAttention(nn.Module):
         else:
             self.k_global = self.v_global = None
 
-    def forward(self, x_BTC: torch.Tensor, mask_B1TS: torch.Tensor, rope: tuple | None) -> torch.Tensor:
+    def forward(self, x_BTC: torch.Tensor, mask_B1TS: torch.Tensor, rope: tuple | None,
+                cache: DynamicCache | None) -> torch.Tensor:
         B, T, _ = x_BTC.shape
         kv_width = self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x_BTC).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
@@ -102,6 +107,8 @@ class HybridLMAttention(nn.Module):
         v_BHTD = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q_BHTD, k_BHTD = apply_rope(q_BHTD, *rope), apply_rope(k_BHTD, *rope)
+        if cache is not None:  # the keys and values of every token so far
+            k_BHTD, v_BHTD = cache.update(k_BHTD, v_BHTD, self.layer_idx)
         if self.k_global is not None:  # the global slots come first; the mask's first columns are theirs
             k_BHTD = torch.cat([self.k_global.to(k_BHTD.dtype).expand(B, -1, -1, -1), k_BHTD], dim=2)
             v_BHTD = torch.cat([self.v_global.to(v_BHTD.dtype).expand(B, -1, -1, -1), v_BHTD], dim=2)
@@ -134,13 +141,14 @@ class HybridLMFeedForward(nn.Module):
 class HybridLMBlock(nn.Module):
     """Pre-norm residual block."""
 
-    def __init__(self, cfg: HybridLMConfig, sparse: bool) -> None:
+    def __init__(self, cfg: HybridLMConfig, sparse: bool, layer_idx: int) -> None:
         super().__init__()
-        self.norm1, self.attn = _norm(cfg), HybridLMAttention(cfg, sparse)
+        self.norm1, self.attn = _norm(cfg), HybridLMAttention(cfg, sparse, layer_idx)
         self.norm2, self.ffn = _norm(cfg), HybridLMFeedForward(cfg)
 
-    def forward(self, x_BTC: torch.Tensor, mask_B1TS: torch.Tensor, rope: tuple | None) -> torch.Tensor:
-        x_BTC = x_BTC + self.attn(self.norm1(x_BTC), mask_B1TS, rope)
+    def forward(self, x_BTC: torch.Tensor, mask_B1TS: torch.Tensor, rope: tuple | None,
+                cache: DynamicCache | None) -> torch.Tensor:
+        x_BTC = x_BTC + self.attn(self.norm1(x_BTC), mask_B1TS, rope, cache)
         return x_BTC + self.ffn(self.norm2(x_BTC))
 
 
@@ -157,7 +165,7 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(HybridLMBlock(config, kind == "S") for kind in config.layer_pattern)
+        self.blocks = nn.ModuleList(HybridLMBlock(config, kind == "S", i) for i, kind in enumerate(config.layer_pattern))
         self.norm_f = _norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -190,15 +198,16 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def _masks(self, pos_BT: torch.Tensor, real_BT: torch.Tensor) -> dict:
-        """One (B, 1, T, n_global + T) mask per layer kind; the global slots' columns come first."""
+    def _masks(self, pos_BS: torch.Tensor, real_BS: torch.Tensor, T: int) -> dict:
+        """One (B, 1, T, n_global + S) mask per layer kind for the last T of S tokens; the global
+        slots' columns come first."""
         cfg, masks = self.config, {}
-        B, T = pos_BT.shape
+        B = pos_BS.shape[0]
         for kind in set(cfg.layer_pattern):
             sparse = kind == "S"
-            visible = visible_keys(pos_BT, real_BT, sparse, cfg.window, cfg.stride)
+            visible = visible_keys(pos_BS, real_BS, T, sparse, cfg.window, cfg.stride)
             if sparse and cfg.n_global:
-                always = torch.ones(B, 1, T, cfg.n_global, dtype=torch.bool, device=pos_BT.device)
+                always = torch.ones(B, 1, T, cfg.n_global, dtype=torch.bool, device=pos_BS.device)
                 visible = torch.cat([always, visible], dim=-1)
             masks[kind] = visible
         return masks
@@ -209,30 +218,37 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        past_key_values: DynamicCache | None = None,
+        use_cache: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for every position (and the mean next-token loss with `labels`, shifted here as
-        transformers does). Cache arguments are accepted and ignored: nothing is cached."""
+        transformers does). With `past_key_values` (or use_cache=True, which starts one) the ids
+        continue the tokens the cache holds, and `attention_mask` covers all of them."""
         cfg = self.config
         x_BTC = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x_BTC.shape
-        if T > cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds the context of {cfg.max_seq_len}")
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=cfg)
+        S = T + (past_key_values.get_seq_length() if past_key_values is not None else 0)
+        if S > cfg.max_seq_len:
+            raise ValueError(f"sequence of {S} tokens exceeds the context of {cfg.max_seq_len}")
         if attention_mask is None:
-            real_BT = torch.ones(B, T, dtype=torch.bool, device=x_BTC.device)
+            real_BS = torch.ones(B, S, dtype=torch.bool, device=x_BTC.device)
         else:
-            real_BT = attention_mask[:, -T:].to(x_BTC.device).bool()
-        pos_BT = (real_BT.long().cumsum(-1) - 1).clamp(min=0)  # padding before a row's text takes no position
+            real_BS = attention_mask[:, -S:].to(x_BTC.device).bool()
+        pos_BS = (real_BS.long().cumsum(-1) - 1).clamp(min=0)  # padding before a row's text takes no position
+        pos_BT = pos_BS[:, S - T :]
         if self.pos_emb is not None:
             x_BTC = x_BTC + self.pos_emb(pos_BT)
         elif cfg.position == "sinusoidal":
             x_BTC = x_BTC + sinusoidal_table(int(pos_BT.max()) + 1, cfg.d_model, x_BTC.device)[pos_BT].to(x_BTC.dtype)
         rope = rope_tables(cfg.d_model // cfg.n_head, pos_BT, cfg.rope_theta) if cfg.position == "rope" else None
-        masks = self._masks(pos_BT, real_BT)
+        masks = self._masks(pos_BS, real_BS, T)
         x_BTC = self.drop(x_BTC)
         for kind, block in zip(cfg.layer_pattern, self.blocks):
-            x_BTC = block(x_BTC, masks[kind], rope)
+            x_BTC = block(x_BTC, masks[kind], rope, past_key_values)
         logits = self.lm_head(self.norm_f(x_BTC))
         loss = None
         if labels is not None:
@@ -240,15 +256,5 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
         if return_dict is False:
-            return (logits,) if loss is None else (loss, logits)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
-
-    def prepare_inputs_for_generation(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> dict:
-        """Without a KV cache every step sees the whole sequence so far."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # generate() must not build a cache this model never fills
+            return tuple(v for v in (loss, logits, past_key_values) if v is not None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)

@@ -58,17 +58,23 @@ class _RegisterAfterLoading:
 class LmEvalModelsFinder:
     """A meta-path finder that answers only for `lm_eval.models`, with the other finders' spec."""
 
+    searching = False  # a finder that asks importlib in turn must not bring the search back here
+
     @classmethod
     def find_spec(cls, fullname: str, path: object, target: ModuleType | None = None) -> ModuleSpec | None:
-        if fullname != WATCHED_MODULE:
+        if fullname != WATCHED_MODULE or cls.searching:
             return None
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            spec = find(fullname, path, target) if finder is not cls and find else None
-            if spec is not None and spec.loader is not None:
-                spec.loader = _RegisterAfterLoading(spec.loader)
-                return spec
-        return None
+        cls.searching = True
+        try:
+            for finder in sys.meta_path:
+                find = getattr(finder, "find_spec", None)
+                spec = find(fullname, path, target) if finder is not cls and find else None
+                if spec is not None and spec.loader is not None:
+                    spec.loader = _RegisterAfterLoading(spec.loader)
+                    return spec
+            return None
+        finally:
+            cls.searching = False
 
 
 def install() -> None:

@@ -1,10 +1,11 @@
 """Greedy decoding of an exported model in Hugging Face transformers, with and without the KV cache.
 
 `hybridlm export hf RUN DIR` writes remote code that transformers' `generate()` runs. This times
-`generate(max_new_tokens=N, do_sample=False)` on one prompt of P random token ids in fp32, with the
-cache (the default) and with `use_cache=False` (every step recomputes the whole sequence), in the
-same process, median of --repeats. It checks the two produce the same tokens, and reports hybridlm's
-own cached greedy decode of the same prompt (`inference.engine.generate_ids`, fp32) as the peer.
+`generate(max_new_tokens=N, do_sample=False)` on one prompt of P random token ids in fp32, as
+exported (the cache is the default) and with `use_cache=False` (every step recomputes the whole
+sequence), in the same process, median of --repeats. It checks the two produce the same tokens, and
+reports hybridlm's own cached greedy decode of the same prompt (`inference.engine.generate_ids`,
+fp32) as the peer.
 
 Usage: .venv/bin/python benchmarks/hf_generate.py RUN_DIR [--prompt 512] [--new 128] [--repeats 3]
 One JSON document goes to stdout; needs the [hf] extra.
@@ -58,7 +59,9 @@ def main() -> None:
 
     @torch.no_grad()
     def hf(use_cache: bool) -> None:
-        outputs[use_cache] = hf_model.generate(prompt, use_cache=use_cache, **greedy)[0, args.prompt:].tolist()
+        """generate() as users call it (the cache is its default), or with use_cache=False."""
+        flags = {} if use_cache else {"use_cache": False}
+        outputs[use_cache] = hf_model.generate(prompt, **greedy, **flags)[0, args.prompt:].tolist()
 
     @torch.no_grad()
     def ours() -> None:

@@ -131,7 +131,16 @@ def _assert_cache_continues_the_sequence(hf_model, vocab: int, length: int = 40,
         at = end
     assert cache.get_seq_length() == length
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=ATOL, rtol=0)
-    cached = hf_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    with pytest.raises(ValueError, match="give the mask of every token so far"):
+        hf_model(ids[:, -1:], attention_mask=mask[:, -1:], past_key_values=cache, use_cache=True)
+    fed = []  # tokens per forward call: generate() must feed the prompt once, then one token per step
+    hook = hf_model.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["input_ids"].shape[1]),
+                                              with_kwargs=True)
+    try:
+        cached = hf_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    finally:
+        hook.remove()
+    assert fed == [length, 1, 1, 1, 1, 1]
     uncached = hf_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, min_new_tokens=6,
                                  use_cache=False)
     assert torch.equal(cached, uncached)

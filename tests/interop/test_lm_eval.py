@@ -86,6 +86,37 @@ def test_an_lm_eval_without_the_expected_registry_still_imports(tmp_path):
     assert "import hybridlm.interop.lm_eval_plugin" in result.stderr
 
 
+REENTRANT_FINDER = """
+import importlib.util, json, sys
+
+class AsksImportlibAgain:
+    \"\"\"A finder that resolves lm_eval.models by asking importlib, guarding only itself.\"\"\"
+    busy = False
+
+    @classmethod
+    def find_spec(cls, fullname, path, target=None):
+        if fullname != "lm_eval.models" or cls.busy:
+            return None
+        cls.busy = True
+        try:
+            return importlib.util.find_spec(fullname)
+        finally:
+            cls.busy = False
+
+sys.meta_path.insert(1, AsksImportlibAgain)  # after the start-up hook's finder
+from lm_eval.api.registry import get_model
+model = get_model("hybridlm")
+print(json.dumps(f"{model.__module__}:{model.__name__}"))
+"""
+
+
+def test_the_startup_finder_survives_a_finder_that_asks_importlib_again():
+    result = subprocess.run([sys.executable, "-c", REENTRANT_FINDER], capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == "hybridlm.interop.lm_eval_plugin:HybridLMEval"
+
+
 def test_the_model_is_registered_and_declared_as_an_entry_point():
     assert get_model("hybridlm") is HybridLMEval
     declared = {ep.name: ep.value for ep in entry_points(group="lm_eval.models")}

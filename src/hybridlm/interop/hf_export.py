@@ -87,8 +87,7 @@ def export_hf(run_path: Path, out: Path, fmt: str = "auto") -> dict:
         write = _write_gpt2 if chosen == "gpt2" else _write_remote
         write(run, tmp)
         _write_tokenizer(run.tokenizer, run.model.cfg, tmp)
-        atomic_write_json(tmp / "generation_config.json", {**_token_ids(run.tokenizer),
-                                                           **({"use_cache": False} if chosen == "remote" else {})})
+        atomic_write_json(tmp / "generation_config.json", _token_ids(run.tokenizer))
         names = sorted(p.name for p in tmp.iterdir())
     return {"run": str(run.path), "out": str(out), "format": chosen, "files": names,
             "gpt2_blocker": blocker, "trust_remote_code": chosen == "remote"}

@@ -52,6 +52,8 @@ class _RegisterAfterLoading:
         register()
 
     def __getattr__(self, name: str) -> object:  # get_source, is_package, resource readers...
+        if name == "loader":  # a copy made without __init__ has none: no endless lookup
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
 

@@ -236,8 +236,11 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"sequence of {S} tokens exceeds the context of {cfg.max_seq_len}")
         if attention_mask is None:
             real_BS = torch.ones(B, S, dtype=torch.bool, device=x_BTC.device)
+        elif attention_mask.shape[-1] != S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but there are {S} "
+                             f"({S - T} cached + {T} new); give the mask of every token so far")
         else:
-            real_BS = attention_mask[:, -S:].to(x_BTC.device).bool()
+            real_BS = attention_mask.to(x_BTC.device).bool()
         pos_BS = (real_BS.long().cumsum(-1) - 1).clamp(min=0)  # padding before a row's text takes no position
         pos_BT = pos_BS[:, S - T :]
         if self.pos_emb is not None:

@@ -12,18 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import shared_file
+from hf_families import REMOTE_CONFIGS, family_run, make_run
 
 from hybridlm.config import ModelConfig
 from hybridlm.errors import UserError
-from hybridlm.fileio import atomic_write_json
 from hybridlm.inference.engine import generate_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.interop.hf_export import export_hf
 from hybridlm.interop.hf_import import import_hf
-from hybridlm.model import HybridLM
-from hybridlm.run import load_run, save_final
+from hybridlm.run import load_run
 from hybridlm.tokenizer import TextTokenizer
-from hybridlm.train.args import RunConfig, TrainConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,23 +58,6 @@ def cli(monkeypatch, capsys):
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 
-    return run
-
-
-def _make_run(root: Path, cfg: ModelConfig, tokenizer_path: Path) -> Path:
-    """A run directory holding a randomly initialised model, every tensor (norms, biases, global
-    slots included) moved away from its initial value so that a wrong mapping shows."""
-    torch.manual_seed(0)
-    model = HybridLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    run = root / "run"
-    run.mkdir(parents=True)
-    train = TrainConfig(out=str(run), seq_len=cfg.max_seq_len)
-    atomic_write_json(run / "config.json", RunConfig(model=cfg, train=train).to_dict())
-    TextTokenizer.load(tokenizer_path).save(run / "tokenizer.json")
-    save_final(run, model)
     return run
 
 
@@ -168,28 +149,15 @@ def test_remote_export_of_the_trained_run_matches_logits_and_greedy_decoding(tin
     assert generated[0, len(prompt):].tolist() == ours
 
 
-REMOTE_CONFIGS = {
-    "learned-gqa-global": {"n_layer": 3, "n_head": 4, "n_kv_head": 2, "layer_pattern": "DSS", "window": 4,
-                           "stride": 3, "n_global": 2, "position": "learned"},
-    "sinusoidal-layernorm-gelu-untied": {"n_layer": 2, "n_head": 2, "layer_pattern": "SD", "window": 5, "stride": 4,
-                                         "n_global": 0, "position": "sinusoidal", "norm": "layernorm", "ffn": "gelu",
-                                         "bias": True, "tie_embeddings": False},
-    "rope-mqa-sparse-only": {"n_layer": 2, "n_head": 4, "n_kv_head": 1, "layer_pattern": "SS", "window": 3,
-                             "stride": 5, "n_global": 3, "position": "rope", "rope_theta": 500.0},
-}
-
-
 @pytest.mark.parametrize("name", list(REMOTE_CONFIGS))
 def test_remote_export_matches_logits_for_each_config_family(name, tiny_run, tmp_path):
-    tokenizer = TextTokenizer.load(tiny_run / "tokenizer.json")
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, max_seq_len=64, **REMOTE_CONFIGS[name])
-    run = _make_run(tmp_path, cfg, tiny_run / "tokenizer.json")
+    run = family_run(name, tiny_run, tmp_path)
     out = tmp_path / f"remote_{name.replace('-', '_')}"
     assert export_hf(run, out, "auto")["format"] == "remote"
     hf_model = _load_remote(out)
     _assert_same_logits(run, hf_model, length=60)
     _assert_left_padding_is_transparent(run, hf_model)
-    _assert_cache_continues_the_sequence(hf_model, cfg.vocab_size)
+    _assert_cache_continues_the_sequence(hf_model, hf_model.config.vocab_size)
 
 
 def test_exported_tokenizer_encodes_like_hybridlm(tiny_run, tmp_path):
@@ -202,11 +170,12 @@ def test_exported_tokenizer_encodes_like_hybridlm(tiny_run, tmp_path):
     theirs = AutoTokenizer.from_pretrained(out, trust_remote_code=True, local_files_only=True)
     assert isinstance(theirs, PreTrainedTokenizerFast)
     ids = ours.encode(text)
-    assert theirs(text)["input_ids"] == ids
+    assert theirs(text)["input_ids"] == [ours.eos_id, *ids]  # <|eos|> before the text, as in training
     assert theirs.encode(text, add_special_tokens=False) == ids
     assert theirs.decode(ids) == ours.decode(ids) == text
-    assert (theirs.eos_token_id, theirs.bos_token_id, theirs.pad_token_id) == (ours.eos_id, ours.bos_id,
+    assert (theirs.eos_token_id, theirs.bos_token_id, theirs.pad_token_id) == (ours.eos_id, ours.eos_id,
                                                                              ours.special_ids["pad"])
+    assert theirs("")["input_ids"] == [ours.eos_id]
 
 
 GPT2_SHAPED = {"n_layer": 2, "n_head": 4, "d_model": 32, "d_ff": 48, "max_seq_len": 64, "layer_pattern": "DD",
@@ -217,7 +186,7 @@ def test_gpt2_export_loads_as_plain_gpt2(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
     tokenizer = TextTokenizer.load(tiny_run / "tokenizer.json")
-    run = _make_run(tmp_path, ModelConfig(vocab_size=tokenizer.vocab_size, **GPT2_SHAPED), tiny_run / "tokenizer.json")
+    run = make_run(tmp_path, ModelConfig(vocab_size=tokenizer.vocab_size, **GPT2_SHAPED), tiny_run / "tokenizer.json")
     out = tmp_path / "gpt2_export"
     result = export_hf(run, out)
     assert result["format"] == "gpt2" and not result["trust_remote_code"]
@@ -227,7 +196,7 @@ def test_gpt2_export_loads_as_plain_gpt2(tiny_run, tmp_path):
     _assert_same_logits(run, model, length=64)
     assert isinstance(AutoModelForCausalLM.from_pretrained(out, local_files_only=True), GPT2LMHeadModel)
     text = "Paragraph 7: the value of x7 is 10. naïve 😀"
-    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == tokenizer.encode(text)
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == [tokenizer.eos_id, *tokenizer.encode(text)]
 
 
 def test_gpt2_format_names_the_first_field_in_the_way(tiny_run, tmp_path):
@@ -236,7 +205,7 @@ def test_gpt2_format_names_the_first_field_in_the_way(tiny_run, tmp_path):
     tokenizer = TextTokenizer.load(tiny_run / "tokenizer.json")
     rope = ModelConfig(vocab_size=tokenizer.vocab_size, **{**GPT2_SHAPED, "position": "rope"})
     with pytest.raises(UserError, match="model.position"):
-        export_hf(_make_run(tmp_path, rope, tiny_run / "tokenizer.json"), tmp_path / "b", "gpt2")
+        export_hf(make_run(tmp_path, rope, tiny_run / "tokenizer.json"), tmp_path / "b", "gpt2")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -199,3 +199,71 @@ def test_lm_eval_accuracy_equals_eval_run(tiny_run, tmp_path):
     their_contexts = {s["doc_id"]: s["arguments"]["gen_args_0"]["arg_0"] for s in map(json.loads, samples_file.open())}
     ours = prepare_generic(f"mc:{data}", EvalOptions(shots=2)).contexts
     assert [their_contexts[i] for i in range(len(ours))] == ours  # the same shots, drawn with the same seed
+
+
+def _lm_eval_cli(model: str, model_args: str, tasks: Path, task: str, out: Path, tmp_path: Path) -> list[dict]:
+    """lm-eval's own command line, offline, on a local task; returns its logged samples."""
+    script = Path(sys.executable).parent / "lm_eval"  # lm-eval's own command line, no wrapper
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "lm_eval"]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([*command, "--model", model, "--model_args", model_args, "--tasks", task,
+                             "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
+                            capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [samples_file] = out.rglob(f"samples_{task}_*.jsonl")
+    return [json.loads(line) for line in samples_file.open()]
+
+
+def _requests_and_loglikelihoods(samples: list[dict]) -> tuple[list[tuple[str, str]], list[float]]:
+    pairs, scores = [], []
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        for i, resp in enumerate(sample["resps"]):
+            args = sample["arguments"][f"gen_args_{i}"]
+            pairs.append((args["arg_0"], args["arg_1"]))
+            scores.append(float(resp[0][0]))
+    return pairs, scores
+
+
+def _mixed_context_items(path: Path) -> None:
+    """PIQA items, half of them with the context removed (lm-eval then scores the choices after
+    its prefix token alone)."""
+    items = piqa.read_piqa(shared_file(piqa.ITEMS), shared_file(piqa.LABELS))[:12]
+    path.write_text("".join(json.dumps({"context": "" if n % 2 else i.query, "choices": list(i.choices),
+                                        "label": i.gold}) + "\n" for n, i in enumerate(items)))
+
+
+@pytest.mark.parametrize("fmt", ["remote", "gpt2"])
+def test_lm_eval_hf_backend_on_an_export_scores_like_eval_run(fmt, tiny_run, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True` and nothing else
+    gives the log-likelihoods of `hybridlm eval run`'s Scorer, with and without context: the export
+    puts <|eos|> where training did. For the GPT-2 layout, `import hf` of the export scores the same
+    again (the round trip keeps the tokens)."""
+    from hf_families import make_run
+
+    from hybridlm.config import ModelConfig
+    from hybridlm.interop.hf_export import export_hf
+    from hybridlm.interop.hf_import import import_hf
+    from hybridlm.tokenizer import TextTokenizer
+
+    run = tiny_run
+    if fmt == "gpt2":
+        vocab = TextTokenizer.load(tiny_run / "tokenizer.json").vocab_size
+        cfg = ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, d_model=32, d_ff=48, max_seq_len=1024,
+                          layer_pattern="DD", position="learned", norm="layernorm", ffn="gelu", bias=True)
+        run = make_run(tmp_path / "gpt2_run", cfg, tiny_run / "tokenizer.json")
+    export = tmp_path / "export"
+    assert export_hf(run, export, fmt)["format"] == fmt
+    data, tasks = tmp_path / "mixed.jsonl", tmp_path / "tasks"
+    _mixed_context_items(data)
+    tasks.mkdir()
+    (tasks / "mixed.yaml").write_text(TASK_YAML.format(name="mixed", data=data, shots=0))
+    samples = _lm_eval_cli("hf", f"pretrained={export},trust_remote_code=True", tasks, "mixed", tmp_path / "out",
+                           tmp_path)
+    pairs, theirs = _requests_and_loglikelihoods(samples)
+    assert any(c == "" for c, _ in pairs) and any(c for c, _ in pairs)
+    ours = [ll for ll, _ in Scorer.from_path(run, dtype="fp32").loglikelihood(pairs)]
+    assert theirs == pytest.approx(ours, abs=1e-4)
+    if fmt == "gpt2":
+        import_hf(export, tmp_path / "imported")
+        again = [ll for ll, _ in Scorer.from_path(tmp_path / "imported", dtype="fp32").loglikelihood(pairs)]
+        assert again == pytest.approx(ours, abs=1e-4)

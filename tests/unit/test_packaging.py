@@ -28,3 +28,19 @@ def test_the_wheel_carries_the_startup_hook_and_the_package_data(tmp_path):
     assert modules <= names
     entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
     assert "[lm_eval.models]" in wheel.read(entry_points).decode()
+
+
+def test_one_transformers_floor_is_declared_locked_and_checked():
+    """pyproject's [hf] floor, the export's own check and the release .venv-hf-floor installs agree."""
+    import re
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    [declared] = [re.fullmatch(r"transformers>=([\d.]+)", spec).group(1) for spec in extras["hf"]]
+    remote = (ROOT / "src/hybridlm/interop/hf_remote/configuration_hybridlm.py").read_text()
+    checked = re.search(r'^TRANSFORMERS_FLOOR = "(.+)"$', remote, re.MULTILINE).group(1)
+    locked = re.search(r"^transformers==(\S+)$", (ROOT / "requirements/hf-floor.lock").read_text(), re.MULTILINE)
+    assert checked == locked.group(1)
+    assert checked.split(".")[:2] == declared.split(".")[:2] and checked.endswith(".0")
+    below = re.search(r"^transformers==(\S+)$", (ROOT / "requirements/hf-below-floor.lock").read_text(), re.MULTILINE)
+    assert tuple(map(int, below.group(1).split("."))) < tuple(map(int, checked.split(".")))

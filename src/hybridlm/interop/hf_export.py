@@ -27,6 +27,7 @@ from hybridlm.errors import UserError
 from hybridlm.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hybridlm.run import LoadedRun, load_run
 from hybridlm.tokenizer import TextTokenizer
+from hybridlm.tokenizer.text_tokenizer import SPECIAL_TOKENS
 
 FORMATS = ("auto", "remote", "gpt2")
 REMOTE_FILES = ("configuration_hybridlm.py", "modeling_hybridlm.py")
@@ -115,8 +116,11 @@ def staged_dir(out: Path) -> Iterator[Path]:
 
 
 def _token_ids(tokenizer: TextTokenizer) -> dict:
+    """The ids transformers and lm-eval start and end sequences with. hybridlm puts <|eos|> before
+    every document in training and scoring, so it is also the export's BOS: an empty prompt in
+    generate() and lm-eval's prefix for an empty context are then the token the model trained on."""
     ids = tokenizer.special_ids
-    return {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
+    return {"bos_token_id": ids["eos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -169,11 +173,15 @@ def _write_gpt2(run: LoadedRun, out: Path) -> None:
 
 
 def _write_tokenizer(tokenizer: TextTokenizer, cfg: ModelConfig, out: Path) -> None:
-    """tokenizer.json as hybridlm uses it, and the files AutoTokenizer reads beside it. No
-    post-processor adds tokens, so `tok(text)` gives hybridlm's ids for plain text; transformers
-    does match special-token strings inside text, which hybridlm never does."""
-    atomic_write_text(out / "tokenizer.json", tokenizer.to_json())
-    config = {**tokenizer.hf_config(), "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}
+    """tokenizer.json and the files AutoTokenizer reads beside it, encoding as training did: a
+    post-processor puts <|eos|> (the export's BOS) before the text, so `tok(text)` is <|eos|> +
+    hybridlm's ids and `add_special_tokens=False` gives hybridlm's ids alone. add_bos_token makes
+    transformers releases that rebuild the post-processor from the config build the same one.
+    transformers does match special-token strings inside text, which hybridlm never does."""
+    atomic_write_text(out / "tokenizer.json", tokenizer.with_document_prefix().to_str(pretty=True))
+    eos = SPECIAL_TOKENS["eos"]
+    config = {**tokenizer.hf_config(), "bos_token": eos, "add_bos_token": True, "add_eos_token": False,
+              "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}
     atomic_write_json(out / "tokenizer_config.json", config)
     special = {k: v for k, v in config.items() if k.endswith("_token")}
     atomic_write_json(out / "special_tokens_map.json", special)

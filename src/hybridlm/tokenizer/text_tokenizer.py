@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, processors
 
 from hybridlm.errors import UserError
 from hybridlm.fileio import atomic_write_json, atomic_write_text
@@ -66,6 +66,16 @@ class TextTokenizer:
             "mask_token": SPECIAL_TOKENS["mask"],
             "chat_template": JINJA_TEMPLATE,
         }
+
+    def with_document_prefix(self) -> Tokenizer:
+        """A copy of the underlying tokenizer whose post-processor puts <|eos|> before each text
+        (and before the second of a pair), as training streams put it before every document: the
+        form other tools, which encode with special tokens by default, need to see what we saw."""
+        eos = SPECIAL_TOKENS["eos"]
+        copy = Tokenizer.from_str(self.hf.to_str())
+        copy.post_processor = processors.TemplateProcessing(
+            single=f"{eos}:0 $A:0", pair=f"{eos}:0 $A:0 {eos}:1 $B:1", special_tokens=[(eos, self.eos_id)])
+        return copy
 
     def to_json(self) -> str:
         return self.hf.to_str(pretty=True)

@@ -1,14 +1,25 @@
 """Configuration of an exported hybridlm model, for Hugging Face transformers (remote code).
 
 Copied into the directory that `hybridlm export hf --format remote` writes. It imports only
-transformers, so the directory loads where hybridlm is not installed. The fields mirror
+transformers (and packaging, which transformers needs), so the directory loads where hybridlm is
+not installed; an older transformers than the tested floor is refused here, in one line. The fields mirror
 hybridlm's ModelConfig; `tie_word_embeddings` is its `tie_embeddings` under the name
 transformers expects.
 """
 
 from __future__ import annotations
 
+import transformers
+from packaging.version import Version
 from transformers import PretrainedConfig
+
+TRANSFORMERS_FLOOR = "4.56.0"
+"""The oldest transformers release the export is tested on (DynamicCache(config=...), the cache
+arguments generate() passes); pyproject's [hf] extra declares the same floor."""
+
+if Version(transformers.__version__) < Version(TRANSFORMERS_FLOOR):  # before anything fails deeper down
+    raise ImportError(f"this hybridlm export needs transformers>={TRANSFORMERS_FLOOR} (found {transformers.__version__}); "
+                      f"upgrade it: pip install 'transformers>={TRANSFORMERS_FLOOR}'")
 
 
 class HybridLMConfig(PretrainedConfig):

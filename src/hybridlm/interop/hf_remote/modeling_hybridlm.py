@@ -219,13 +219,18 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for every position (and the mean next-token loss with `labels`, shifted here as
-        transformers does). With `past_key_values` (or use_cache=True, which starts one) the ids
-        continue the tokens the cache holds, and `attention_mask` covers all of them."""
+        transformers does). With a cache (`cache`, the name transformers 5.24 and later pass, or
+        `past_key_values`, the earlier one; or use_cache=True, which starts one) the ids continue
+        the tokens the cache holds, and `attention_mask` covers all of them. Any other argument is
+        refused by name rather than ignored."""
+        past_key_values = _one_cache(past_key_values, cache)
+        _check_extra_arguments(kwargs, past_key_values, input_ids if inputs_embeds is None else inputs_embeds)
         cfg = self.config
         x_BTC = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x_BTC.shape
@@ -260,4 +265,35 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
             )
         if return_dict is False:
             return tuple(v for v in (loss, logits, past_key_values) if v is not None)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: past_key_values})
+
+
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""The output field that carries the cache back to generate(): `cache` from transformers 5.24 on."""
+
+
+def _one_cache(past_key_values: DynamicCache | None, cache: DynamicCache | None) -> DynamicCache | None:
+    """The cache under whichever name the caller used; two different ones are an error."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("both `cache` and `past_key_values` were given; pass the cache once, as `cache`")
+    return cache if cache is not None else past_key_values
+
+
+def _check_extra_arguments(kwargs: dict, cache: DynamicCache | None, inputs: torch.Tensor) -> None:
+    """Arguments transformers may pass that this model has no parameter for: `cache_position`
+    (generate() in 4.x) must say what the cache already implies, attention and hidden-state outputs
+    are not implemented, and anything else is unknown. None of them is dropped silently."""
+    kwargs = dict(kwargs)
+    cache_position = kwargs.pop("cache_position", None)
+    if cache_position is not None:
+        past = cache.get_seq_length() if cache is not None else 0
+        expected = torch.arange(past, past + inputs.shape[1], device=cache_position.device)
+        if not torch.equal(cache_position.reshape(-1), expected):
+            raise ValueError(f"cache_position {cache_position.tolist()} does not continue the {past} cached tokens; "
+                             "positions follow the cache and attention_mask")
+    for name in ("output_attentions", "output_hidden_states"):
+        if kwargs.pop(name, None):
+            raise ValueError(f"{name}=True is not implemented by the hybridlm export")
+    if kwargs:
+        raise TypeError(f"HybridLMForCausalLM.forward() got unsupported argument(s) {sorted(kwargs)}; "
+                        "a cache goes in as `cache` (or `past_key_values`)")

@@ -11,9 +11,9 @@ import argparse
 
 import torch
 
-from hybridlm.bench.timing import median_seconds, seconds
 from hybridlm.config import preset
 from hybridlm.model import HybridLM
+from hybridlm.timing import median_seconds, seconds
 
 
 def main() -> None:

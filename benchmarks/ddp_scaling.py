@@ -46,9 +46,9 @@ def main() -> None:
     args = parser.parse_args()
     data = prepared_wikitext2(args.out)
     cores = os.cpu_count() or 1
-    overrides = ['model.preset="small"', f"train.data={data}", f"train.steps={args.steps}", "train.log_every=1",
-                 f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}", "train.eval_every=0",
-                 "train.eval_tokens=1024", f"train.checkpoint_every={args.steps}"]
+    overrides = ['model.preset="small"', f"data.path={data}", f"train.steps={args.steps}", "train.log_every=1",
+                 f"data.batch_size={args.batch_size}", f"data.seq_len={args.seq_len}", "eval.every=0",
+                 "eval.tokens=1024", f"checkpoint.every={args.steps}"]
     results = {}
     for name, (nproc, parallel) in CONFIGS.items():
         rates = []
@@ -59,7 +59,7 @@ def main() -> None:
                       [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                        "-m", "hybridlm", "train"])
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // nproc))}
-            subprocess.run(launch + overrides + [f"train.out={run_dir}", f"train.parallel={parallel}"],
+            subprocess.run(launch + overrides + [f"train.out={run_dir}", f"parallel.strategy={parallel}"],
                            check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rates.append(tokens_per_second(run_dir, args.skip))
         results[name] = {"tokens_per_s": rates, "median": statistics.median(rates)}

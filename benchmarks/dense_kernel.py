@@ -13,9 +13,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from hybridlm.bench.timing import median_seconds
 from hybridlm.model.sparse_kernel_bf16 import SparseAttentionBF16, kernel_applies
-
+from hybridlm.timing import median_seconds
 
 HEADS, DIM = 8, 64
 

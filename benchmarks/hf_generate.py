@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from hybridlm.inference.engine import generate_ids
+from hybridlm.inference.decode import generate_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.interop.hf_export import export_hf
 from hybridlm.run import load_run

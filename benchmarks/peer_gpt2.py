@@ -20,12 +20,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hybridlm.bench.timing import median_seconds
 from hybridlm.config import ModelConfig
-from hybridlm.inference.engine import generate_ids
+from hybridlm.inference.decode import generate_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.model import HybridLM
 from hybridlm.model.info import flops_per_token
+from hybridlm.timing import median_seconds
 
 VOCAB, LAYERS, HEADS, D_MODEL = 8192, 6, 6, 384
 

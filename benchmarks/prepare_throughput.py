@@ -15,9 +15,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from hybridlm.bench.timing import seconds as timed
 from hybridlm.data.prepare import prepare
 from hybridlm.data.sources import iter_documents, resolve_source
+from hybridlm.timing import seconds as timed
 from hybridlm.tokenizer import train_tokenizer
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "train.txt"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from wikitext2_data import prepared_wikitext2
 
-from hybridlm.train.args import run_config_from_dict
+from hybridlm.train.config import run_config_from_dict
 from hybridlm.train.metrics import read_metrics
 from hybridlm.train.schedule import batch_schedule
 from hybridlm.train.trainer import train
@@ -77,13 +77,13 @@ def main() -> None:
     results = {}
     for name, extra in SCHEDULES.items():
         run_dir = args.out / name
-        train_doc = {"data": str(data), "out": str(run_dir), "batch_size": 4, "seq_len": 1024, "lr": 1e-3,
-                     "warmup_steps": 20, "eval_every": 10, "eval_tokens": 8192, "log_every": 1, **extra}
-        probe = run_config_from_dict({"model": {"preset": "small"}, "train": train_doc})
-        steps = batch_schedule(probe.train).steps_for_tokens(args.tokens)
-        train_doc.update(steps=steps, checkpoint_every=steps)
+        doc = {"model": {"preset": "small"}, "train": {"out": str(run_dir), "log_every": 1},
+               "data": {"path": str(data), "batch_size": 4, "seq_len": 1024}, "optim": {"lr": 1e-3},
+               "schedule": {"warmup_steps": 20}, "eval": {"every": 10, "tokens": 8192}, "progressive": extra}
+        steps = batch_schedule(run_config_from_dict(doc)).steps_for_tokens(args.tokens)
+        doc["train"]["steps"], doc["checkpoint"] = steps, {"every": steps}
         if not (run_dir / "model.safetensors").exists():
-            train(run_config_from_dict({"model": {"preset": "small"}, "train": train_doc}), progress=False)
+            train(run_config_from_dict(doc), progress=False)
         results[name] = {"steps": steps, "curve": curve(run_dir)}
     plain = results["plain"]["curve"]
     targets = [plain[len(plain) // 2 - 1]["val_bpb"], plain[3 * len(plain) // 4 - 1]["val_bpb"], plain[-1]["val_bpb"]]

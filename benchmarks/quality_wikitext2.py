@@ -19,7 +19,7 @@ from wikitext2_data import DATA, prepared_wikitext2
 
 from hybridlm.eval.perplexity import evaluate_path
 from hybridlm.run import load_run
-from hybridlm.train.args import run_config_from_dict
+from hybridlm.train.config import run_config_from_dict
 from hybridlm.train.trainer import train
 
 
@@ -43,9 +43,10 @@ def main() -> None:
         if not (run_dir / "model.safetensors").exists():
             cfg = run_config_from_dict({
                 "model": {"preset": "small", "layer_pattern": pattern},
-                "train": {"data": str(data), "out": str(run_dir), "steps": args.steps, "batch_size": 4,
-                          "seq_len": 1024, "lr": 1e-3, "warmup_steps": 20, "eval_every": 25, "eval_tokens": 16384,
-                          "checkpoint_every": args.steps, "log_every": 5},
+                "train": {"out": str(run_dir), "steps": args.steps, "log_every": 5},
+                "data": {"path": str(data), "batch_size": 4, "seq_len": 1024}, "optim": {"lr": 1e-3},
+                "schedule": {"warmup_steps": 20}, "eval": {"every": 25, "tokens": 16384},
+                "checkpoint": {"every": args.steps},
             })
             train(cfg, progress=False)
         final = evaluate_path(load_run(run_dir), DATA / "valid.txt", None)

@@ -14,7 +14,7 @@ from hybridlm.fileio import atomic_write_json
 from hybridlm.model import HybridLM
 from hybridlm.run import load_run, save_final
 from hybridlm.tokenizer import train_tokenizer
-from hybridlm.train.args import RunConfig, TrainConfig
+from hybridlm.train.config import RunConfig, TrainConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -46,14 +46,14 @@ def tiny_shards(tmp_path_factory) -> Path:
 def tiny_run(tiny_shards, tmp_path_factory) -> Path:
     """A finished run directory: the two-layer model (one dense, one sparse layer) trained briefly
     on tiny_shards in fp32, for tests that need a real trained hybridlm run."""
-    from hybridlm.train.args import load_run_config
+    from hybridlm.train.config import load_run_config
     from hybridlm.train.trainer import train
 
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     train(load_run_config(None, TINY_MODEL + [
-        f"train.data={tiny_shards}", f"train.out={out}", "train.steps=40", "train.batch_size=8", "train.seq_len=64",
-        "train.eval_every=0", "train.eval_tokens=512", "train.checkpoint_every=40", "train.dtype=fp32",
-        "train.lr=3e-3", "train.warmup_steps=4"]), progress=False)
+        f"data.path={tiny_shards}", f"train.out={out}", "train.steps=40", "data.batch_size=8", "data.seq_len=64",
+        "eval.every=0", "eval.tokens=512", "checkpoint.every=40", "train.dtype=fp32",
+        "optim.lr=3e-3", "schedule.warmup_steps=4"]), progress=False)
     return out
 
 

@@ -109,20 +109,29 @@ def prepare_cmd(sources, tokenizer_path: Path, out: Path, val_fraction: float, f
 
 @app.command("train", context_settings={"ignore_unknown_options": True})
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="TOML config file.")
-@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
-              help="Multi-stage recipe (TOML): runs its stages in order, resuming where it stopped.")
+@click.option("--recipe", "recipe_path", default=None,
+              help="Multi-stage recipe: a TOML file, or a built-in one by name (paper-3stage); runs its stages "
+                   "in order, resuming where it stopped.")
 @click.option("--stage", default=None, help="With --recipe: run (or rerun from scratch) only this stage.")
 @click.option("--resume", is_flag=True, help="Continue the run in train.out from its last valid checkpoint.")
 @click.option("--nproc-per-node", "nproc", type=int, default=None,
-              help="Launch N processes here through torchrun (train.parallel = ddp or fsdp).")
+              help="Launch N processes here through torchrun (parallel.strategy = ddp or fsdp).")
+@click.option("--help-config", is_flag=True, help="Print every config section and key with its default and meaning.")
 @click.argument("overrides", nargs=-1)
 @json_option
-def train_cmd(config_path: Path | None, recipe_path: Path | None, stage: str | None, resume: bool, nproc: int | None,
-              overrides, as_json: bool) -> None:
+def train_cmd(config_path: Path | None, recipe_path: str | None, stage: str | None, resume: bool, nproc: int | None,
+              help_config: bool, overrides, as_json: bool) -> None:
     """Train a model: hybridlm train --config FILE.toml [section.key=value ...], or --recipe FILE.
     With --nproc-per-node N (or under `torchrun --nproc-per-node N -m hybridlm train ...`) the ranks
     share each batch through DDP or FSDP2."""
     from hybridlm.train.distributed import close_world, init_world
+
+    if help_config:
+        from hybridlm.train.config import config_help, format_config_help
+
+        doc = config_help()
+        _emit(doc, as_json, format_config_help(doc))
+        return
 
     if recipe_path is not None and config_path is not None:
         raise click.UsageError("give --config or --recipe, not both")
@@ -143,13 +152,13 @@ def train_cmd(config_path: Path | None, recipe_path: Path | None, stage: str | N
         _emit(result, as_json, text)
 
 
-def _launch(nproc: int, config_path: Path | None, recipe_path: Path | None, flags: list[str],
+def _launch(nproc: int, config_path: Path | None, recipe_path: str | None, flags: list[str],
             overrides: list[str]) -> None:
     """Check the config for N ranks (so bad input stops here, exit 2), then rerun this command
     under torchrun and exit with its status."""
     import subprocess
 
-    from hybridlm.train.args import load_run_config
+    from hybridlm.train.config import load_run_config
     from hybridlm.train.recipe import load_recipe
     from hybridlm.train.schedule import batch_schedule
 
@@ -157,13 +166,13 @@ def _launch(nproc: int, config_path: Path | None, recipe_path: Path | None, flag
         raise UserError("--nproc-per-node must be >= 1 and is not for use under torchrun")
     runs = [s.run for s in load_recipe(recipe_path, overrides)] if recipe_path else [load_run_config(config_path, overrides)]
     for run in runs:
-        batch_schedule(run.train, nproc)
+        batch_schedule(run, nproc)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "hybridlm", "train", *flags, *overrides]
     sys.exit(subprocess.run(command, check=False).returncode)
 
 
-def _train(config_path: Path | None, recipe_path: Path | None, stage: str | None, resume: bool,
+def _train(config_path: Path | None, recipe_path: str | None, stage: str | None, resume: bool,
            overrides: list[str]) -> tuple[str, dict]:
     """Run a recipe or one training run; return the summary line and document."""
     if recipe_path is not None:
@@ -173,7 +182,7 @@ def _train(config_path: Path | None, recipe_path: Path | None, stage: str | None
         return "\n".join(
             f"stage {s['stage']}: {s['steps']} steps{' (already done)' if s.get('skipped') else ''} -> "
             f"{s['run_dir']} (val loss {s.get('val_loss', float('nan')):.3f})" for s in summaries), {"stages": summaries}
-    from hybridlm.train.args import load_run_config
+    from hybridlm.train.config import load_run_config
     from hybridlm.train.trainer import train
 
     result = train(load_run_config(config_path, overrides), resume=resume)
@@ -304,7 +313,7 @@ def eval_report_cmd(results: tuple[Path, ...], out: Path, as_json: bool) -> None
 @json_option
 def report_cmd(run: Path, out: Path | None, as_json: bool) -> None:
     """Plots (loss, lr, tokens per source) and report.md for a run directory or a recipe's output."""
-    from hybridlm.report import format_summary, write_report
+    from hybridlm.train.report import format_summary, write_report
 
     result = write_report(run, out)
     _emit(result, as_json, format_summary(result))

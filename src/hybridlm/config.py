@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
 from hybridlm.errors import UserError
 
 POSITIONS = ("rope", "learned", "sinusoidal")

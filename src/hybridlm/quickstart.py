@@ -14,43 +14,53 @@ from pathlib import Path
 from hybridlm.data.prepare import prepare
 from hybridlm.data.sources import iter_documents, resolve_source
 from hybridlm.errors import UserError
-from hybridlm.eval.perplexity import evaluate_split
+from hybridlm.train.validation import evaluate_split
 from hybridlm.eval.unigram import unigram_bpb
 from hybridlm.inference.generate import generate_text
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.run import load_run
 from hybridlm.tokenizer import train_tokenizer
-from hybridlm.train.recipe import plan_stages, run_recipe
+from hybridlm.train.recipe import plan_stages, recipe_document, run_recipe
 
 CORPUS = "stdlib-docs"
 SAMPLE_PROMPT = "Return the"
-# The paper's three stages (80 / 15 / 5% of the tokens; learning rates in the ratio 3e-4 : 1e-4 :
-# 5e-5), on the built-in corpus: docstrings, then the language reference, then question/answer pairs.
-STAGE_SHARES = {"broad": 0.80, "focused": 0.15, "instruct": 0.05}
-LR_RATIOS = {"broad": 1.0, "focused": 1 / 3, "instruct": 1 / 6}
+RECIPE = "paper-3stage"
+"""The method's three stages (80 / 15 / 5% of the tokens, learning rates 3e-4 : 1e-4 : 5e-5) on the
+built-in corpus: docstrings, then the language reference, then question/answer pairs."""
 SETTINGS: dict[str, dict] = {
     "tiny": {"vocab_size": 2048, "model": {"preset": "tiny"}, "steps": 150, "lr": 2e-3,
-             "train": {"batch_size": 16, "seq_len": 128, "eval_tokens": 16384}},
+             "data": {"batch_size": 16, "seq_len": 128}, "eval": {"tokens": 16384}},
     "small": {"vocab_size": 4096, "model": {"preset": "small"}, "steps": 300, "lr": 1e-3,
-              "train": {"batch_size": 16, "seq_len": 256, "eval_tokens": 32768}},
+              "data": {"batch_size": 16, "seq_len": 256}, "eval": {"tokens": 32768}},
 }
+"""How each quickstart size resizes the recipe: model, steps over all stages, the first stage's
+peak learning rate, batch shape and validation tokens."""
 
 
 def quickstart_recipe(preset_name: str, out: Path) -> dict:
-    """The three-stage recipe the quickstart runs, as a recipe document (see train/recipe.py)."""
+    """The built-in three-stage recipe resized for a quickstart preset, its data under `out`."""
     s = SETTINGS[preset_name]
-    total = s["steps"] * s["train"]["batch_size"] * s["train"]["seq_len"]
-    docstrings, reference = str(out / "data" / "docstrings"), str(out / "data" / "reference")
-    mixtures = {"broad": {docstrings: 1.0}, "focused": {reference: 0.7, docstrings: 0.3},
-                "instruct": {"stdlib-docs:qa": 1.0}}
-    stages = []
-    for name, share in STAGE_SHARES.items():
-        steps = round(share * s["steps"])
-        stages.append({"name": name, "fraction": share, "objective": "sft" if name == "instruct" else "clm",
-                       "mixture": mixtures[name], "lr": s["lr"] * LR_RATIOS[name],
-                       "warmup_steps": max(1, steps // 10), "eval_every": 0, "checkpoint_every": max(1, steps // 2)})
-    return {"model": s["model"], "recipe": {"out": str(out / "run"), "total_tokens": total, "train": s["train"]},
-            "stage": stages}
+    doc = recipe_document(RECIPE)
+    stages = doc["stage"]
+    first_lr = stages[0]["optim"]["lr"]
+    resized = []
+    for stage in stages:
+        steps = round(stage["fraction"] * s["steps"])
+        # Rates relative to the first stage's: the recipe's 3e-4 / 1e-4 is 2.9999999999999996 in
+        # floating point, so the ratio is rounded before dividing (lr / 3 exactly, not one ulp off).
+        slower = round(first_lr / stage["optim"]["lr"], 9)
+        mixture = {_under(out, spec): weight for spec, weight in stage["data"]["mixture"].items()}
+        resized.append({**stage, "data": {**stage["data"], "mixture": mixture}, "optim": {"lr": s["lr"] / slower},
+                        "schedule": {**stage["schedule"], "warmup_steps": max(1, steps // 10)},
+                        "checkpoint": {"every": max(1, steps // 2)}})
+    total = s["steps"] * s["data"]["batch_size"] * s["data"]["seq_len"]
+    return {**doc, "model": s["model"], "recipe": {"out": str(out / "run"), "total_tokens": total},
+            "data": {**doc["data"], **s["data"]}, "eval": {**doc["eval"], **s["eval"]}, "stage": resized}
+
+
+def _under(out: Path, spec: str) -> str:
+    """A recipe source under the quickstart's directory: runs/data/X -> OUT/data/X; built-ins kept."""
+    return str(out / "data" / Path(spec).name) if spec.startswith("runs/data/") else spec
 
 
 def run_quickstart(preset_name: str, out: Path, *, progress: bool = True) -> dict:
@@ -78,7 +88,7 @@ def run_quickstart(preset_name: str, out: Path, *, progress: bool = True) -> dic
     say("[4/5] evaluating on the whole validation splits")
     final = Path(trained[-1]["run_dir"])
     run = load_run(final)
-    seq_len = settings["train"]["seq_len"]
+    seq_len = settings["data"]["seq_len"]
     val = {part: evaluate_split(run.model, out / "data" / part, seq_len, 1 << 62, trained[0]["dtype"])
            for part in ("docstrings", "reference")}
     say("[5/5] sampling")

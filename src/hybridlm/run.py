@@ -25,8 +25,8 @@ from hybridlm.fileio import (
     sha256_file,
 )
 from hybridlm.model import HybridLM
+from hybridlm.tensors import full_tensor
 from hybridlm.tokenizer import TextTokenizer
-from hybridlm.train.distributed import full_tensor
 
 MANIFEST = "manifest.json"
 

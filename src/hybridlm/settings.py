@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 import tomllib
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -25,7 +28,7 @@ def apply_overrides(doc: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=3e-4)")
+            raise UserError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=3e-4)")
         *sections, leaf = key.strip().split(".")
         target = doc
         for section in sections:
@@ -63,3 +66,39 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and (hint is bool or not isinstance(value, bool))):
         raise UserError(f"{name} must be {hint.__name__} (got {value!r})")
     return value
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls` (Python keeps none at run time,
+    so they are read from the class's source), one line each."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for field_node, after in zip(body, body[1:]):
+        if (isinstance(field_node, ast.AnnAssign) and isinstance(field_node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[field_node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe_fields(cls: type) -> list[dict]:
+    """[{key, type, default, doc}] for every field of dataclass `cls`, defaults as TOML would read them."""
+    docs, hints = field_docs(cls), get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append({"key": f.name, "type": getattr(hints[f.name], "__name__", str(hints[f.name])),
+                     "default": default, "doc": docs.get(f.name, "")})
+    return rows
+
+
+def toml_value(value: Any) -> str:
+    """`value` written as TOML reads it (what an override or a config file would say)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)

@@ -113,13 +113,13 @@ def test_bad_recipes_get_one_line_and_exit_2_before_training(tmp_path, quickstar
     out = tmp_path / "out"
     base = f'[model]\npreset = "tiny"\n[recipe]\nout = "{out}"\ntotal_tokens = 10000\n'
     cases = [
-        (f'[[stage]]\nname = "a"\nfraction = 1.0\nmixture = {{ "{data}" = 0 }}\n', "sum to a positive number"),
-        ('[[stage]]\nname = "a"\nfraction = 1.0\nobjective = "rlhf"\ntrain_data = 1\n', "unknown train key"),
-        (f'[[stage]]\nname = "a"\nfraction = 1.0\nobjective = "dpo"\nmixture = {{ "{data}" = 1 }}\n',
+        (f'[[stage]]\nname = "a"\nfraction = 1.0\ndata.mixture = {{ "{data}" = 0 }}\n', "sum to a positive number"),
+        ('[[stage]]\nname = "a"\nfraction = 1.0\ntrain.objective = "rlhf"\ntrain.train_data = 1\n', "unknown train key"),
+        (f'[[stage]]\nname = "a"\nfraction = 1.0\ntrain.objective = "dpo"\ndata.mixture = {{ "{data}" = 1 }}\n',
          "train.objective must be one of clm, mlm, sft"),
-        ('[[stage]]\nname = "a"\nfraction = 1.0\nmixture = { "no/such/dir" = 1 }\n', "no/such/dir"),
-        (f'[[stage]]\nname = "a"\nfraction = 1.0\nobjective = "sft"\ntokenizer = "{data}/tokenizer.json"\n'
-         f'mixture = {{ "{bad_line}" = 1 }}\n', "line 2 is not valid JSON"),
+        ('[[stage]]\nname = "a"\nfraction = 1.0\ndata.mixture = { "no/such/dir" = 1 }\n', "no/such/dir"),
+        (f'[[stage]]\nname = "a"\nfraction = 1.0\ntrain.objective = "sft"\ndata.tokenizer = "{data}/tokenizer.json"\n'
+         f'data.mixture = {{ "{bad_line}" = 1 }}\n', "line 2 is not valid JSON"),
     ]
     for i, (stage, needle) in enumerate(cases):
         recipe = tmp_path / f"r{i}.toml"
@@ -127,10 +127,10 @@ def test_bad_recipes_get_one_line_and_exit_2_before_training(tmp_path, quickstar
         _bad(hybridlm("train", "--recipe", str(recipe)), needle)
         assert not (out / "1-a" / "config.json").exists()
     # A later stage's missing or malformed data stops the recipe before its first stage trains.
-    first = f'[[stage]]\nname = "a"\ntokens = 100\nmixture = {{ "{data}" = 1 }}\n'
+    first = f'[[stage]]\nname = "a"\ntokens = 100\ndata.mixture = {{ "{data}" = 1 }}\n'
     for i, (later, needle) in enumerate([
-        ('[[stage]]\nname = "b"\ntokens = 100\nmixture = { "no/such/dir" = 1 }\n', "no/such/dir"),
-        (f'[[stage]]\nname = "b"\ntokens = 100\nobjective = "sft"\nmixture = {{ "{bad_line}" = 1 }}\n',
+        ('[[stage]]\nname = "b"\ntokens = 100\ndata.mixture = { "no/such/dir" = 1 }\n', "no/such/dir"),
+        (f'[[stage]]\nname = "b"\ntokens = 100\ntrain.objective = "sft"\ndata.mixture = {{ "{bad_line}" = 1 }}\n',
          "line 2 is not valid JSON"),
     ]):
         recipe = tmp_path / f"later{i}.toml"
@@ -140,7 +140,7 @@ def test_bad_recipes_get_one_line_and_exit_2_before_training(tmp_path, quickstar
     recipe = tmp_path / "ok.toml"
     recipe.write_text(base + first)
     _bad(hybridlm("train", "--recipe", str(recipe), "--stage", "b"), "no stage named 'b'")
-    _bad(hybridlm("train", "--recipe", str(recipe), "--nproc-per-node", "2", "recipe.train.batch_size=3"),
+    _bad(hybridlm("train", "--recipe", str(recipe), "--nproc-per-node", "2", "data.batch_size=3"),
          "must be divisible by the world size (2)")
 
 

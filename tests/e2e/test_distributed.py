@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_MODEL, shared_file
 
-from hybridlm.train.args import load_run_config
+from hybridlm.train.config import load_run_config
 from hybridlm.train.trainer import train
 
 STEPS = 10
@@ -20,9 +20,9 @@ STEPS = 10
 
 def _overrides(data: Path, out: Path, *extra: str) -> list[str]:
     return TINY_MODEL + [
-        f"train.data={data}", f"train.out={out}", f"train.steps={STEPS}", "train.batch_size=4", "train.seq_len=32",
-        "train.log_every=1", "train.checkpoint_every=5", "train.eval_every=0", "train.eval_tokens=256",
-        "train.dtype=fp32", "train.warmup_steps=3", "train.lr=3e-3", *extra,
+        f"data.path={data}", f"train.out={out}", f"train.steps={STEPS}", "data.batch_size=4", "data.seq_len=32",
+        "train.log_every=1", "checkpoint.every=5", "eval.every=0", "eval.tokens=256",
+        "train.dtype=fp32", "schedule.warmup_steps=3", "optim.lr=3e-3", *extra,
     ]
 
 
@@ -48,7 +48,7 @@ def single(tiny_shards, tmp_path_factory) -> list[float]:
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_follow_one_process(parallel, single, tiny_shards, tmp_path):
-    done = _torchrun(2, _overrides(tiny_shards, tmp_path / "run", f"train.parallel={parallel}"), "--json")
+    done = _torchrun(2, _overrides(tiny_shards, tmp_path / "run", f"parallel.strategy={parallel}"), "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # only rank 0 prints
     assert summary["world_size"] == 2
@@ -63,9 +63,9 @@ def test_two_processes_weight_reply_tokens_like_one_process(tiny_shards, tmp_pat
     loss and update are still the one-process mean over all of them."""
     alpaca = shared_file("instruct/codealpaca/code_alpaca_2k.json")
     sft = TINY_MODEL + [
-        "train.objective=sft", f'train.mixture={{"{alpaca}" = 1.0}}', f"train.tokenizer={tiny_shards.parent}/tokenizer.json",
-        "train.steps=4", "train.batch_size=4", "train.seq_len=96", "train.log_every=1", "train.checkpoint_every=4",
-        "train.eval_every=0", "train.dtype=fp32", "train.warmup_steps=1", "train.lr=3e-3"]
+        "train.objective=sft", f'data.mixture={{"{alpaca}" = 1.0}}', f"data.tokenizer={tiny_shards.parent}/tokenizer.json",
+        "train.steps=4", "data.batch_size=4", "data.seq_len=96", "train.log_every=1", "checkpoint.every=4",
+        "eval.every=0", "train.dtype=fp32", "schedule.warmup_steps=1", "optim.lr=3e-3"]
     train(load_run_config(None, [*sft, f"train.out={tmp_path / 'single'}"]), progress=False)
     done = _torchrun(2, [*sft, f"train.out={tmp_path / 'ddp'}"])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -74,7 +74,7 @@ def test_two_processes_weight_reply_tokens_like_one_process(tiny_shards, tmp_pat
 
 def test_checkpoint_of_two_fsdp_ranks_resumes_on_one(single, tiny_shards, tmp_path):
     run = tmp_path / "run"
-    done = _torchrun(2, _overrides(tiny_shards, run, "train.parallel=fsdp"))
+    done = _torchrun(2, _overrides(tiny_shards, run, "parallel.strategy=fsdp"))
     assert done.returncode == 0, done.stderr[-3000:]
     # Make it a run that stopped at step 5, then continue it in a single process.
     shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")
@@ -84,12 +84,12 @@ def test_checkpoint_of_two_fsdp_ranks_resumes_on_one(single, tiny_shards, tmp_pa
 
 
 def test_world_size_that_does_not_divide_the_batch_is_refused(tiny_shards, tmp_path):
-    overrides = _overrides(tiny_shards, tmp_path / "run", "train.batch_size=3")
+    overrides = _overrides(tiny_shards, tmp_path / "run", "data.batch_size=3")
     done = subprocess.run([sys.executable, "-m", "hybridlm", "train", "--nproc-per-node", "2", *overrides],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: train.batch_size (3) is the global micro-batch and must be divisible by the world size (2); "
+        "error: data.batch_size (3) is the global micro-batch and must be divisible by the world size (2); "
         "use a multiple of 2"]
     assert not (tmp_path / "run").exists()
     # Under torchrun directly, each rank refuses before training; only rank 0 prints the line.

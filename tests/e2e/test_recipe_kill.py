@@ -24,24 +24,28 @@ window = 8
 stride = 8
 [recipe]
 out = "{out}"
-[recipe.train]
-data = "{data}"
-batch_size = 4
-seq_len = 32
+[train]
 dtype = "fp32"
 log_every = 1
-eval_every = 0
-eval_tokens = 256
-checkpoint_every = 5
+[data]
+path = "{data}"
+batch_size = 4
+seq_len = 32
+[eval]
+every = 0
+tokens = 256
+[checkpoint]
+every = 5
+[schedule]
 warmup_steps = 3
 [[stage]]
 name = "first"
 tokens = {20 * 4 * 32}
-lr = 3e-3
+optim.lr = 3e-3
 [[stage]]
 name = "second"
 tokens = {STAGE_STEPS * 4 * 32}
-lr = 1e-3
+optim.lr = 1e-3
 ''')
     return path
 

@@ -34,12 +34,13 @@ def recipe_dir(tmp_path_factory) -> Path:
     chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is x{i}?"},
                                                      {"role": "assistant", "content": f"x{i} is {i * 7 % 13}."}]})
                             + "\n" for i in range(60)))
-    common = {"batch_size": 4, "seq_len": 32, "eval_every": 3, "eval_tokens": 256, "log_every": 2,
-              "checkpoint_every": 100, "dtype": "fp32", "warmup_steps": 1, "lr": 3e-3}
-    recipe = {"model": MODEL, "recipe": {"out": str(root / "run"), "train": common},
-              "stage": [{"name": "broad", "tokens": 128 * 6,
-                         "mixture": {str(root / "data" / "facts"): 0.7, str(root / "data" / "story"): 0.3}},
-                        {"name": "instruct", "tokens": 128 * 4, "objective": "sft", "mixture": {str(chat): 1.0}}]}
+    recipe = {"model": MODEL, "recipe": {"out": str(root / "run")}, "data": {"batch_size": 4, "seq_len": 32},
+              "eval": {"every": 3, "tokens": 256}, "train": {"log_every": 2, "dtype": "fp32"},
+              "checkpoint": {"every": 100}, "schedule": {"warmup_steps": 1}, "optim": {"lr": 3e-3},
+              "stage": [{"name": "broad", "tokens": 128 * 6, "data": {
+                         "mixture": {str(root / "data" / "facts"): 0.7, str(root / "data" / "story"): 0.3}}},
+                        {"name": "instruct", "tokens": 128 * 4, "train": {"objective": "sft"},
+                         "data": {"mixture": {str(chat): 1.0}}}]}
     run_recipe(plan_stages(recipe), progress=False)
     return root / "run"
 

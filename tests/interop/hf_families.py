@@ -12,7 +12,7 @@ from hybridlm.fileio import atomic_write_json
 from hybridlm.model import HybridLM
 from hybridlm.run import save_final
 from hybridlm.tokenizer import TextTokenizer
-from hybridlm.train.args import RunConfig, TrainConfig
+from hybridlm.train.config import DataConfig, RunConfig, TrainConfig
 
 REMOTE_CONFIGS = {
     "learned-gqa-global": {"n_layer": 3, "n_head": 4, "n_kv_head": 2, "layer_pattern": "DSS", "window": 4,
@@ -36,8 +36,8 @@ def make_run(root: Path, cfg: ModelConfig, tokenizer_path: Path) -> Path:
             p.add_(torch.randn_like(p) * 0.05)
     run = root / "run"
     run.mkdir(parents=True)
-    train = TrainConfig(out=str(run), seq_len=cfg.max_seq_len)
-    atomic_write_json(run / "config.json", RunConfig(model=cfg, train=train).to_dict())
+    config = RunConfig(model=cfg, train=TrainConfig(out=str(run)), data=DataConfig(seq_len=cfg.max_seq_len))
+    atomic_write_json(run / "config.json", config.to_dict())
     TextTokenizer.load(tokenizer_path).save(run / "tokenizer.json")
     save_final(run, model)
     return run

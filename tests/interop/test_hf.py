@@ -16,7 +16,7 @@ from hf_families import REMOTE_CONFIGS, family_run, make_run
 
 from hybridlm.config import ModelConfig
 from hybridlm.errors import UserError
-from hybridlm.inference.engine import generate_ids
+from hybridlm.inference.decode import generate_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.interop.hf_export import export_hf
 from hybridlm.interop.hf_import import import_hf

@@ -22,7 +22,7 @@ import torch
 from hf_families import REMOTE_CONFIGS, family_run
 from safetensors.torch import save_file
 
-from hybridlm.inference.engine import generate_ids
+from hybridlm.inference.decode import generate_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.interop.hf_export import export_hf
 from hybridlm.run import load_run

@@ -13,7 +13,7 @@ import pytest
 
 from hybridlm.device import default_device
 from hybridlm.errors import UserError
-from hybridlm.inference.engine import generate_ids
+from hybridlm.inference.decode import generate_ids
 from hybridlm.inference.generate import generate_text
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.inference.text import TextStream

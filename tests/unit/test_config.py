@@ -6,7 +6,7 @@ import pytest
 
 from hybridlm.config import PRESETS, ModelConfig, preset
 from hybridlm.errors import UserError
-from hybridlm.train.args import load_run_config
+from hybridlm.train.config import load_run_config
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -49,15 +49,15 @@ def test_unknown_key_lists_the_known_ones(tmp_path):
 def test_overrides_parse_as_toml_values(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('[model]\npreset = "tiny"\n[train]\nsteps = 5\n')
-    cfg = load_run_config(toml, ["train.lr=1e-3", "model.window=16", "train.dtype=fp32", "train.steps=7"])
-    assert (cfg.train.lr, cfg.model.window, cfg.train.dtype, cfg.train.steps) == (1e-3, 16, "fp32", 7)
+    cfg = load_run_config(toml, ["optim.lr=1e-3", "model.window=16", "train.dtype=fp32", "train.steps=7"])
+    assert (cfg.optim.lr, cfg.model.window, cfg.train.dtype, cfg.train.steps) == (1e-3, 16, "fp32", 7)
 
 
 @pytest.mark.parametrize(
     "override,message",
     [
         ("train.steps=abc", "train.steps must be int"),
-        ("train.seq_len=4096", "exceeds model.max_seq_len"),
+        ("data.seq_len=4096", "exceeds model.max_seq_len"),
         ("nosection=1", "unknown config section"),
         ("train.lr", "not of the form"),
         ("train.dtype=fp16", "train.dtype must be one of"),
@@ -66,3 +66,40 @@ def test_overrides_parse_as_toml_values(tmp_path):
 def test_bad_overrides(override, message):
     with pytest.raises(UserError, match=message):
         load_run_config(None, ['model.preset="tiny"', override])
+
+
+def test_help_config_prints_every_key_at_its_default_as_loadable_toml(tmp_path):
+    """`hybridlm train --help-config` lists each section's keys with docstrings; the text is TOML
+    that loads back into the default config (so every default it shows is the real one)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from hybridlm.train.config import SECTIONS, RunConfig
+
+    shown = subprocess.run([sys.executable, "-m", "hybridlm", "train", "--help-config"], capture_output=True,
+                           text=True, timeout=120, check=False)
+    assert shown.returncode == 0, shown.stderr
+    for name, cls in SECTIONS.items():
+        assert f"[{name}]" in shown.stdout
+        for f in dataclasses.fields(cls):
+            line = next(line for line in shown.stdout.splitlines() if line.startswith(f"{f.name} = "))
+            assert len(line.split("# ", 1)[1]) > 10, line  # a type and a docstring after the default
+    (tmp_path / "all.toml").write_text(shown.stdout)
+    assert load_run_config(tmp_path / "all.toml", []).to_dict() == RunConfig(model=ModelConfig()).to_dict()
+
+
+def test_a_key_of_the_old_single_train_section_names_its_new_place():
+    with pytest.raises(UserError, match=r"train\.lr is now optim\.lr, train\.seq_len is now data\.seq_len"):
+        load_run_config(None, ["train.lr=1e-3", "train.seq_len=64"])
+
+
+def test_a_run_directory_from_before_the_sections_still_reads(tmp_path):
+    """config.json of earlier releases kept every training key in [train]: resume reads it."""
+    from hybridlm.train.config import saved_run_config
+
+    legacy = {"model": {"preset": "tiny"}, "train": {"data": "d", "out": "o", "steps": 9, "lr": 1e-3, "seq_len": 64,
+                                                     "schedule": "linear", "eval_every": 3, "parallel": "fsdp"}}
+    now = load_run_config(None, ['model.preset="tiny"', "data.path=d", "train.out=o", "train.steps=9", "optim.lr=1e-3",
+                                 "data.seq_len=64", "schedule.decay=linear", "eval.every=3", "parallel.strategy=fsdp"])
+    assert saved_run_config(legacy) == now

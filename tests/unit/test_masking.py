@@ -7,7 +7,7 @@ import torch
 
 from hybridlm.config import preset
 from hybridlm.data.masking import mask_tokens
-from hybridlm.eval.masked import masked_accuracy
+from hybridlm.train.validation import masked_accuracy
 from hybridlm.model import HybridLM
 from hybridlm.model.loss import IGNORE_INDEX
 

@@ -9,17 +9,17 @@ import torch
 from conftest import TINY_MODEL
 
 from hybridlm.tokenizer import TextTokenizer
-from hybridlm.train.args import load_run_config
+from hybridlm.train.config import load_run_config
 from hybridlm.train.recipe import plan_stages, run_recipe
-from hybridlm.train.stage_data import mask_rows
+from hybridlm.train.objectives.mlm import mask_rows
 from hybridlm.train.trainer import train
 
 
 def _overrides(data: Path, out: Path, steps: int) -> list[str]:
     return TINY_MODEL + [
-        f"train.data={data}", f"train.out={out}", f"train.steps={steps}", "train.batch_size=8",
-        "train.seq_len=32", "train.log_every=1", f"train.checkpoint_every={steps}", f"train.eval_every={steps // 2}",
-        "train.eval_tokens=1024", "train.dtype=fp32", "train.warmup_steps=3", "train.lr=3e-3",
+        f"data.path={data}", f"train.out={out}", f"train.steps={steps}", "data.batch_size=8",
+        "data.seq_len=32", "train.log_every=1", f"checkpoint.every={steps}", f"eval.every={steps // 2}",
+        "eval.tokens=1024", "train.dtype=fp32", "schedule.warmup_steps=3", "optim.lr=3e-3",
         "train.objective=mlm",
     ]
 
@@ -49,11 +49,11 @@ def test_mlm_run_learns_to_fill_masks(tiny_shards, tmp_path):
 
 def test_mlm_stage_hands_its_weights_to_a_clm_stage(tiny_shards, tmp_path):
     doc = {"model": {"preset": "tiny", "n_layer": 2, "d_model": 64, "window": 8, "stride": 8},
-           "recipe": {"out": str(tmp_path / "recipe"), "train": {
-               "data": str(tiny_shards), "batch_size": 8, "seq_len": 32, "dtype": "fp32", "eval_every": 0,
-               "eval_tokens": 512, "lr": 3e-3, "warmup_steps": 2}},
-           "stage": [{"name": "mlm", "objective": "mlm", "tokens": 8 * 8 * 32},
-                     {"name": "clm", "objective": "clm", "tokens": 4 * 8 * 32}]}
+           "recipe": {"out": str(tmp_path / "recipe")}, "train": {"dtype": "fp32"},
+           "data": {"path": str(tiny_shards), "batch_size": 8, "seq_len": 32}, "eval": {"every": 0, "tokens": 512},
+           "optim": {"lr": 3e-3}, "schedule": {"warmup_steps": 2},
+           "stage": [{"name": "mlm", "train": {"objective": "mlm"}, "tokens": 8 * 8 * 32},
+                     {"name": "clm", "train": {"objective": "clm"}, "tokens": 4 * 8 * 32}]}
     summaries = run_recipe(plan_stages(doc), progress=False)
     assert [s["stage"] for s in summaries] == ["mlm", "clm"]
     assert "val_accuracy" in summaries[0] and "val_bpb" in summaries[1]

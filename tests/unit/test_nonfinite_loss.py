@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from hybridlm.data.mixture import Mixture, WindowSource
 from hybridlm.errors import TrainingStopped
 from hybridlm.run import write_manifest
-from hybridlm.train.args import load_run_config
+from hybridlm.train.config import load_run_config
 from hybridlm.train.checkpoint import latest_valid_checkpoint
 from hybridlm.train.trainer import train
 
@@ -25,10 +25,10 @@ BATCH, SEQ, SEED, STEPS = 4, 32, 1337, 30
 
 def _overrides(data: Path, out: Path, *extra: str) -> list[str]:
     return TINY_MODEL + ["model.tie_embeddings=false"] + [
-        f"train.data={data}", f"train.out={out}", f"train.steps={STEPS}", f"train.batch_size={BATCH}",
-        f"train.seq_len={SEQ}", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=40",
-        "train.eval_every=0", "train.eval_tokens=256", "train.dtype=fp32", "train.warmup_steps=2",
-        "train.lr=1e-3", f"train.seed={SEED}", *extra,
+        f"data.path={data}", f"train.out={out}", f"train.steps={STEPS}", f"data.batch_size={BATCH}",
+        f"data.seq_len={SEQ}", "train.log_every=1", "checkpoint.every=1", "checkpoint.keep=40",
+        "eval.every=0", "eval.tokens=256", "train.dtype=fp32", "schedule.warmup_steps=2",
+        "optim.lr=1e-3", f"train.seed={SEED}", *extra,
     ]
 
 

@@ -20,9 +20,10 @@ def test_the_wheel_carries_the_startup_hook_and_the_package_data(tmp_path):
     names = set(wheel.namelist())
     assert wheel.read("hybridlm_lm_eval.pth").decode().strip() == "import hybridlm.interop.lm_eval_startup"
     source = ROOT / "src"
-    data_files = [path for pattern in ("hybridlm/csrc/*.cpp", "hybridlm/interop/hf_remote/*.py",
-                                       "hybridlm/serve/static/*") for path in source.glob(pattern)]
-    assert len(data_files) >= 6
+    patterns = ("hybridlm/csrc/*.cpp", "hybridlm/interop/hf_remote/*.py", "hybridlm/recipes/*.toml",
+                "hybridlm/serve/static/*")
+    data_files = [path for pattern in patterns for path in source.glob(pattern)]
+    assert len(data_files) >= 7
     assert {path.relative_to(source).as_posix() for path in data_files} <= names
     modules = {path.relative_to(source).as_posix() for path in (source / "hybridlm").rglob("*.py")}
     assert modules <= names

@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY_MODEL
 
 from hybridlm.errors import UserError
-from hybridlm.train.args import load_run_config
+from hybridlm.train.config import load_run_config
 from hybridlm.train.schedule import BatchSchedule
 from hybridlm.train.trainer import train
 
@@ -47,10 +47,10 @@ def test_world_size_must_divide_every_batch():
 
 def _overrides(data, out, steps=12):
     return TINY_MODEL + [
-        f"train.data={data}", f"train.out={out}", f"train.steps={steps}", "train.batch_size=4", "train.seq_len=32",
-        "train.batch_size_start=2", "train.batch_ramp_steps=6", "train.seq_len_start=8",
-        "train.seq_len_warmup_steps=6", "train.log_every=1", "train.checkpoint_every=5", "train.eval_every=0",
-        "train.eval_tokens=256", "train.dtype=fp32", "train.warmup_steps=2", "train.lr=3e-3",
+        f"data.path={data}", f"train.out={out}", f"train.steps={steps}", "data.batch_size=4", "data.seq_len=32",
+        "progressive.batch_size_start=2", "progressive.batch_ramp_steps=6", "progressive.seq_len_start=8",
+        "progressive.seq_len_warmup_steps=6", "train.log_every=1", "checkpoint.every=5", "eval.every=0",
+        "eval.tokens=256", "train.dtype=fp32", "schedule.warmup_steps=2", "optim.lr=3e-3",
     ]
 
 
@@ -77,6 +77,6 @@ def test_progressive_run_records_its_shapes_and_resumes_exactly(tiny_shards, tmp
 
 def test_bad_progressive_settings_are_refused(tiny_shards, tmp_path):
     with pytest.raises(UserError, match="seq_len_start must be in"):
-        load_run_config(None, _overrides(tiny_shards, tmp_path / "r") + ["train.seq_len_start=64"])
+        load_run_config(None, _overrides(tiny_shards, tmp_path / "r") + ["progressive.seq_len_start=64"])
     with pytest.raises(UserError, match="batch_ramp_steps > 0"):
-        load_run_config(None, _overrides(tiny_shards, tmp_path / "r") + ["train.batch_ramp_steps=0"])
+        load_run_config(None, _overrides(tiny_shards, tmp_path / "r") + ["progressive.batch_ramp_steps=0"])

@@ -18,7 +18,7 @@ from hybridlm.model.loss import IGNORE_INDEX
 from hybridlm.run import load_run
 from hybridlm.tokenizer import TextTokenizer, train_tokenizer
 from hybridlm.tokenizer.chat import Message, render_chat
-from hybridlm.train.args import run_config_from_dict
+from hybridlm.train.config import run_config_from_dict
 from hybridlm.train.metrics import read_metrics
 from hybridlm.train.recipe import plan_stages, run_recipe
 from hybridlm.train.stage_data import build_stage_data
@@ -52,10 +52,11 @@ def test_chat_template_trains_only_on_replies(alpaca_tokenizer):
 
 def test_sft_loss_counts_only_reply_tokens_and_held_out_loss_falls(alpaca_tokenizer, tmp_path):
     cfg = run_config_from_dict({"model": MODEL, "train": {
-        "objective": "sft", "mixture": {str(shared_file(ALPACA)): 1.0}, "tokenizer": str(alpaca_tokenizer),
-        "out": str(tmp_path / "sft"), "steps": 60, "batch_size": 8, "seq_len": 128, "lr": 3e-3,
-        "warmup_steps": 5, "eval_every": 0, "checkpoint_every": 60, "dtype": "fp32", "log_every": 10}})
-    data = build_stage_data(cfg.train, TextTokenizer.load(alpaca_tokenizer))
+        "objective": "sft", "out": str(tmp_path / "sft"), "steps": 60, "dtype": "fp32", "log_every": 10},
+        "data": {"mixture": {str(shared_file(ALPACA)): 1.0}, "tokenizer": str(alpaca_tokenizer), "batch_size": 8,
+                 "seq_len": 128},
+        "optim": {"lr": 3e-3}, "schedule": {"warmup_steps": 5}, "eval": {"every": 0}, "checkpoint": {"every": 60}})
+    data = build_stage_data(cfg, TextTokenizer.load(alpaca_tokenizer))
     x, y = data.mixture.rows(0, 8, 128)
     torch.manual_seed(0)
     model = HybridLM(dataclasses.replace(cfg.model, vocab_size=600))
@@ -77,15 +78,17 @@ def test_gradient_accumulation_weights_every_reply_token_equally(alpaca_tokenize
     for batch_size, grad_accum in ((4, 1), (2, 2), (1, 4)):
         out = tmp_path / f"b{batch_size}x{grad_accum}"
         train(run_config_from_dict({"model": MODEL, "train": {
-            "objective": "sft", "mixture": {str(shared_file(ALPACA)): 1.0}, "tokenizer": str(alpaca_tokenizer),
-            "out": str(out), "steps": 4, "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": 128,
-            "lr": 3e-3, "warmup_steps": 1, "eval_every": 0, "checkpoint_every": 4, "dtype": "fp32",
-            "log_every": 1}}), progress=False)
+            "objective": "sft", "out": str(out), "steps": 4, "dtype": "fp32", "log_every": 1},
+            "data": {"mixture": {str(shared_file(ALPACA)): 1.0}, "tokenizer": str(alpaca_tokenizer),
+                     "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": 128},
+            "optim": {"lr": 3e-3}, "schedule": {"warmup_steps": 1}, "eval": {"every": 0},
+            "checkpoint": {"every": 4}}), progress=False)
         runs[(batch_size, grad_accum)] = ([r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r],
                                           load_run(out).model.state_dict())
     data = build_stage_data(run_config_from_dict({"model": MODEL, "train": {
-        "objective": "sft", "mixture": {str(shared_file(ALPACA)): 1.0}, "tokenizer": str(alpaca_tokenizer),
-        "out": str(tmp_path / "unused"), "seq_len": 128}}).train, TextTokenizer.load(alpaca_tokenizer))
+        "objective": "sft", "out": str(tmp_path / "unused")}, "data": {
+        "mixture": {str(shared_file(ALPACA)): 1.0}, "tokenizer": str(alpaca_tokenizer), "seq_len": 128}}),
+        TextTokenizer.load(alpaca_tokenizer))
     _, y = data.mixture.rows(0, 4, 128)
     assert len({int((row != IGNORE_INDEX).sum()) for row in y}) > 1  # the rows' reply lengths differ
     losses, weights = runs[(4, 1)]
@@ -98,11 +101,12 @@ def test_gradient_accumulation_weights_every_reply_token_equally(alpaca_tokenize
 def test_second_stage_starts_from_the_first_stage_weights(alpaca_tokenizer, tmp_path):
     (tmp_path / "in.txt").write_text("".join(f"Paragraph {i}: x{i} is {i * 7 % 13}.\n\n" for i in range(600)))
     prepare([str(tmp_path / "in.txt")], alpaca_tokenizer, tmp_path / "data")
-    common = {"batch_size": 4, "seq_len": 32, "eval_every": 0, "checkpoint_every": 5, "dtype": "fp32",
-              "mixture": {str(tmp_path / "data"): 1.0}, "weight_decay": 0.0}
-    recipe = {"model": MODEL, "recipe": {"out": str(tmp_path / "r"), "total_tokens": 1280, "train": common},
-              "stage": [{"name": "one", "fraction": 0.9, "lr": 3e-3, "warmup_steps": 1},
-                        {"name": "two", "tokens": 128, "lr": 1e-12, "warmup_steps": 0}]}
+    recipe = {"model": MODEL, "recipe": {"out": str(tmp_path / "r"), "total_tokens": 1280},
+              "data": {"batch_size": 4, "seq_len": 32, "mixture": {str(tmp_path / "data"): 1.0}},
+              "eval": {"every": 0}, "checkpoint": {"every": 5}, "train": {"dtype": "fp32"},
+              "optim": {"weight_decay": 0.0},
+              "stage": [{"name": "one", "fraction": 0.9, "optim": {"lr": 3e-3}, "schedule": {"warmup_steps": 1}},
+                        {"name": "two", "tokens": 128, "optim": {"lr": 1e-12}, "schedule": {"warmup_steps": 0}}]}
     stages = plan_stages(recipe)
     assert [s.run.train.steps for s in stages] == [9, 1]
     summaries = run_recipe(stages, progress=False)
@@ -125,6 +129,31 @@ def test_paper_recipe_plans_the_80_15_5_split_with_the_paper_learning_rates():
     steps = [s.run.train.steps for s in stages]
     shares = [n / sum(steps) for n in steps]
     assert shares == pytest.approx([0.80, 0.15, 0.05], abs=0.005)
-    assert [s.run.train.lr for s in stages] == [3e-4, 1e-4, 5e-5]
+    assert [s.run.optim.lr for s in stages] == [3e-4, 1e-4, 5e-5]
     assert [s.run.train.objective for s in stages] == ["clm", "clm", "sft"]
     assert stages[1].run.train.init_from == stages[0].run.train.out
+
+
+def test_the_builtin_recipe_by_name_is_the_file_and_the_quickstart_resizes_it(tmp_path):
+    """One copy of the three-stage recipe: `--recipe paper-3stage` reads the file under recipes/,
+    and the quickstart's stages keep its shares, objectives, mixtures (moved under its directory)
+    and learning-rate ratios."""
+    from pathlib import Path
+
+    from hybridlm.quickstart import quickstart_recipe
+    from hybridlm.train.recipe import load_recipe
+
+    by_name = load_recipe("paper-3stage")
+    by_path = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "paper-3stage.toml")
+    assert [s.run for s in by_name] == [s.run for s in by_path]
+    quick = plan_stages(quickstart_recipe("small", tmp_path))
+    assert [s.name for s in quick] == [s.name for s in by_name]
+    assert [s.run.train.objective for s in quick] == [s.run.train.objective for s in by_name]
+    assert [list(s.run.data.mixture) for s in quick] == [
+        [str(tmp_path / "data" / Path(spec).name) if spec.startswith("runs/") else spec for spec in s.run.data.mixture]
+        for s in by_name]
+    steps = [s.run.train.steps for s in quick]
+    assert [n / sum(steps) for n in steps] == pytest.approx([0.80, 0.15, 0.05], abs=0.005)
+    ratios = [s.run.optim.lr / quick[0].run.optim.lr for s in quick]
+    assert ratios == pytest.approx([s.run.optim.lr / by_name[0].run.optim.lr for s in by_name], rel=1e-12)
+    assert quick[1].run.optim.lr == 1e-3 / 3 and quick[2].run.optim.lr == 1e-3 / 6

@@ -15,7 +15,7 @@ from conftest import TINY_MODEL
 
 from hybridlm.errors import UserError
 from hybridlm.run import load_run
-from hybridlm.train.args import load_run_config
+from hybridlm.train.config import load_run_config
 from hybridlm.train.trainer import train
 
 MODEL = TINY_MODEL
@@ -28,9 +28,9 @@ def data_dir(tiny_shards):
 
 def _config(data_dir: Path, out: Path, steps: int, every: int = 10):
     return load_run_config(None, MODEL + [
-        f"train.data={data_dir}", f"train.out={out}", f"train.steps={steps}", "train.batch_size=4",
-        "train.seq_len=32", "train.log_every=1", f"train.checkpoint_every={every}", "train.eval_every=0",
-        "train.eval_tokens=256", "train.dtype=fp32", "train.warmup_steps=3", "train.lr=3e-3",
+        f"data.path={data_dir}", f"train.out={out}", f"train.steps={steps}", "data.batch_size=4",
+        "data.seq_len=32", "train.log_every=1", f"checkpoint.every={every}", "eval.every=0",
+        "eval.tokens=256", "train.dtype=fp32", "schedule.warmup_steps=3", "optim.lr=3e-3",
     ])
 
 
@@ -57,9 +57,9 @@ def test_sigkill_then_resume_continues_identically(data_dir, tmp_path):
     train(_config(data_dir, reference, steps, every=5), progress=False)
     killed = tmp_path / "killed"
     args = [sys.executable, "-m", "hybridlm", "train"] + MODEL + [
-        f"train.data={data_dir}", f"train.out={killed}", f"train.steps={steps}", "train.batch_size=4",
-        "train.seq_len=32", "train.log_every=1", "train.checkpoint_every=5", "train.eval_every=0",
-        "train.eval_tokens=256", "train.dtype=fp32", "train.warmup_steps=3", "train.lr=3e-3",
+        f"data.path={data_dir}", f"train.out={killed}", f"train.steps={steps}", "data.batch_size=4",
+        "data.seq_len=32", "train.log_every=1", "checkpoint.every=5", "eval.every=0",
+        "eval.tokens=256", "train.dtype=fp32", "schedule.warmup_steps=3", "optim.lr=3e-3",
     ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -117,9 +117,9 @@ def test_loss_falls(data_dir, tmp_path):
 def test_compiled_training_follows_eager(data_dir, tmp_path):
     train(_config(data_dir, tmp_path / "eager", 3), progress=False)
     compiled_cfg = load_run_config(None, MODEL + [
-        f"train.data={data_dir}", f"train.out={tmp_path / 'compiled'}", "train.steps=3", "train.batch_size=4",
-        "train.seq_len=32", "train.log_every=1", "train.eval_every=0", "train.eval_tokens=256",
-        "train.dtype=fp32", "train.warmup_steps=3", "train.lr=3e-3", "train.compile=true",
+        f"data.path={data_dir}", f"train.out={tmp_path / 'compiled'}", "train.steps=3", "data.batch_size=4",
+        "data.seq_len=32", "train.log_every=1", "eval.every=0", "eval.tokens=256",
+        "train.dtype=fp32", "schedule.warmup_steps=3", "optim.lr=3e-3", "train.compile=true",
     ])
     train(compiled_cfg, progress=False)
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")

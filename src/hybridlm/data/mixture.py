@@ -33,7 +33,7 @@ class WindowSource:
         self.stream = TokenStream(Path(data_dir), split)
         if self.stream.tokens < seq_len + 1:
             raise UserError(f"{data_dir} has {self.stream.tokens} {split} tokens, fewer than one sequence of "
-                            f"{seq_len + 1}; lower train.seq_len or add data")
+                            f"{seq_len + 1}; lower data.seq_len or add data")
 
     def draw(self, rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         window = self.stream.window(int(rng.integers(0, self.stream.tokens - seq_len)), seq_len + 1)

@@ -17,7 +17,13 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from hybridlm.data.sources import Source, builtin_digest, iter_documents, resolve_source, source_fingerprint
+from hybridlm.data.sources import (
+    Source,
+    builtin_digest,
+    iter_documents,
+    resolve_source,
+    source_fingerprint,
+)
 from hybridlm.errors import UserError
 from hybridlm.fileio import atomic_write_json, read_json, sha256_file
 from hybridlm.tokenizer import TextTokenizer

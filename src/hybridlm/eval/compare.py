@@ -15,7 +15,7 @@ from pathlib import Path
 from hybridlm.errors import UserError
 from hybridlm.eval.units import FIELDS, display, format_value
 from hybridlm.fileio import atomic_write_bytes, atomic_write_text, read_json
-from hybridlm.report import (
+from hybridlm.report_format import (
     MISSING,
     escape_cell,
     figure_png,
@@ -163,7 +163,7 @@ def efficiency_markdown(results: list[Result], names: list[str]) -> list[str]:
 
 
 def _grid(n: int, title: str):
-    """A figure of n small bar charts, three to a row, on matplotlib's Agg canvas (as report.py)."""
+    """A figure of n small bar charts, three to a row, on matplotlib's Agg canvas (as train/report.py)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

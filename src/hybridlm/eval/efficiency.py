@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-from hybridlm.bench.timing import median_seconds, seconds
 from hybridlm.errors import UserError
 from hybridlm.eval.units import FIELDS, field, format_value
 from hybridlm.fileio import read_json
-from hybridlm.inference.engine import generate_ids, prefill
+from hybridlm.inference.decode import generate_ids, prefill
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.model import HybridLM
 from hybridlm.model.info import model_info
-from hybridlm.report import load_stage, stage_seconds
 from hybridlm.run import load_run_on_device
+from hybridlm.timing import median_seconds, seconds
+from hybridlm.train.metrics import load_stage, stage_seconds
 
 WATTS_PER_CORE = 3.75
 """Estimated power of one busy core: AMD EPYC 9654 (Genoa, 96 cores, 360 W default TDP) gives

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from hybridlm.device import autocast
 from hybridlm.errors import UserError
-from hybridlm.inference.engine import generate_ids
+from hybridlm.inference.decode import generate_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.inference.text import stream_text
 from hybridlm.run import LoadedRun, load_run_on_device

@@ -1,1 +1,3 @@
-"""Inference: sampling, the token-id engine, and text streaming with stop strings."""
+"""Inference on token ids: sampling, decode.py (one sequence, or n samples of one prompt, decoded to
+the end) and scheduler.py (continuous batching of many requests, for the server), plus text
+streaming with stop strings."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from hybridlm.errors import UserError
-from hybridlm.inference.engine import generate_ids
+from hybridlm.inference.decode import generate_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.inference.text import stream_text
 from hybridlm.run import LoadedRun

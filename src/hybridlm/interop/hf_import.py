@@ -27,7 +27,7 @@ from hybridlm.model import HybridLM
 from hybridlm.run import save_final
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.tokenizer.text_tokenizer import SPECIAL_TOKENS
-from hybridlm.train.args import RunConfig, TrainConfig
+from hybridlm.train.config import DataConfig, RunConfig, TrainConfig
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # hybridlm's GELU is the tanh approximation
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -47,7 +47,7 @@ def import_hf(src: Path, out: Path) -> dict:
     model = HybridLM(cfg)
     model.load_state_dict(converted_state(state, cfg), strict=True)
     model.eval()
-    run_config = RunConfig(model=cfg, train=TrainConfig(out=str(out), seq_len=min(256, cfg.max_seq_len)))
+    run_config = RunConfig(model=cfg, train=TrainConfig(out=str(out)), data=DataConfig(seq_len=min(256, cfg.max_seq_len)))
     with staged_dir(out) as tmp:
         atomic_write_json(tmp / "config.json", run_config.to_dict())
         tokenizer.save(tmp / "tokenizer.json")

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from hybridlm.model.attention import strided_positions, dense_causal_attention, sparse_causal_attention
+from hybridlm.model.attention import (
+    dense_causal_attention,
+    sparse_causal_attention,
+    strided_positions,
+)
 
 
 class DenseKVCache:

@@ -90,6 +90,19 @@ class Attention(nn.Module):
             q, k, v, window=self.spec.window, stride=self.spec.stride, k_extra_BHED=kg, v_extra_BHED=vg
         )
 
+    def decode_rows(self, x_B1C: torch.Tensor, starts: list[int], caches: list[LayerCache]) -> torch.Tensor:
+        """One new token per row, row b at position starts[b] with its own cache: the projections
+        run once for the batch, RoPE and attention per row (the path `forward` takes for one
+        sequence with a cache, so a row decodes alike alone or batched)."""
+        q_BH1D, k_BK1D, v_BK1D = self.heads(x_B1C)
+        rows = []
+        for b, (start, cache) in enumerate(zip(starts, caches)):
+            q_1H1D, k_1K1D = q_BH1D[b : b + 1], k_BK1D[b : b + 1]
+            if self.rotary is not None:
+                q_1H1D, k_1K1D = self.rotary(q_1H1D, start), self.rotary(k_1K1D, start)
+            rows.append(self.attend(q_1H1D, k_1K1D, v_BK1D[b : b + 1], cache, True))
+        return self.merge(torch.cat(rows))
+
 
 class FeedForward(nn.Module):
     """GELU MLP or SwiGLU."""
@@ -121,6 +134,10 @@ class Block(nn.Module):
     def forward(self, x_BTC: torch.Tensor, start: int, cache: LayerCache | None, causal: bool) -> torch.Tensor:
         x_BTC = x_BTC + self.attn(self.norm1(x_BTC), start, cache, causal)
         return x_BTC + self.ffn(self.norm2(x_BTC))
+
+    def decode_rows(self, x_B1C: torch.Tensor, starts: list[int], caches: list[LayerCache]) -> torch.Tensor:
+        x_B1C = x_B1C + self.attn.decode_rows(self.norm1(x_B1C), starts, caches)
+        return x_B1C + self.ffn(self.norm2(x_B1C))
 
 
 class HybridLM(nn.Module):
@@ -196,3 +213,20 @@ class HybridLM(nn.Module):
         if targets_BT is not None:
             return chunked_cross_entropy(x_BTC.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
         return self.lm_head(x_BTC)
+
+    def decode_rows(self, tokens: list[int], caches: list[list[LayerCache]]) -> torch.Tensor:
+        """Logits (B, vocab) after feeding token b to sequence b, for B sequences that sit at
+        different positions (they joined a decode batch at different times, so one `forward` with a
+        shared start cannot serve them). `caches[b]` is sequence b's filled per-layer cache list
+        (from `new_cache()`); each grows by one entry. Embedding, norms, projections, FFN and head
+        run once on the (B, 1, C) batch, the weight-bound work; RoPE and attention per row."""
+        if len(tokens) != len(caches) or not tokens:
+            raise ValueError(f"need one cache list per token (got {len(tokens)} tokens, {len(caches)} caches)")
+        starts = [cache[0].length for cache in caches]
+        if max(starts) >= self.cfg.max_seq_len:
+            raise ValueError(f"a sequence is already at the context length of {self.cfg.max_seq_len}")
+        device = self.tok_emb.weight.device
+        x_B1C = self.embed(torch.tensor(tokens, device=device)[:, None], torch.tensor(starts, device=device)[:, None])
+        for layer, block in enumerate(self.blocks):
+            x_B1C = block.decode_rows(x_B1C, starts, [cache[layer] for cache in caches])
+        return self.lm_head(self.norm_f(x_B1C))[:, 0]

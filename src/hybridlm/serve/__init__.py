@@ -1,3 +1,4 @@
-"""Serving: the continuous-batching engine (engine.py, batched_decode.py) and the service layer
-(service.py: text <-> token ids <-> engine) under the HTTP routes. Nothing is imported here, so the
-protocol and route modules load without the model stack."""
+"""Serving: the service layer (service.py: text <-> token ids <-> inference/scheduler.py's
+continuous batching) under the HTTP routes, and the policy modules around them (auth, limits,
+safety, review, monitoring). Nothing is imported here, so the protocol and route modules load
+without the model stack."""

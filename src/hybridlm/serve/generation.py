@@ -52,6 +52,32 @@ class Job:
     """The text sent per choice, kept only when the audit log records text."""
 
 
+def refund(state: ServerState, job: Job, all_of_it: bool = False) -> None:
+    """Give back the tokens reserved for `job` that it did not use (all of them when it never ran)."""
+    used = 0 if all_of_it else job.record.prompt_tokens + job.completion_tokens
+    state.limiter.refund_tokens(job.key_id, job.reserved - used)
+
+
+def close_job(state: ServerState, job: Job, finish_reasons: dict[int, str]) -> None:
+    """A generation ended (completed, filtered or abandoned): usage, metrics, refund. Once per job."""
+    if job.finished:
+        return
+    job.finished = True
+    record = job.record
+    record.completion_tokens = job.completion_tokens
+    record.finish_reasons = [finish_reasons.get(i, "abandoned") for i in range(job.gen.n)]
+    if job.texts is not None:
+        record.output_text = [job.texts[i] for i in range(job.gen.n)]
+    state.metrics.tokens_in.inc(record.prompt_tokens)
+    state.metrics.tokens_out.inc(job.completion_tokens)
+    if job.first_chunk_at is not None and job.completion_tokens > 1:
+        per_token = (time.perf_counter() - job.first_chunk_at) / (job.completion_tokens - 1)
+        state.metrics.per_token.labels(record.endpoint).observe(per_token)
+    if record.ttft_s is not None:
+        state.metrics.ttft.labels(record.endpoint).observe(record.ttft_s)
+    refund(state, job)
+
+
 @dataclass
 class Piece:
     """Text for one choice, ready to send; `finish` is set on the choice's last piece."""
@@ -153,14 +179,14 @@ async def open_stream(state: ServerState, job: Job) -> tuple[AsyncIterator[Chunk
     except StopAsyncIteration:
         return stream, None
     except QueueFull as exc:
-        state.refund(job, all_of_it=True)
+        refund(state, job, all_of_it=True)
         raise ApiError(503, str(exc) or "the server is busy; retry later", type="server_error",
                        code="queue_full", headers={"Retry-After": "1"}) from None
     except PromptTooLong as exc:
-        state.refund(job, all_of_it=True)
+        refund(state, job, all_of_it=True)
         raise ApiError(400, str(exc), param="prompt", code="context_length_exceeded") from None
     except UserError as exc:
-        state.refund(job, all_of_it=True)
+        refund(state, job, all_of_it=True)
         raise ApiError(400, str(exc)) from None
     return stream, first
 
@@ -215,5 +241,5 @@ async def collect(state: ServerState, job: Job, stream: AsyncIterator[Chunk], fi
                 result.finish[piece.index] = piece.finish
     finally:
         await stream.aclose()
-        state.finish(job, result.finish)
+        close_job(state, job, result.finish)
     return result

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from hybridlm.serve.generation import Job, admit, collect, open_stream, pieces
+from hybridlm.serve.generation import Job, admit, close_job, collect, open_stream, pieces
 from hybridlm.serve.protocol import (
     ERROR_RESPONSES,
     ApiError,
@@ -111,13 +111,13 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
         if job.stream:
             async def close() -> None:  # also when the body never started (the client left at once)
                 await stream.aclose()
-                state.finish(job, {})
+                close_job(state, job, {})
 
             return EventStream(_events(state, job, stream, first), watch, on_close=close)
         result = await unless_gone(collect(state, job, stream, first), watch)
     except ClientGone:
         record.error_code = "client_disconnected"
-        state.finish(job, {})
+        close_job(state, job, {})
         return Response(status_code=499)
     except BaseException:
         watch.cancel()
@@ -161,7 +161,7 @@ async def _events(state: ServerState, job: Job, stream, first) -> AsyncIterator[
         yield event("[DONE]")
     finally:
         await stream.aclose()
-        state.finish(job, finish)
+        close_job(state, job, finish)
 
 
 def _frame(job: Job, choices: list[dict], usage: Usage | None = None) -> dict:

@@ -1,6 +1,6 @@
-"""The service layer: text <-> token ids <-> the batching engine, for the HTTP routes to call.
+"""The service layer: text <-> token ids <-> the batching scheduler, for the HTTP routes to call.
 
-It knows the run (model id, context, tokenizer, how prompts are framed) and turns the engine's
+It knows the run (model id, context, tokenizer, how prompts are framed) and turns the scheduler's
 token events into text chunks per choice, honouring stop strings and holding back unfinished
 UTF-8 (inference/text.py). It knows nothing of HTTP: errors are exceptions (QueueFull -> 503,
 UserError / PromptTooLong -> 400) that the routes map.
@@ -18,7 +18,7 @@ from hybridlm.inference.generate import completion_prompt_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.inference.text import TextStream
 from hybridlm.run import load_run_on_device
-from hybridlm.serve.engine import Engine, PromptTooLong, QueueFull, TokenEvent
+from hybridlm.inference.scheduler import Scheduler, PromptTooLong, QueueFull, TokenEvent
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.tokenizer.chat import Message, render_chat
 
@@ -60,7 +60,7 @@ class _Choice:
 
     def take(self, event: TokenEvent) -> Chunk | None:
         """The chunk this token completes, or None while its text is held back."""
-        if self.done:  # tokens the engine produced after a stop string
+        if self.done:  # tokens the scheduler produced after a stop string
             return None
         self.pending.append(event.token)
         piece = self.text.push(event.token)
@@ -75,7 +75,7 @@ class _Choice:
 
 
 class Service:
-    """One loaded run behind a continuous-batching engine."""
+    """One loaded run behind a continuous-batching scheduler."""
 
     def __init__(self, run_dir: Path, *, max_batch: int = 16, max_queue: int = 64, max_tokens_cap: int = 512,
                  dtype: str = "auto") -> None:
@@ -90,7 +90,7 @@ class Service:
         # Completions end at eos (the document boundary of pre-training), chat replies at <|end|>
         # (the end of an assistant turn in instruction tuning): either one ends a choice.
         self._stop_ids = frozenset({self.tokenizer.eos_id, self.tokenizer.special_ids["end"]})
-        self._engine = Engine(model, max_batch=max_batch, max_queue=max_queue, max_tokens_cap=max_tokens_cap)
+        self._scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, max_tokens_cap=max_tokens_cap)
 
     def encode_prompt(self, text: str) -> list[int]:
         return completion_prompt_ids(self.tokenizer, text)
@@ -110,16 +110,16 @@ class Service:
         return len(self.tokenizer.encode(text))
 
     async def start(self) -> None:
-        self._engine.start()
+        self._scheduler.start()
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._engine.close)
+        await asyncio.to_thread(self._scheduler.close)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
         """Chunks of all n choices, interleaved as they are produced. Bad input and a full queue
         raise before the first chunk; leaving the loop early (aclose, a cancelled task) cancels
         the request and frees its batch slots."""
-        request = self._engine.submit(req.prompt_ids, self._params(req), self._stop_ids)
+        request = self._scheduler.submit(req.prompt_ids, self._params(req), self._stop_ids)
         choices = [_Choice(i, self.tokenizer, tuple(req.stop)) for i in range(req.n)]
         try:
             running = req.n
@@ -130,7 +130,7 @@ class Service:
                     continue
                 if chunk.finish_reason is not None:
                     running -= 1
-                    if not event.finish:  # a stop string ended it: the engine would go on
+                    if not event.finish:  # a stop string ended it: the scheduler would go on
                         request.cancel(chunk.index)
                 yield chunk
         finally:
@@ -138,7 +138,7 @@ class Service:
 
     def stats(self) -> dict:
         """{"queue_depth", "active_sequences", "batch_size" (of the last decode step), "tokens_generated"}."""
-        return self._engine.stats()
+        return self._scheduler.stats()
 
     def _params(self, req: GenerationRequest) -> list[SamplingParams]:
         if req.n < 1:

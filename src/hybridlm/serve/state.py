@@ -1,7 +1,7 @@
 """The server's shared state: one ServerState per app, built from the config, holding the
-service, keys, rate limiter, safety chain, review queue, metrics and audit log, plus the small
-bookkeeping steps every request shares (filter hits, token charges and refunds, the end of a
-generation).
+service, keys, rate limiter, safety chain, review queue, metrics and audit log, plus the steps
+every request shares with it (filter hits, token charges). What belongs to one request (its Job,
+refunds, the end of its generation) lives in generation.py.
 
 Why one object passed explicitly: handlers stay pure functions of (state, request), two servers
 in one process (the tests) never share anything, and nothing is decided at import time.
@@ -10,7 +10,6 @@ in one process (the tests) never share anything, and nothing is decided at impor
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ from hybridlm.serve.review import ReviewQueue, items_for
 from hybridlm.serve.safety import Hit, SafetyChain, build_chain
 
 if TYPE_CHECKING:
-    from hybridlm.serve.generation import Job
     from hybridlm.serve.service import Service
 
 log = logging.getLogger("hybridlm.serve")
@@ -70,29 +68,6 @@ class ServerState:
         limited = self.limiter.take_tokens(key_id, tokens)
         if limited is not None:
             raise rate_limited(limited)
-
-    def refund(self, job: Job, all_of_it: bool = False) -> None:
-        used = 0 if all_of_it else job.record.prompt_tokens + job.completion_tokens
-        self.limiter.refund_tokens(job.key_id, job.reserved - used)
-
-    def finish(self, job: Job, finish: dict[int, str]) -> None:
-        """A generation ended (completed, filtered or abandoned): usage, metrics, refund. Once per job."""
-        if job.finished:
-            return
-        job.finished = True
-        record = job.record
-        record.completion_tokens = job.completion_tokens
-        record.finish_reasons = [finish.get(i, "abandoned") for i in range(job.gen.n)]
-        if job.texts is not None:
-            record.output_text = [job.texts[i] for i in range(job.gen.n)]
-        self.metrics.tokens_in.inc(record.prompt_tokens)
-        self.metrics.tokens_out.inc(job.completion_tokens)
-        if job.first_chunk_at is not None and job.completion_tokens > 1:
-            per_token = (time.perf_counter() - job.first_chunk_at) / (job.completion_tokens - 1)
-            self.metrics.per_token.labels(record.endpoint).observe(per_token)
-        if record.ttft_s is not None:
-            self.metrics.ttft.labels(record.endpoint).observe(record.ttft_s)
-        self.refund(job)
 
 
 def rate_limited(limited: Limited) -> ApiError:

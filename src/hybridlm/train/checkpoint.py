@@ -25,7 +25,8 @@ from hybridlm.run import (
     weights_bytes,
     write_manifest,
 )
-from hybridlm.train.distributed import full_tensor, shard_like
+from hybridlm.tensors import full_tensor
+from hybridlm.train.distributed import shard_like
 
 FILES = ["model.safetensors", "optimizer.safetensors", "state.json"]
 

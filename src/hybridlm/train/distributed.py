@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -83,11 +82,6 @@ def wrap_model(model: torch.nn.Module, parallel: str, world: World) -> torch.nn.
     for block in model.blocks:
         fully_shard(block)
     return fully_shard(model)
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (possibly sharded) parameter or state; collective for DTensors."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def shard_like(reference: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

@@ -1,24 +1,26 @@
 """Multi-stage training recipes: stages run in order, each starting from the previous one's weights.
 
-A recipe is TOML (or the same dict built in code, as the quickstart does):
+A recipe is TOML (or the same dict built in code): a run config whose sections hold what every
+stage shares, plus [recipe] and one [[stage]] table per stage with its own section keys:
 
     [model]                      # one model for every stage
     preset = "small"
     [recipe]
     out = "runs/paper-3stage"    # stage i writes its run directory to out/<i>-<name>
     total_tokens = 1_000_000     # what stage fractions are fractions of
-    [recipe.train]               # train settings shared by all stages (any TrainConfig field)
+    [data]                       # any section of the run config (train/config.py), shared by all stages
     batch_size = 16
     [[stage]]
     name = "broad"
-    objective = "clm"            # clm or sft
-    mixture = { "data/docs" = 1.0 }
     fraction = 0.8               # or tokens = 800_000
-    lr = 3e-4                    # any other TrainConfig field
+    train.objective = "clm"      # clm, mlm or sft
+    data.mixture = { "data/docs" = 1.0 }
+    optim.lr = 3e-4              # any other section.key; it overrides the shared value
     fresh_optimizer = true       # false: carry AdamW moments over from the previous stage
 
 A stage whose final model exists is skipped, one with checkpoints resumes, so rerunning a killed
-recipe continues where it stopped; `only` reruns one stage from scratch.
+recipe continues where it stopped; `only` reruns one stage from scratch. Built-in recipes (package
+data, e.g. `paper-3stage`) are named without a path.
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import tomllib
+from importlib.resources import files
 from pathlib import Path
 
 from hybridlm.errors import UserError
 from hybridlm.fileio import read_json
 from hybridlm.run import verify_manifest
 from hybridlm.settings import apply_overrides, load_toml
-from hybridlm.train.args import RunConfig, TrainConfig, run_config_from_dict
+from hybridlm.train.config import MOVED, SECTIONS, RunConfig, run_config_from_dict
 from hybridlm.train.checkpoint import checkpoint_dirs
 from hybridlm.train.distributed import barrier, init_world
 from hybridlm.train.metrics import read_metrics
@@ -41,6 +45,7 @@ from hybridlm.train.stage_data import check_sources
 from hybridlm.train.trainer import train
 
 STAGE_KEYS = ("name", "fraction", "tokens", "fresh_optimizer")
+BUILTIN = files("hybridlm") / "recipes"
 
 
 @dataclasses.dataclass
@@ -49,40 +54,63 @@ class Stage:
     run: RunConfig
 
 
-def load_recipe(path: Path, overrides: list[str] | None = None) -> list[Stage]:
-    return plan_stages(apply_overrides(load_toml(path), overrides or []))
+def recipe_document(name_or_path: str | Path) -> dict:
+    """The TOML of a recipe file, or of the built-in recipe of that name (`paper-3stage`)."""
+    path = Path(name_or_path)
+    builtin = BUILTIN / f"{name_or_path}.toml"
+    if not path.exists() and path.suffix != ".toml" and builtin.is_file():
+        return tomllib.loads(builtin.read_text(encoding="utf-8"))
+    return load_toml(path)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> list[Stage]:
+    return plan_stages(apply_overrides(recipe_document(path), overrides or []))
 
 
 def plan_stages(doc: dict) -> list[Stage]:
     """Resolve every stage's full run config (steps from its token budget); errors before training."""
-    unknown = sorted(set(doc) - {"model", "recipe", "stage"})
-    if unknown:
-        raise UserError(f"unknown recipe section(s) {', '.join(unknown)}; known: model, recipe, [[stage]]")
     recipe = dict(doc.get("recipe", {}))
+    if "train" in recipe:
+        raise UserError("[recipe.train] is gone: put settings every stage shares in their own sections "
+                        "([data], [optim], [schedule], [eval], ...) at the top of the recipe")
+    unknown = sorted(set(doc) - {"model", "recipe", "stage", *SECTIONS})
+    if unknown:
+        raise UserError(f"unknown recipe section(s) {', '.join(unknown)}; known: model, recipe, "
+                        f"{', '.join(SECTIONS)}, [[stage]]")
     stages = doc.get("stage", [])
     if not isinstance(stages, list) or not stages:
         raise UserError("the recipe has no [[stage]] tables; add at least one")
     out = Path(recipe.get("out", "runs/recipe"))
     total = recipe.get("total_tokens", 0)
-    shared = dict(recipe.get("train", {}))
     names = [s.get("name") for s in stages]
     if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
         raise UserError("every [[stage]] needs a unique, non-empty name")
     planned, previous = [], ""
     for index, raw in enumerate(stages, start=1):
         stage_out = out / f"{index}-{raw['name']}"
-        fields = {k: v for k, v in raw.items() if k not in STAGE_KEYS}
-        tcfg_doc = {**shared, **fields, "out": str(stage_out), "init_from": previous}
+        sections = _stage_sections(doc, raw)
+        sections["train"].update(out=str(stage_out), init_from=previous)
         if not raw.get("fresh_optimizer", True):
-            tcfg_doc["init_optimizer"] = True
-        run = run_config_from_dict({"model": doc.get("model", {}), "train": tcfg_doc})
-        steps = _steps(raw, total, run.train)
-        planned.append(Stage(raw["name"], dataclasses.replace(run, train=dataclasses.replace(run.train, steps=steps))))
+            sections["train"]["init_optimizer"] = True
+        run = run_config_from_dict({"model": doc.get("model", {}), **sections})
+        planned.append(Stage(raw["name"], run.replace(train={"steps": _steps(raw, total, run)})))
         previous = str(stage_out)
     return planned
 
 
-def _steps(raw: dict, total: int, tcfg: TrainConfig) -> int:
+def _stage_sections(doc: dict, raw: dict) -> dict[str, dict]:
+    """Every section for one stage: the recipe's shared values, then the stage's own."""
+    loose = sorted(k for k in raw if k not in STAGE_KEYS and not isinstance(raw[k], dict))
+    if loose:
+        hints = [f"{k} (write {'.'.join(MOVED[k])})" if k in MOVED else k for k in loose]
+        raise UserError(f"stage {raw['name']!r}: {', '.join(hints)} must sit in a section, e.g. optim.lr = 3e-4")
+    unknown = sorted(k for k in raw if k not in STAGE_KEYS and k not in SECTIONS)
+    if unknown:
+        raise UserError(f"stage {raw['name']!r}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    return {name: {**doc.get(name, {}), **raw.get(name, {})} for name in SECTIONS}
+
+
+def _steps(raw: dict, total: int, cfg: RunConfig) -> int:
     if ("tokens" in raw) == ("fraction" in raw):
         raise UserError(f"stage {raw['name']!r}: give exactly one budget, tokens or fraction")
     if "fraction" in raw:
@@ -95,7 +123,7 @@ def _steps(raw: dict, total: int, tcfg: TrainConfig) -> int:
         tokens = raw["tokens"]
         if not isinstance(tokens, int) or tokens <= 0:
             raise UserError(f"stage {raw['name']!r}: tokens must be a positive integer")
-    return batch_schedule(tcfg).steps_for_tokens(math.ceil(tokens))
+    return batch_schedule(cfg).steps_for_tokens(math.ceil(tokens))
 
 
 def run_recipe(stages: list[Stage], *, only: str | None = None, progress: bool = True) -> list[dict]:
@@ -105,7 +133,7 @@ def run_recipe(stages: list[Stage], *, only: str | None = None, progress: bool =
     chosen = [s for s in stages if only is None or s.name == only]
     for stage in chosen:
         if not _finished(Path(stage.run.train.out)) or only is not None:
-            check_sources(stage.run.train)
+            check_sources(stage.run)
     summaries = []
     for stage in chosen:
         out = Path(stage.run.train.out)

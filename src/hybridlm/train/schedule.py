@@ -13,7 +13,7 @@ from functools import cached_property
 import numpy as np
 
 from hybridlm.errors import UserError
-from hybridlm.train.args import TrainConfig
+from hybridlm.train.config import RunConfig
 
 SEQ_MULTIPLE = 8  # warmup lengths are rounded down to a multiple of this (kernel-friendly shapes)
 
@@ -33,10 +33,10 @@ class BatchSchedule:
 
     def __post_init__(self) -> None:
         if self.batch_size % self.world:
-            raise UserError(f"train.batch_size ({self.batch_size}) is the global micro-batch and must be divisible "
+            raise UserError(f"data.batch_size ({self.batch_size}) is the global micro-batch and must be divisible "
                             f"by the world size ({self.world}); use a multiple of {self.world}")
         if self.batch_size_start and self.batch_size_start % self.world:
-            raise UserError(f"train.batch_size_start ({self.batch_size_start}) must be divisible by the world size "
+            raise UserError(f"progressive.batch_size_start ({self.batch_size_start}) must be divisible by the world size "
                             f"({self.world})")
 
     def batch_at(self, step: int) -> int:
@@ -85,6 +85,7 @@ class BatchSchedule:
         return np.concatenate([zero, rows.cumsum()]), np.concatenate([zero, (rows * lens).cumsum()])
 
 
-def batch_schedule(tcfg: TrainConfig, world: int = 1) -> BatchSchedule:
-    return BatchSchedule(tcfg.batch_size, tcfg.seq_len, tcfg.grad_accum, world, tcfg.batch_size_start,
-                         tcfg.batch_ramp_steps, tcfg.seq_len_start, tcfg.seq_len_warmup_steps)
+def batch_schedule(cfg: RunConfig, world: int = 1) -> BatchSchedule:
+    data, grow = cfg.data, cfg.progressive
+    return BatchSchedule(data.batch_size, data.seq_len, data.grad_accum, world, grow.batch_size_start,
+                         grow.batch_ramp_steps, grow.seq_len_start, grow.seq_len_warmup_steps)

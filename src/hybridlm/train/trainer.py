@@ -21,8 +21,9 @@ from hybridlm.lineage import lineage_record
 from hybridlm.model import HybridLM
 from hybridlm.model.loss import IGNORE_INDEX
 from hybridlm.run import load_run, save_final
+from hybridlm.tensors import full_tensor
 from hybridlm.tokenizer import TextTokenizer
-from hybridlm.train.args import RunConfig, TrainConfig, run_config_from_dict
+from hybridlm.train.config import RunConfig, saved_run_config
 from hybridlm.train.checkpoint import (
     checkpoint_dirs,
     latest_valid_checkpoint,
@@ -33,7 +34,6 @@ from hybridlm.train.checkpoint import (
 from hybridlm.train.distributed import (
     World,
     barrier,
-    full_tensor,
     gradient_sync,
     init_world,
     mean_across,
@@ -43,12 +43,7 @@ from hybridlm.train.distributed import (
 from hybridlm.train.metrics import MetricsLog
 from hybridlm.train.optim import build_optimizer, lr_at
 from hybridlm.train.schedule import BatchSchedule, batch_schedule
-from hybridlm.train.stage_data import (
-    StageData,
-    build_stage_data,
-    mask_rows,
-    stage_tokenizer,
-)
+from hybridlm.train.stage_data import StageData, build_stage_data, stage_tokenizer
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, world: World) -> tuple[RunConfig, Path | None, StageData]:
@@ -56,22 +51,21 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, world: World) -> tuple[RunConf
     run's data (built before anything is written, so bad sources fail first). Every rank checks;
     only the main rank writes."""
     run_dir = Path(cfg.train.out)
-    batch_schedule(cfg.train, world.size)  # a world size that does not divide the batch fails here
+    batch_schedule(cfg, world.size)  # a world size that does not divide the batch fails here
     if resume:
         if not (run_dir / "config.json").is_file():
             raise UserError(f"nothing to resume in {run_dir}: no config.json; start without --resume")
-        saved = run_config_from_dict(read_json(run_dir / "config.json", "run config"))
+        saved = saved_run_config(read_json(run_dir / "config.json", "run config"))
         checkpoint = latest_valid_checkpoint(run_dir)
         if checkpoint is None:
             raise UserError(f"no valid checkpoint in {run_dir}/checkpoints; start the run again without --resume")
-        saved = dataclasses.replace(saved, train=dataclasses.replace(saved.train, steps=cfg.train.steps,
-                                                                     parallel=cfg.train.parallel))
-        batch_schedule(saved.train, world.size)
-        return saved, checkpoint, build_stage_data(saved.train, TextTokenizer.load(run_dir / "tokenizer.json"))
+        saved = saved.replace(train={"steps": cfg.train.steps}, parallel={"strategy": cfg.parallel.strategy})
+        batch_schedule(saved, world.size)
+        return saved, checkpoint, build_stage_data(saved, TextTokenizer.load(run_dir / "tokenizer.json"))
     if checkpoint_dirs(run_dir) or (run_dir / "model.safetensors").exists():
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or set another train.out")
-    tokenizer = stage_tokenizer(cfg.train)
-    data = build_stage_data(cfg.train, tokenizer)
+    tokenizer = stage_tokenizer(cfg)
+    data = build_stage_data(cfg, tokenizer)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
     barrier(world)  # every rank has checked before the main rank writes
     if world.is_main:
@@ -81,21 +75,21 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, world: World) -> tuple[RunConf
     return cfg, None, data
 
 
-def _load_initial_weights(model: HybridLM, tcfg: TrainConfig) -> None:
+def _load_initial_weights(model: HybridLM, init_from: str) -> None:
     """Start from train.init_from's final weights (the previous stage of a recipe)."""
-    parent = load_run(Path(tcfg.init_from))
+    parent = load_run(Path(init_from))
     if parent.model.cfg != model.cfg:
-        raise UserError(f"train.init_from {tcfg.init_from} has another model config than this run; "
+        raise UserError(f"train.init_from {init_from} has another model config than this run; "
                         "use the same [model] settings")
     model.load_state_dict(parent.model.state_dict())
 
 
-def _load_initial_moments(model: HybridLM, optimizer: torch.optim.Optimizer, tcfg: TrainConfig) -> None:
+def _load_initial_moments(model: HybridLM, optimizer: torch.optim.Optimizer, init_from: str) -> None:
     """With train.init_optimizer, take AdamW moments from init_from's last checkpoint (this run's
     hyper-parameters kept)."""
-    checkpoint = latest_valid_checkpoint(Path(tcfg.init_from))
+    checkpoint = latest_valid_checkpoint(Path(init_from))
     if checkpoint is None:
-        raise UserError(f"train.init_optimizer: {tcfg.init_from} has no valid checkpoint to take moments from")
+        raise UserError(f"train.init_optimizer: {init_from} has no valid checkpoint to take moments from")
     settings = [{k: g[k] for k in ("lr", "betas", "eps", "weight_decay")} for g in optimizer.param_groups]
     load_optimizer_state(checkpoint, model, optimizer)
     for group, kept in zip(optimizer.param_groups, settings):
@@ -110,27 +104,27 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     tcfg, run_dir = cfg.train, Path(cfg.train.out)
     device = default_device()
     dtype = resolve_dtype(tcfg.dtype, device)
-    schedule = batch_schedule(tcfg, world.size)
+    schedule = batch_schedule(cfg, world.size)
     torch.manual_seed(tcfg.seed)
     model = HybridLM(cfg.model).to(device)
     start_step = load_checkpoint_weights(checkpoint, model)["step"] if checkpoint else 0
     if checkpoint is None and tcfg.init_from:
-        _load_initial_weights(model, tcfg)
-    stepper = wrap_model(model, tcfg.parallel, world)
-    optimizer = build_optimizer(model, tcfg)
+        _load_initial_weights(model, tcfg.init_from)
+    stepper = wrap_model(model, cfg.parallel.strategy, world)
+    optimizer = build_optimizer(model, cfg)
     if checkpoint is not None:
         load_optimizer_state(checkpoint, model, optimizer)
     elif tcfg.init_from and tcfg.init_optimizer:
-        _load_initial_moments(model, optimizer, tcfg)
+        _load_initial_moments(model, optimizer, tcfg.init_from)
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if checkpoint else None, world.is_main)
     bar = tqdm(total=tcfg.steps, initial=start_step, file=sys.stderr, disable=not (progress and world.is_main),
                unit="step", desc=f"train {run_dir.name}", dynamic_ncols=True, mininterval=1.0)
     stepper = torch.compile(stepper) if tcfg.compile else stepper  # same parameters; eval and saving use model
-    batches = RankBatches(data.mixture, schedule, world, tcfg, data.tokenizer, device)
+    batches = RankBatches(data, schedule, world, cfg, device)
     drawn = SourceTokens(data.mixture, schedule)
     t0, eval_s, last_eval, bad_in_row = time.perf_counter(), 0.0, {}, 0
     for step in range(start_step, tcfg.steps):
-        loss = train_step(stepper, optimizer, batches, step, tcfg, dtype, world)
+        loss = train_step(stepper, optimizer, batches, step, cfg, dtype, world)
         done = step + 1
         elapsed = time.perf_counter() - t0
         tok_s = (schedule.tokens_before(done) - schedule.tokens_before(start_step)) / (elapsed - eval_s)
@@ -141,17 +135,17 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
         else:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
         if not bad_in_row and (done % tcfg.log_every == 0 or done == tcfg.steps):
-            metrics.write({"step": done, "loss": loss, "lr": lr_at(step, tcfg), "tokens": schedule.tokens_before(done),
+            metrics.write({"step": done, "loss": loss, "lr": lr_at(step, cfg), "tokens": schedule.tokens_before(done),
                            "seq_len": schedule.seq_len_at(step), "batch_size": schedule.batch_at(step),
                            "tok_s": tok_s, "elapsed_s": elapsed, "train_s": elapsed - eval_s,
                            "tokens_by_source": drawn.at(done)})
-        if (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps:
+        if (cfg.eval.every and done % cfg.eval.every == 0) or done == tcfg.steps:
             eval_start = time.perf_counter()
             last_eval = data.evaluate(model, dtype)
             eval_s += time.perf_counter() - eval_start
             metrics.write({"step": done, **{f"val_{k}": v for k, v in last_eval.items()}})
-        if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-            save_checkpoint(run_dir, done, model, optimizer, {"data_position": done}, tcfg.keep_checkpoints,
+        if done % cfg.checkpoint.every == 0 or done == tcfg.steps:
+            save_checkpoint(run_dir, done, model, optimizer, {"data_position": done}, cfg.checkpoint.keep,
                             write=world.is_main)
             barrier(world)
     bar.close()
@@ -175,7 +169,7 @@ def _skip_warning(run_dir: Path, step: int, loss: float, in_row: int, limit: int
     if in_row >= limit:
         raise TrainingStopped(
             f"{in_row} steps in a row had a non-finite loss or gradient (train.max_bad_steps = {limit}); stopped at "
-            f"step {step}. The last good checkpoint in {run_dir}/checkpoints is intact: lower train.lr or check the "
+            f"step {step}. The last good checkpoint in {run_dir}/checkpoints is intact: lower optim.lr or check the "
             "data, then rerun with --resume")
 
 
@@ -203,26 +197,24 @@ class SourceTokens:
 
 @dataclass
 class RankBatches:
-    """This rank's rows of each micro-batch; masked inputs for the mlm objective."""
+    """This rank's rows of each micro-batch, as the objective feeds them to the model."""
 
-    mixture: Mixture
+    data: StageData
     schedule: BatchSchedule
     world: World
-    tcfg: TrainConfig
-    tokenizer: TextTokenizer
+    cfg: RunConfig
     device: torch.device
 
     def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.schedule.batch_at(step)
         per_rank = rows // self.world.size
         first = self.schedule.rows_before(step) + micro * rows + self.world.rank * per_rank
-        x, y = self.mixture.rows(first, per_rank, self.schedule.seq_len_at(step))
-        if self.tcfg.objective == "mlm":
-            x, y = mask_rows(x, first, self.tcfg.seed, self.tokenizer)
+        x, y = self.data.mixture.rows(first, per_rank, self.schedule.seq_len_at(step))
+        x, y = self.data.objective.batch(x, y, first, self.cfg, self.data.tokenizer)
         return x.to(self.device), y.to(self.device)
 
 
-def train_step(stepper, optimizer, batches: RankBatches, step: int, tcfg: TrainConfig, dtype: str,
+def train_step(stepper, optimizer, batches: RankBatches, step: int, cfg: RunConfig, dtype: str,
                world: World) -> float:
     """One optimizer step over grad_accum micro-batches; returns the mean loss per scored token of
     the whole step, over every rank. A non-finite loss or gradient norm skips the update (every rank
@@ -234,21 +226,22 @@ def train_step(stepper, optimizer, batches: RankBatches, step: int, tcfg: TrainC
     would over-weight the tokens of short replies (sft) and of sparsely masked rows (mlm).
     """
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, tcfg)
-    micro_batches = [batches.get(step, micro) for micro in range(tcfg.grad_accum)]
+        group["lr"] = lr_at(step, cfg)
+    grad_accum = cfg.data.grad_accum
+    micro_batches = [batches.get(step, micro) for micro in range(grad_accum)]
     scored = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]
     step_scored = max(sum_across(sum(scored), world), 1.0)
     total = 0.0
-    causal = tcfg.objective != "mlm"
+    causal = batches.data.objective.causal
     for micro, (x, y) in enumerate(micro_batches):
-        with gradient_sync(stepper, micro == tcfg.grad_accum - 1):
+        with gradient_sync(stepper, micro == grad_accum - 1):
             with autocast(dtype, x.device):
                 loss = stepper(x, targets_BT=y, causal=causal) * (world.size * scored[micro] / step_scored)
             loss.backward()
         total += loss.item()
     total = mean_across(total, world)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip or math.inf)))
+    norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)))
     if math.isfinite(total) and math.isfinite(norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

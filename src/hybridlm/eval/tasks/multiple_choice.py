@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hybridlm.errors import UserError
-from hybridlm.fileio import jsonl_records
 from hybridlm.eval.tasks.base import (
     TARGET_DELIMITER,
     EvalOptions,
@@ -24,6 +23,7 @@ from hybridlm.eval.tasks.base import (
     limited,
 )
 from hybridlm.eval.tasks.metrics import choice_hits, summarise
+from hybridlm.fileio import jsonl_records
 
 if TYPE_CHECKING:
     from hybridlm.eval.scoring import Scorer

@@ -7,7 +7,7 @@ import torch
 
 from hybridlm.config import ModelConfig
 from hybridlm.errors import UserError
-from hybridlm.inference.engine import generate_ids, generate_samples
+from hybridlm.inference.decode import generate_ids, generate_samples
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.model import HybridLM
 

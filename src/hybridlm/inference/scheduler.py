@@ -3,10 +3,10 @@
 One background thread owns the model. Each pass of its loop (1) drops cancelled sequences and
 admits waiting requests while batch slots are free, (2) prefills newly admitted prompts alone,
 in chunks at fixed offsets (so a prompt is split the same way whatever else is running), and
-(3) runs one decode step for every active sequence at once (serve/batched_decode.py). Every
+(3) runs one decode step for every active sequence at once (HybridLM.decode_rows). Every
 sequence owns its per-layer caches from `model.new_cache()`, so dense and sparse layers keep
 their own cache shapes. Tokens travel to the asyncio side through one `asyncio.Queue` per
-request, fed with `call_soon_threadsafe`: the event loop never runs model code, and the engine
+request, fed with `call_soon_threadsafe`: the event loop never runs model code, and the scheduler
 never waits on a consumer.
 """
 
@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 import torch
 
 from hybridlm.errors import UserError
-from hybridlm.inference.engine import prefill, sampling_generator
+from hybridlm.inference.decode import prefill, sampling_generator
 from hybridlm.inference.sampling import SamplingParams, choose_token
 from hybridlm.model import HybridLM
 from hybridlm.model.transformer import LayerCache
-from hybridlm.serve.batched_decode import decode_step
 
 _NO_IDS = torch.empty(0, dtype=torch.long)  # no repetition penalty: no history tensor per step
 
@@ -51,28 +50,28 @@ class TokenEvent:
 class Request:
     """Handle of a submitted request: its n choices' tokens arrive on `events`."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: list[SamplingParams],
+    def __init__(self, scheduler: Scheduler, prompt_ids: list[int], params: list[SamplingParams],
                  stop_ids: frozenset[int], loop: asyncio.AbstractEventLoop) -> None:
-        self.engine, self.prompt_ids, self.params, self.stop_ids = engine, prompt_ids, params, stop_ids
+        self.scheduler, self.prompt_ids, self.params, self.stop_ids = scheduler, prompt_ids, params, stop_ids
         self.loop = loop
         self.events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         self.cancelled: set[int] = set()
-        """Choice indices whose consumer is gone; written under the engine's lock."""
+        """Choice indices whose consumer is gone; written under the scheduler's lock."""
 
     @property
     def n(self) -> int:
         return len(self.params)
 
     async def next_event(self) -> TokenEvent:
-        """The next token of any choice; re-raises an error the engine hit on this request."""
+        """The next token of any choice; re-raises an error the scheduler hit on this request."""
         item = await self.events.get()
         if isinstance(item, BaseException):
             raise item
         return item
 
     def cancel(self, index: int | None = None) -> None:
-        """Stop one choice (or all): its slot is freed before the engine's next decode step."""
-        self.engine.cancel(self, index)
+        """Stop one choice (or all): its slot is freed before the scheduler's next decode step."""
+        self.scheduler.cancel(self, index)
 
 
 @dataclass
@@ -111,7 +110,7 @@ class _Prefill:
         return self.done == self.ids_1T.shape[1]
 
 
-class Engine:
+class Scheduler:
     """Schedules requests onto one model in a background thread (see the module docstring)."""
 
     def __init__(self, model: HybridLM, *, max_batch: int = 16, max_queue: int = 64,
@@ -137,7 +136,7 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="hybridlm-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="hybridlm-scheduler", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -156,7 +155,7 @@ class Engine:
         request = Request(self, list(prompt_ids), list(params), frozenset(stop_ids), asyncio.get_running_loop())
         with self._cond:
             if self._thread is None or self._closing:
-                raise RuntimeError("the engine is not running; call start() first")
+                raise RuntimeError("the scheduler is not running; call start() first")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the server is busy ({len(self._waiting)} requests waiting); retry later")
             self._waiting.append(request)
@@ -194,7 +193,7 @@ class Engine:
         if too_many > self.max_tokens_cap:
             raise UserError(f"max_tokens is {too_many} but this server allows at most {self.max_tokens_cap}")
 
-    # ---- the engine thread ------------------------------------------------------------------
+    # ---- the scheduler thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
@@ -211,7 +210,7 @@ class Engine:
 
     def _schedule(self) -> bool:
         """Drop cancelled work, admit waiting requests into free slots; sleep while idle.
-        False once the engine is closing."""
+        False once the scheduler is closing."""
         with self._cond:
             while not self._closing:
                 self._running = [s for s in self._running if s.index not in s.request.cancelled]
@@ -265,8 +264,8 @@ class Engine:
         if not batch:
             return
         try:
-            logits_BV = decode_step(self.model, [s.last for s in batch], [s.cache for s in batch]).cpu()
-        except Exception as exc:  # noqa: BLE001 - the consumers get the error; the engine keeps serving
+            logits_BV = self.model.decode_rows([s.last for s in batch], [s.cache for s in batch]).cpu()
+        except Exception as exc:  # noqa: BLE001 - the consumers get the error; the scheduler keeps serving
             events += [(request, exc) for request in {s.request: None for s in batch}]
             for s in batch:
                 s.finished = True

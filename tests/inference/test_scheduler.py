@@ -1,6 +1,6 @@
 """The continuous-batching engine: a batched decode step equals single-sequence decoding, requests
 that join and leave a running batch get exactly the tokens they get alone (and that
-inference/engine.py's own decode gives), cancellation frees slots, and the queue is bounded."""
+inference/decode.py's own decode gives), cancellation frees slots, and the queue is bounded."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ import torch
 
 from hybridlm.config import ModelConfig
 from hybridlm.errors import UserError
-from hybridlm.inference.engine import generate_ids
+from hybridlm.inference.decode import generate_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.model import HybridLM
 from hybridlm.model.kv_cache import SparseKVCache
-from hybridlm.serve.batched_decode import decode_step
-from hybridlm.serve.engine import Engine, PromptTooLong, QueueFull, Request
+from hybridlm.inference.scheduler import Scheduler, PromptTooLong, QueueFull, Request
 
 WINDOW, STRIDE, CHUNK = 8, 5, 16
 
@@ -76,7 +75,7 @@ async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
 def run_engine(model: HybridLM, body, **options) -> object:
     """Run `body(engine)` on a started engine inside a real event loop; close it afterwards."""
     async def main():
-        engine = Engine(model, prefill_chunk=CHUNK, **options)
+        engine = Scheduler(model, prefill_chunk=CHUNK, **options)
         engine.start()
         try:
             return await body(engine)
@@ -96,14 +95,14 @@ def test_batched_decode_step_equals_single_sequence_forward(position):
             model(torch.tensor([ids]), cache_a)
         tokens = [ids[-1] for ids in prompts]
         for _ in range(20):
-            logits_BV = decode_step(model, tokens, batched)
+            logits_BV = model.decode_rows(tokens, batched)
             for b, token in enumerate(tokens):
                 reference_V = model(torch.tensor([[token]]), alone[b])[0, -1]
                 torch.testing.assert_close(logits_BV[b], reference_V, rtol=1e-4, atol=1e-4)
             tokens = logits_BV.argmax(-1).tolist()
         # A batch of one takes exactly the model's own path: bit-identical logits. (Wider batches
         # differ in the last bits only: the BLAS sums an M=B matmul in another order than M=1.)
-        single = decode_step(model, tokens[:1], [copy.deepcopy(alone[0])])[0]
+        single = model.decode_rows(tokens[:1], [copy.deepcopy(alone[0])])[0]
         assert torch.equal(single, model(torch.tensor([[tokens[0]]]), alone[0])[0, -1])
     sparse = batched[3][1]
     assert isinstance(sparse, SparseKVCache) and sparse.length == 50 + 20
@@ -120,7 +119,7 @@ def test_requests_joining_a_running_batch_decode_as_they_would_alone(model):
     reference = [list(generate_ids(model, p, greedy(m), eos_id=None, prefill_chunk=CHUNK))
                  for p, m in zip(prompts, MAX_TOKENS)]
 
-    async def staggered(engine: Engine):
+    async def staggered(engine: Scheduler):
         widest = 0
 
         async def arrive(i: int):
@@ -138,7 +137,7 @@ def test_requests_joining_a_running_batch_decode_as_they_would_alone(model):
         watcher.cancel()
         return outputs, widest, engine.stats()
 
-    async def one_at_a_time(engine: Engine):
+    async def one_at_a_time(engine: Scheduler):
         return [(await collect(engine.submit(p, [greedy(m)])))[0][0] for p, m in zip(prompts, MAX_TOKENS)]
 
     batched, widest, stats = run_engine(model, staggered, max_batch=4)
@@ -154,7 +153,7 @@ def test_seeded_choices_are_reproducible_and_match_single_sequence_sampling(mode
     ids = prompt(21)
     params = [SamplingParams(max_new_tokens=40, temperature=1.0, top_p=0.9, seed=5 + i) for i in range(3)]
 
-    async def twice(engine: Engine):
+    async def twice(engine: Scheduler):
         first = await collect(engine.submit(ids, params))
         second = await collect(engine.submit(ids, params))
         return first[0], second[0]
@@ -171,7 +170,7 @@ def test_stop_token_ends_a_choice(model):
     full = list(generate_ids(model, ids, greedy(30), eos_id=None))
     stop = full[6]
 
-    async def body(engine: Engine):
+    async def body(engine: Scheduler):
         return await collect(engine.submit(ids, [greedy(30)], frozenset({stop})))
 
     (tokens,), (finish,) = run_engine(model, body)
@@ -184,7 +183,7 @@ def test_cancelled_request_frees_its_slot_while_others_continue(model):
     long_prompt, other_prompt = prompt(9), prompt(33, 1)
     reference = list(generate_ids(model, other_prompt, greedy(40), eos_id=None, prefill_chunk=CHUNK))
 
-    async def body(engine: Engine):
+    async def body(engine: Scheduler):
         doomed = engine.submit(long_prompt, [greedy(200)])
         other = asyncio.create_task(collect(engine.submit(other_prompt, [greedy(40)])))
         for _ in range(3):
@@ -205,7 +204,7 @@ def test_queue_is_bounded_and_a_freed_slot_admits_the_next_request(model):
     waiting_prompt = prompt(12, 3)
     reference = list(generate_ids(model, waiting_prompt, greedy(10), eos_id=None))
 
-    async def body(engine: Engine):
+    async def body(engine: Scheduler):
         running = engine.submit(prompt(5), [greedy(200)])
         await running.next_event()  # admitted: the only slot is taken
         dropped = engine.submit(prompt(7), [greedy(10)])
@@ -226,7 +225,7 @@ def test_queue_is_bounded_and_a_freed_slot_admits_the_next_request(model):
 
 
 def test_bad_requests_are_refused_before_queueing(model):
-    async def body(engine: Engine):
+    async def body(engine: Scheduler):
         with pytest.raises(PromptTooLong, match="256 tokens but the context is 256"):
             engine.submit(prompt(256), [greedy(5)])
         with pytest.raises(UserError, match="at most 32"):
@@ -244,7 +243,7 @@ def test_bad_requests_are_refused_before_queueing(model):
 
 def test_closing_the_engine_ends_open_requests_with_an_error(model):
     async def body():
-        engine = Engine(model, max_batch=1)
+        engine = Scheduler(model, max_batch=1)
         engine.start()
         running = engine.submit(prompt(5), [greedy(200)])
         waiting = engine.submit(prompt(6), [greedy(5)])

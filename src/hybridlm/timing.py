@@ -1,4 +1,4 @@
-"""Wall-clock helpers shared by `hybridlm bench` and the scripts in benchmarks/."""
+"""Wall-clock helpers shared by `hybridlm bench`, `eval efficiency` and the scripts in benchmarks/."""
 
 from __future__ import annotations
 

@@ -2,112 +2,37 @@
 
 Everything is read from what training already writes (metrics.jsonl, config.json and whether
 model.safetensors exists), so a report can be drawn while a recipe is still running or after it
-was killed. Plots use matplotlib's Agg canvas directly: no display, no pyplot global state.
-"""
+was killed. Plots use matplotlib's Agg canvas directly: no display, no pyplot global state."""
 
 from __future__ import annotations
 
-import io
-import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from hybridlm.errors import UserError
-from hybridlm.fileio import atomic_write_bytes, atomic_write_text, read_json
-from hybridlm.train.metrics import read_metrics
+from hybridlm.fileio import atomic_write_bytes, atomic_write_text
+from hybridlm.report_format import (
+    escape_cell,
+    figure_png,
+    format_figure,
+    json_safe,
+    series_colour,
+)
+from hybridlm.train.metrics import (
+    StageMetrics,
+    is_number,
+    load_stages,
+    stage_seconds,
+    tokens_at,
+)
 
-STAGE_DIR = re.compile(r"^(\d+)-(.+)$")
 PLOTS = {"loss": "loss.png", "lr": "lr.png", "tokens_by_source": "tokens_by_source.png"}
-MISSING = "—"
 
-
-@dataclass
-class StageMetrics:
-    """One run directory's records, split into training and validation records."""
-
-    name: str
-    run_dir: Path
-    objective: str | None
-    steps_planned: int | None
-    finished: bool
-    train: list[dict]
-    val: list[dict]
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def load_stage(name: str, run_dir: Path) -> StageMetrics:
-    """A run directory as a stage: its config (if written yet) and its metrics records."""
-    config = read_json(run_dir / "config.json", "run config") if (run_dir / "config.json").is_file() else {}
-    train_cfg = config.get("train", {}) if isinstance(config, dict) else {}
-    records = read_metrics(run_dir / "metrics.jsonl")
-    finished = (run_dir / "model.safetensors").is_file()
-    train = [r for r in records if _is_number(r.get("loss"))]
-    val = [r for r in records if any(k.startswith("val_") for k in r)]
-    if finished and not train:
-        raise UserError(f"{run_dir}/metrics.jsonl is missing or holds no training records; "
-                        "the report is drawn from it")
-    return StageMetrics(name, run_dir, train_cfg.get("objective"), train_cfg.get("steps"), finished, train, val)
-
-
-def find_stages(run: Path) -> list[tuple[str, Path]]:
-    """(name, directory) per stage: RUN itself for a run directory, else the recipe's `<i>-<name>`
-    stage directories in stage order."""
-    if not run.exists():
-        raise UserError(f"{run} not found; give a run directory or a recipe's output directory")
-    if not run.is_dir():
-        raise UserError(f"{run} is a file; give a run directory or a recipe's output directory")
-    if (run / "config.json").is_file() or (run / "metrics.jsonl").is_file():
-        match = STAGE_DIR.match(run.name)
-        return [(match.group(2) if match else run.name, run)]
-    stages = sorted((int(m.group(1)), m.group(2), p) for p in run.iterdir()
-                    if p.is_dir() and (m := STAGE_DIR.match(p.name))
-                    and ((p / "config.json").is_file() or (p / "metrics.jsonl").is_file()))
-    if not stages:
-        raise UserError(f"{run} is neither a run directory (config.json, metrics.jsonl) nor a recipe output "
-                        "directory (stage directories named <i>-<name>); give what `hybridlm train` wrote")
-    return [(name, path) for _, name, path in stages]
-
-
-def load_stages(run: Path) -> list[StageMetrics]:
-    """Every stage of RUN; a stage not yet logging is kept (as unfinished), but one must have records."""
-    stages = [load_stage(name, path) for name, path in find_stages(run)]
-    if not any(s.train for s in stages):
-        where = stages[0].run_dir / "metrics.jsonl" if len(stages) == 1 else f"any stage under {run}"
-        raise UserError(f"no training records in {where}; train first (metrics.jsonl is missing or empty)")
-    return stages
-
-
-def tokens_at(stage: StageMetrics, step: int) -> float:
-    """Tokens drawn by `step`, interpolated between training records (exact where one was logged);
-    batch shapes may grow during a run, so steps times a constant would misplace the point."""
-    import numpy as np
-
-    points = [(0, 0)] + [(r["step"], r["tokens"]) for r in stage.train if _is_number(r.get("tokens"))]
-    steps, tokens = zip(*points)
-    return float(np.interp(step, steps, tokens))
-
-
-def stage_seconds(stage: StageMetrics) -> float:
-    """Training seconds (evaluations excluded) summed over resumed segments: train_s restarts at
-    each resume, and tokens - tok_s * train_s gives back the tokens each segment started from.
-    Records written before train_s existed count elapsed_s."""
-    segments: dict[int, float] = {}
-    for r in stage.train:
-        tokens, tok_s, elapsed = r.get("tokens"), r.get("tok_s"), r.get("train_s", r.get("elapsed_s"))
-        if not all(_is_number(v) and math.isfinite(v) for v in (tokens, tok_s, elapsed)):
-            continue
-        start = round(tokens - tok_s * elapsed)
-        segments[start] = max(segments.get(start, 0.0), elapsed)
-    return sum(segments.values())
 
 
 def final_val(stage: StageMetrics) -> dict[str, float]:
     """The last value of every numeric val_* figure (val_by_source and other nested ones left out)."""
-    return {k: v for r in stage.val for k, v in r.items() if k.startswith("val_") and _is_number(v)}
+    return {k: v for r in stage.val for k, v in r.items() if k.startswith("val_") and is_number(v)}
+
 
 
 def stage_summary(stage: StageMetrics) -> dict:
@@ -119,6 +44,7 @@ def stage_summary(stage: StageMetrics) -> dict:
             "finished": stage.finished, "tokens_by_source": dict(last.get("tokens_by_source", {}))}
 
 
+
 def token_offsets(stages: list[StageMetrics]) -> list[int]:
     """Where each stage starts on the cumulative-token axis: the tokens of the stages before it."""
     offsets, total = [], 0
@@ -126,6 +52,7 @@ def token_offsets(stages: list[StageMetrics]) -> list[int]:
         offsets.append(total)
         total += stage.train[-1].get("tokens", 0) if stage.train else 0
     return offsets
+
 
 
 def _figure(title: str, xlabel: str, ylabel: str):
@@ -141,15 +68,6 @@ def _figure(title: str, xlabel: str, ylabel: str):
     return fig, ax
 
 
-def figure_png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
-def series_colour(index: int) -> str:
-    return f"C{index % 10}"
-
 
 def _stage_lines(stages: list[StageMetrics], key: str, ylabel: str, title: str, with_val: bool) -> bytes:
     """`key` of the training records against cumulative tokens, one colour per stage, a dashed line at
@@ -158,7 +76,7 @@ def _stage_lines(stages: list[StageMetrics], key: str, ylabel: str, title: str, 
     offsets = token_offsets(stages)
     val_labelled = False
     for i, (stage, offset) in enumerate(zip(stages, offsets)):
-        points = [(offset + r.get("tokens", 0), r[key]) for r in stage.train if _is_number(r.get(key))]
+        points = [(offset + r.get("tokens", 0), r[key]) for r in stage.train if is_number(r.get(key))]
         if i > 0 and stage.train:
             ax.axvline(offset, color="grey", linestyle="--", linewidth=0.8)
         if points:
@@ -166,7 +84,7 @@ def _stage_lines(stages: list[StageMetrics], key: str, ylabel: str, title: str, 
             ax.plot(xs, ys, color=series_colour(i), marker="o" if len(xs) == 1 else None,
                     label=f"{stage.name}{'' if stage.finished else ' (unfinished)'}")
         val = [(offset + tokens_at(stage, r["step"]), r["val_loss"]) for r in stage.val
-               if _is_number(r.get("val_loss"))]
+               if is_number(r.get("val_loss"))]
         if with_val and val:
             xs, ys = zip(*val)
             ax.plot(xs, ys, linestyle="none", marker="o", markerfacecolor="none", color=series_colour(i),
@@ -176,12 +94,15 @@ def _stage_lines(stages: list[StageMetrics], key: str, ylabel: str, title: str, 
     return figure_png(fig)
 
 
+
 def plot_loss(stages: list[StageMetrics]) -> bytes:
     return _stage_lines(stages, "loss", "loss", "Training loss (lines) and validation loss (markers)", True)
 
 
+
 def plot_lr(stages: list[StageMetrics]) -> bytes:
     return _stage_lines(stages, "lr", "learning rate", "Learning rate", False)
+
 
 
 def _source_labels(sources: list[str]) -> dict[str, str]:
@@ -191,8 +112,10 @@ def _source_labels(sources: list[str]) -> dict[str, str]:
     return {s: label if counts[label] == 1 else s for s, label in short.items()}
 
 
+
 def all_sources(summaries: list[dict]) -> list[str]:
     return list(dict.fromkeys(s for summary in summaries for s in summary["tokens_by_source"]))
+
 
 
 def plot_tokens_by_source(summaries: list[dict]) -> bytes:
@@ -211,20 +134,10 @@ def plot_tokens_by_source(summaries: list[dict]) -> bytes:
     return figure_png(fig)
 
 
-def format_figure(value: object, digits: int = 4) -> str:
-    if value is None:
-        return MISSING
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
-
-
-def escape_cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
 
 def val_keys(summaries: list[dict]) -> list[str]:
     return list(dict.fromkeys(k for s in summaries for k in s if k.startswith("val_")))
+
 
 
 def render_markdown(run: Path, summaries: list[dict]) -> str:
@@ -251,16 +164,6 @@ def render_markdown(run: Path, summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def json_safe(value: object) -> object:
-    """NaN and infinity (a diverged loss) become null, so --json stays one valid JSON document."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
-
 
 def write_report(run: Path, out: Path | None = None) -> dict:
     """Write the three PNGs and report.md into `out` (default RUN/report); return figures and paths."""
@@ -280,8 +183,10 @@ def write_report(run: Path, out: Path | None = None) -> dict:
                       "files": {k: str(v) for k, v in files.items()}})
 
 
+
 def format_summary(result: dict) -> str:
     """The plain-text answer: one line per stage, then where the report went."""
     lines = [f"{s['stage']} ({s['objective'] or '?'}): {s['steps']:,} steps, {s['tokens']:,} tokens, "
              f"train loss {format_figure(s['train_loss'])}{'' if s['finished'] else ', unfinished'}" for s in result["stages"]]
     return "\n".join([*lines, f"wrote {result['files']['report']} and {len(PLOTS)} plots in {result['out']}"])
+

@@ -1,0 +1,318 @@
+"""The run config: [model] plus one section per concern of training, from TOML and overrides.
+
+```toml
+[model]        # ModelConfig fields, or preset = "small" plus fields that override it
+[train]        # the run itself: out, objective, steps, init_from, dtype, seed, ...
+[data]         # what batches hold: path or mixture, tokenizer, seq_len, batch_size, grad_accum
+[optim]        # AdamW: lr, weight_decay, beta1, beta2, grad_clip
+[schedule]     # learning rate over steps: warmup_steps, decay, min_lr_ratio
+[progressive]  # growing batches: seq_len_start + seq_len_warmup_steps, batch_size_start + batch_ramp_steps
+[eval]         # validation: every, tokens
+[checkpoint]   # every, keep
+[parallel]     # strategy under torchrun: ddp or fsdp
+```
+
+Overrides on the command line name the section: `optim.lr=3e-4 data.seq_len=512`. Why sections
+(as serve/config.py has): each validates its own fields in `__post_init__` with a message that
+names the fix, the field docstrings are what `hybridlm train --help-config` prints, and a
+reader finds a setting next to the others of its kind. The resolved config is saved in the run
+directory as config.json in the same shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybridlm.config import PRESETS, ModelConfig, preset
+from hybridlm.errors import UserError
+from hybridlm.settings import apply_overrides, build, checked_kwargs, describe_fields, load_toml, toml_value
+
+DTYPES = ("auto", "bf16", "fp32")
+DECAYS = ("cosine", "linear", "constant")
+PARALLEL = ("ddp", "fsdp")
+
+
+def _positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise UserError(f"{section}.{name} must be > 0 (got {value})")
+
+
+def _one_of(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{section}.{name} must be one of {', '.join(choices)} (got {value!r})")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The run itself: where it goes, what it learns, for how long, from where."""
+
+    out: str = "runs/run"
+    """Run directory to write."""
+    objective: str = "clm"
+    """clm (next-token prediction on text), mlm (masked tokens, bidirectional attention) or sft
+    (instruction tuning: loss on assistant replies)."""
+    steps: int = 200
+    """Optimizer steps."""
+    init_from: str = ""
+    """A finished run directory whose weights this run starts from (optimizer state starts fresh)."""
+    init_optimizer: bool = False
+    """Also start from the AdamW moments of init_from's last checkpoint (default: fresh)."""
+    dtype: str = "auto"
+    """auto (bf16 where the hardware has it), bf16 (autocast, fp32 master weights) or fp32."""
+    compile: bool = False
+    """torch.compile the model for training steps: 1.15-1.19x per step on `small` at batch 8 x 1024 and
+    32 x 256, but no gain on the quickstart's settings (docs/benchmarks.md); off by default."""
+    seed: int = 1337
+    """Seeds the weights, the mixture's row order and masking."""
+    log_every: int = 10
+    """Write a training record to metrics.jsonl every N steps."""
+    max_bad_steps: int = 5
+    """Steps with a non-finite loss or gradient are skipped; this many in a row stop the run."""
+
+    def __post_init__(self) -> None:
+        from hybridlm.train.objectives import OBJECTIVES  # the registry of objectives, by name
+
+        _positive("train", steps=self.steps, log_every=self.log_every, max_bad_steps=self.max_bad_steps)
+        _one_of("train", "objective", self.objective, tuple(OBJECTIVES))
+        _one_of("train", "dtype", self.dtype, DTYPES)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """What every batch holds and where it comes from."""
+
+    path: str = ""
+    """Prepared data directory (from `hybridlm prepare`); shorthand for a mixture of one source."""
+    mixture: dict = field(default_factory=dict)
+    """{source: weight}: prepared directories (clm, mlm) or instruction files / stdlib-docs:qa (sft)."""
+    tokenizer: str = ""
+    """tokenizer.json to use; default: the first prepared source's, or that of train.init_from."""
+    seq_len: int = 256
+    """Tokens per training sequence (at most model.max_seq_len)."""
+    batch_size: int = 8
+    """Sequences per micro-batch, over all ranks together (each of N ranks takes batch_size / N)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+
+    def __post_init__(self) -> None:
+        _positive("data", seq_len=self.seq_len, batch_size=self.batch_size, grad_accum=self.grad_accum)
+        weights = self.mixture.values() if isinstance(self.mixture, dict) else [None]
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights) or (
+            self.mixture and sum(weights) <= 0
+        ):
+            raise UserError("data.mixture must map sources to weights >= 0 that sum to a positive number, "
+                            'e.g. {"data/a" = 0.7, "data/b" = 0.3}')
+
+    def weights(self) -> dict[str, float]:
+        """{source: weight}: the mixture, or data.path alone."""
+        weights = dict(self.mixture) or ({self.path: 1.0} if self.path else {})
+        if not weights:
+            raise UserError("no training data: set data.path (a `hybridlm prepare` directory) or data.mixture")
+        return weights
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW and gradient clipping."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices and embeddings (not on norms and biases)."""
+    beta1: float = 0.9
+    """AdamW's first-moment decay."""
+    beta2: float = 0.95
+    """AdamW's second-moment decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+
+    def __post_init__(self) -> None:
+        _positive("optim", lr=self.lr)
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise UserError("optim.weight_decay and optim.grad_clip must be >= 0")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """The learning rate over the run's steps."""
+
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    decay: str = "cosine"
+    """After warmup: cosine or linear decay to lr * min_lr_ratio, or constant."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the decay, as a fraction of optim.lr."""
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise UserError("schedule.warmup_steps must be >= 0 and schedule.min_lr_ratio in [0, 1]")
+        _one_of("schedule", "decay", self.decay, DECAYS)
+
+
+@dataclass(kw_only=True)
+class ProgressiveConfig:
+    """Progressive training: short sequences and/or few rows first, grown linearly; 0 turns each off."""
+
+    seq_len_start: int = 0
+    """Start with sequences of this length and grow linearly to data.seq_len over seq_len_warmup_steps."""
+    seq_len_warmup_steps: int = 0
+    """Steps over which sequences grow to data.seq_len."""
+    batch_size_start: int = 0
+    """Start with this many sequences and grow linearly to data.batch_size over batch_ramp_steps."""
+    batch_ramp_steps: int = 0
+    """Steps over which batches grow to data.batch_size."""
+
+    def check(self, data: DataConfig) -> None:
+        for start, full, span in (("batch_size_start", "batch_size", "batch_ramp_steps"),
+                                  ("seq_len_start", "seq_len", "seq_len_warmup_steps")):
+            begin = getattr(self, start)
+            if begin and not (0 < begin <= getattr(data, full) and getattr(self, span) > 0):
+                raise UserError(f"progressive.{start} must be in [1, data.{full}] with progressive.{span} > 0 "
+                                f"(got {begin} and {getattr(self, span)}); 0 turns it off")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Validation during training."""
+
+    every: int = 100
+    """Evaluate on the validation data every N steps (and at the end); 0 = only at the end."""
+    tokens: int = 65536
+    """Validation tokens per evaluation."""
+
+    def __post_init__(self) -> None:
+        _positive("eval", tokens=self.tokens)
+        if self.every < 0:
+            raise UserError(f"eval.every must be >= 0 (got {self.every})")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Checkpoints: what a killed run resumes from."""
+
+    every: int = 100
+    """Write a checkpoint every N steps (and at the end)."""
+    keep: int = 2
+    """How many recent checkpoints to keep."""
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint", every=self.every, keep=self.keep)
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Scale-out under torchrun (one process otherwise)."""
+
+    strategy: str = "ddp"
+    """ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard)."""
+
+    def __post_init__(self) -> None:
+        _one_of("parallel", "strategy", self.strategy, PARALLEL)
+
+
+SECTIONS: dict[str, type] = {
+    "train": TrainConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
+    "progressive": ProgressiveConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig,
+    "parallel": ParallelConfig,
+}
+"""Every section of a run config besides [model], in the order --help-config prints them."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A training run, resolved: the model and every section."""
+
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise UserError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        self.progressive.check(self.data)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.to_dict(),
+                **{name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}}
+
+    def replace(self, **sections: dict) -> RunConfig:
+        """A copy with fields of some sections replaced: replace(train={"steps": 10})."""
+        changed = {name: dataclasses.replace(getattr(self, name), **fields) for name, fields in sections.items()}
+        return dataclasses.replace(self, **changed)
+
+
+def load_run_config(path: Path | None, overrides: list[str]) -> RunConfig:
+    """Read a TOML config, apply `section.key=value` overrides, validate."""
+    return run_config_from_dict(apply_overrides(load_toml(path) if path else {}, overrides))
+
+
+MOVED = {  # keys of the single [train] section of earlier releases -> (section, key) now
+    "data": ("data", "path"), "mixture": ("data", "mixture"), "tokenizer": ("data", "tokenizer"),
+    "seq_len": ("data", "seq_len"), "batch_size": ("data", "batch_size"), "grad_accum": ("data", "grad_accum"),
+    "lr": ("optim", "lr"), "weight_decay": ("optim", "weight_decay"), "beta1": ("optim", "beta1"),
+    "beta2": ("optim", "beta2"), "grad_clip": ("optim", "grad_clip"), "warmup_steps": ("schedule", "warmup_steps"),
+    "schedule": ("schedule", "decay"), "min_lr_ratio": ("schedule", "min_lr_ratio"),
+    "seq_len_start": ("progressive", "seq_len_start"), "seq_len_warmup_steps": ("progressive", "seq_len_warmup_steps"),
+    "batch_size_start": ("progressive", "batch_size_start"), "batch_ramp_steps": ("progressive", "batch_ramp_steps"),
+    "eval_every": ("eval", "every"), "eval_tokens": ("eval", "tokens"), "checkpoint_every": ("checkpoint", "every"),
+    "keep_checkpoints": ("checkpoint", "keep"), "parallel": ("parallel", "strategy"),
+}
+
+
+def run_config_from_dict(doc: dict) -> RunConfig:
+    """[model] takes any ModelConfig field plus `preset` (fields then override the preset); each
+    other section its dataclass's fields."""
+    unknown = sorted(set(doc) - {"model", *SECTIONS})
+    if unknown:
+        raise UserError(f"unknown config section(s) {', '.join(unknown)}; known sections: model, {', '.join(SECTIONS)}")
+    moved = sorted(set(doc.get("train", {})) & set(MOVED))
+    if moved:
+        raise UserError("config keys moved to their own sections: " + ", ".join(
+            f"train.{k} is now {'.'.join(MOVED[k])}" for k in moved))
+    model_kwargs = checked_kwargs(ModelConfig, dict(doc.get("model", {})), "model", extra={"preset": str})
+    preset_name = model_kwargs.pop("preset", None)
+    model = preset(preset_name, **model_kwargs) if preset_name else ModelConfig(**model_kwargs)
+    sections = {name: build(cls, dict(doc.get(name, {})), name) for name, cls in SECTIONS.items()}
+    return RunConfig(model=model, **sections)
+
+
+def saved_run_config(doc: dict) -> RunConfig:
+    """The config.json of a run directory; one written before the sections existed (all training
+    keys in [train]) is read with its keys moved to where they live now, so old runs still resume."""
+    train = dict(doc.get("train", {}))
+    if set(train) & set(MOVED):
+        doc = {k: dict(v) for k, v in doc.items()}
+        for key in set(train) & set(MOVED):
+            section, name = MOVED[key]
+            doc.setdefault(section, {})[name] = doc["train"].pop(key)
+    return run_config_from_dict(doc)
+
+
+def config_help() -> dict:
+    """Every section and key of a run config with its type, default and docstring (--help-config)."""
+    model = [{"key": "preset", "type": "str", "default": "", "doc": f"A named model ({', '.join(PRESETS)}); "
+              "the other [model] keys override its fields."}, *describe_fields(ModelConfig)]
+    sections = [{"section": "model", "doc": ModelConfig.__doc__.splitlines()[0], "keys": model}]
+    for name, cls in SECTIONS.items():
+        sections.append({"section": name, "doc": cls.__doc__, "keys": describe_fields(cls)})
+    return {"sections": sections}
+
+
+def format_config_help(doc: dict) -> str:
+    """The sections as TOML a user can copy: each key at its default, its docstring as a comment."""
+    lines = []
+    for section in doc["sections"]:
+        lines += [f"[{section['section']}]  # {section['doc']}"]
+        for key in section["keys"]:
+            lines.append(f"{key['key']} = {toml_value(key['default'])}  # {key['type']}: {key['doc']}".rstrip(": "))
+        lines.append("")
+    return "\n".join(lines).rstrip()

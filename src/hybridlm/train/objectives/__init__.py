@@ -1,0 +1,12 @@
+"""The registry of training objectives: `train.objective` names one of them."""
+
+from __future__ import annotations
+
+from hybridlm.train.objectives.base import Evaluator, Objective, SourceSet
+from hybridlm.train.objectives.clm import CausalLM
+from hybridlm.train.objectives.mlm import MaskedLM
+from hybridlm.train.objectives.sft import InstructionTuning
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (CausalLM(), MaskedLM(), InstructionTuning())}
+
+__all__ = ["OBJECTIVES", "Evaluator", "Objective", "SourceSet"]

@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    import transformers
     from transformers import AutoModelForCausalLM
 
     run = load_run(args.run)
@@ -73,7 +74,7 @@ def main() -> None:
     native = _median_seconds(ours, args.repeats)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__, "transformers": transformers.__version__},
         "prompt_tokens": args.prompt, "new_tokens": args.new, "repeats": args.repeats, "dtype": "fp32",
         "hf_cached_tokens_per_s": args.new / cached,
         "hf_uncached_tokens_per_s": args.new / uncached,

@@ -46,6 +46,13 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
+def check_positive(section: str, **values: float) -> None:
+    """Raise UserError naming the first `section.key` that is not > 0."""
+    for name, value in values.items():
+        if value <= 0:
+            raise UserError(f"{section}.{name} must be > 0 (got {value})")
+
+
 def checked_kwargs(cls: type, values: dict, section: str, extra: dict[str, type] | None = None) -> dict:
     """`values` as keyword arguments for dataclass `cls`, rejecting unknown keys and wrong types."""
     hints = {f.name: get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)} | (extra or {})

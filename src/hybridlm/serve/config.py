@@ -30,13 +30,7 @@ from pathlib import Path
 
 from hybridlm.errors import UserError
 from hybridlm.serve.safety import ACTIONS, DIRECTIONS, Rule
-from hybridlm.settings import apply_overrides, build, checked_kwargs, load_toml
-
-
-def _positive(section: str, **values: int) -> None:
-    for name, value in values.items():
-        if value <= 0:
-            raise UserError(f"{section}.{name} must be > 0 (got {value})")
+from hybridlm.settings import apply_overrides, build, check_positive, checked_kwargs, load_toml
 
 
 @dataclass(kw_only=True)
@@ -57,7 +51,7 @@ class ServerSettings:
     """Inference precision: auto, bf16 or fp32."""
 
     def __post_init__(self) -> None:
-        _positive("server", max_batch=self.max_batch, max_queue=self.max_queue, max_tokens_cap=self.max_tokens_cap,
+        check_positive("server", max_batch=self.max_batch, max_queue=self.max_queue, max_tokens_cap=self.max_tokens_cap,
                   max_n=self.max_n, max_body_bytes=self.max_body_bytes)
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise UserError(f"server.dtype must be auto, bf16 or fp32 (got {self.dtype!r})")

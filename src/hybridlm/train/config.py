@@ -27,17 +27,19 @@ from pathlib import Path
 
 from hybridlm.config import PRESETS, ModelConfig, preset
 from hybridlm.errors import UserError
-from hybridlm.settings import apply_overrides, build, checked_kwargs, describe_fields, load_toml, toml_value
+from hybridlm.settings import (
+    apply_overrides,
+    build,
+    check_positive,
+    checked_kwargs,
+    describe_fields,
+    load_toml,
+    toml_value,
+)
 
 DTYPES = ("auto", "bf16", "fp32")
 DECAYS = ("cosine", "linear", "constant")
 PARALLEL = ("ddp", "fsdp")
-
-
-def _positive(section: str, **values: float) -> None:
-    for name, value in values.items():
-        if value <= 0:
-            raise UserError(f"{section}.{name} must be > 0 (got {value})")
 
 
 def _one_of(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -75,7 +77,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from hybridlm.train.objectives import OBJECTIVES  # the registry of objectives, by name
 
-        _positive("train", steps=self.steps, log_every=self.log_every, max_bad_steps=self.max_bad_steps)
+        check_positive("train", steps=self.steps, log_every=self.log_every, max_bad_steps=self.max_bad_steps)
         _one_of("train", "objective", self.objective, tuple(OBJECTIVES))
         _one_of("train", "dtype", self.dtype, DTYPES)
 
@@ -98,7 +100,7 @@ class DataConfig:
     """Micro-batches per optimizer step."""
 
     def __post_init__(self) -> None:
-        _positive("data", seq_len=self.seq_len, batch_size=self.batch_size, grad_accum=self.grad_accum)
+        check_positive("data", seq_len=self.seq_len, batch_size=self.batch_size, grad_accum=self.grad_accum)
         weights = self.mixture.values() if isinstance(self.mixture, dict) else [None]
         if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights) or (
             self.mixture and sum(weights) <= 0
@@ -130,7 +132,7 @@ class OptimConfig:
     """Global gradient-norm clip; 0 disables."""
 
     def __post_init__(self) -> None:
-        _positive("optim", lr=self.lr)
+        check_positive("optim", lr=self.lr)
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise UserError("optim.weight_decay and optim.grad_clip must be >= 0")
 
@@ -184,7 +186,7 @@ class EvalConfig:
     """Validation tokens per evaluation."""
 
     def __post_init__(self) -> None:
-        _positive("eval", tokens=self.tokens)
+        check_positive("eval", tokens=self.tokens)
         if self.every < 0:
             raise UserError(f"eval.every must be >= 0 (got {self.every})")
 
@@ -199,7 +201,7 @@ class CheckpointConfig:
     """How many recent checkpoints to keep."""
 
     def __post_init__(self) -> None:
-        _positive("checkpoint", every=self.every, keep=self.keep)
+        check_positive("checkpoint", every=self.every, keep=self.keep)
 
 
 @dataclass(kw_only=True)

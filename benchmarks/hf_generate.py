@@ -4,7 +4,7 @@
 `generate(max_new_tokens=N, do_sample=False)` on one prompt of P random token ids in fp32, as
 exported (the cache is the default) and with `use_cache=False` (every step recomputes the whole
 sequence), in the same process, median of --repeats. It checks the two produce the same tokens, and
-reports hybridlm's own cached greedy decode of the same prompt (`inference.engine.generate_ids`,
+reports hybridlm's own cached greedy decode of the same prompt (`inference.decode.generate_ids`,
 fp32) as the peer.
 
 Usage: .venv/bin/python benchmarks/hf_generate.py RUN_DIR [--prompt 512] [--new 128] [--repeats 3]

@@ -285,3 +285,31 @@ def test_bad_input_gets_one_line_and_exit_2(tiny_run, tmp_path, cli):
     _bad(cli, "no config.json", "import", "hf", str(tmp_path / "nothing"), str(tmp_path / "o5"))
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
     assert not list(tmp_path.glob(".o*"))  # no staging directory left behind
+
+
+@torch.no_grad()
+def test_the_export_takes_the_cache_under_either_name_and_refuses_what_it_does_not_implement(tiny_run, tmp_path):
+    """`cache` (transformers >= 5.24) and `past_key_values` (earlier) both continue a sequence;
+    anything else (another cache name, attention outputs, a cache_position that does not follow
+    the cache) is an error, never dropped."""
+    from transformers import DynamicCache
+
+    out = tmp_path / "remote_args"
+    export_hf(tiny_run, out, "remote")
+    hf_model = _load_remote(out)
+    ids = _random_ids(hf_model.config.vocab_size, batch=1, length=12)
+    whole = hf_model(ids).logits
+    for name in ("cache", "past_key_values"):
+        cache = DynamicCache(config=hf_model.config)
+        head = hf_model(ids[:, :8], use_cache=True, **{name: cache}).logits
+        tail = hf_model(ids[:, 8:], use_cache=True, **{name: cache}).logits
+        torch.testing.assert_close(torch.cat([head, tail], dim=1), whole, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="pass the cache once"):
+        hf_model(ids, cache=DynamicCache(config=hf_model.config), past_key_values=DynamicCache(config=hf_model.config))
+    with pytest.raises(TypeError, match=r"unsupported argument\(s\) \['cache_params'\]"):
+        hf_model(ids, cache_params=DynamicCache(config=hf_model.config))
+    with pytest.raises(ValueError, match="output_attentions=True is not implemented"):
+        hf_model(ids, output_attentions=True)
+    with pytest.raises(ValueError, match="does not continue the 0 cached tokens"):
+        hf_model(ids, cache_position=torch.arange(3, 3 + ids.shape[1]))
+    torch.testing.assert_close(hf_model(ids, cache_position=torch.arange(ids.shape[1])).logits, whole)

@@ -57,10 +57,13 @@ class Stage:
 def recipe_document(name_or_path: str | Path) -> dict:
     """The TOML of a recipe file, or of the built-in recipe of that name (`paper-3stage`)."""
     path = Path(name_or_path)
+    if path.exists():
+        return load_toml(path)
     builtin = BUILTIN / f"{name_or_path}.toml"
-    if not path.exists() and path.suffix != ".toml" and builtin.is_file():
+    if path.suffix != ".toml" and builtin.is_file():
         return tomllib.loads(builtin.read_text(encoding="utf-8"))
-    return load_toml(path)
+    names = sorted(f.name.removesuffix(".toml") for f in BUILTIN.iterdir() if f.name.endswith(".toml"))
+    raise UserError(f"recipe {name_or_path} not found: give a TOML file or a built-in recipe ({', '.join(names)})")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> list[Stage]:

@@ -43,10 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    import httpx
-except ImportError:  # the openai client in [dev] brings the same API as httpx2
-    import httpx2 as httpx
+import httpx2 as httpx  # the [bench] extra declares it (the HTTP client the openai package uses)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_RLHF = SHARED_DATA / "preference" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"

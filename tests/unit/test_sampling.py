@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hybridlm.errors import UserError
 from hybridlm.inference.sampling import SamplingParams, choose_token
@@ -61,3 +63,29 @@ def test_a_subnormal_temperature_samples_the_argmax_instead_of_failing():
     logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
     params = SamplingParams(temperature=5e-324, seed=0)
     assert choose_token(logits, params, torch.tensor([], dtype=torch.long), torch.Generator().manual_seed(0)) == 1
+
+
+_STREAM_TOKENIZERS: dict = {}
+
+
+def _stream_tokenizer(kind: str):
+    """A byte-level tokenizer (BPE or Unigram) trained on text with multi-byte characters, so ids
+    can split a character and carry special tokens."""
+    if kind not in _STREAM_TOKENIZERS:
+        text = ["naïve café 😀 über straße — “quoted” 中文字符 hello world. STOP here.\n\n"] * 20
+        _STREAM_TOKENIZERS[kind] = train_tokenizer(text, kind=kind, vocab_size=300)
+    return _STREAM_TOKENIZERS[kind]
+
+
+@settings(max_examples=150, deadline=None)
+@given(kind=st.sampled_from(["bpe", "unigram"]), data=st.data())
+def test_incremental_stream_equals_one_decode_of_all_ids(kind, data):
+    """Whatever the ids (parts of characters, special tokens, invalid bytes), the pieces joined
+    are the text one decode of all the ids gives: up to the first stop string, or all of it."""
+    tok = _stream_tokenizer(kind)
+    ids = data.draw(st.lists(st.integers(0, tok.vocab_size - 1), max_size=80))
+    stop = data.draw(st.sampled_from([(), ("STOP",), ("é", "\n\n")]))
+    pieces = list(stream_text(tok, ids, stop=stop))
+    whole = tok.decode(ids)
+    hits = [whole.find(s) for s in stop if s in whole]
+    assert "".join(pieces) == (whole[: min(hits)] if hits else whole)

@@ -14,11 +14,20 @@ from hybridlm.tokenizer import TextTokenizer
 
 
 class TextStream:
-    """Feed token ids one at a time; each push returns the text that is now safe to show."""
+    """Feed token ids one at a time; each push returns the text that is now safe to show.
+
+    Decoding is incremental, so a reply of n tokens costs O(n) rather than O(n^2): only the ids
+    after the last settled point are decoded again (the scheme vLLM uses). `text` holds the
+    decoded text up to `read` ids; a push decodes ids[prefix:] and ids[prefix:read] and keeps what
+    the new ids add, settling only when that does not end in an unfinished UTF-8 character.
+    Decoding from `prefix` (one settled step back) rather than from `read` gives the decoder the
+    context it may use at the start of a sequence."""
 
     def __init__(self, tokenizer: TextTokenizer, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer, self.stop = tokenizer, stop
         self.generated: list[int] = []
+        self.text = ""
+        self.prefix = self.read = 0
         self.emitted = 0
         self.stopped = False
         """True once a stop string appeared: later tokens add nothing."""
@@ -27,21 +36,30 @@ class TextStream:
         if self.stopped:
             return ""
         self.generated.append(token)
-        text = self.tokenizer.decode(self.generated)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """The held-back tail once generation has ended (nothing from a stop string on)."""
+        return "" if self.stopped else self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        self._settle(final)
+        text = self.text
         # Released text never holds a stop string, so a new one can only start near its end.
         hits = (text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stop)
         hit = min((i for i in hits if i >= 0), default=-1)
         if hit >= 0:
             self.stopped = True
             return self._release(text, hit)
-        return self._release(text, len(text) - _held_back(text, self.stop))
+        return self._release(text, len(text) if final else len(text) - _held_back(text, self.stop))
 
-    def flush(self) -> str:
-        """The held-back tail once generation has ended (nothing after a stop string)."""
-        if self.stopped:
-            return ""
-        text = self.tokenizer.decode(self.generated)
-        return self._release(text, len(text))
+    def _settle(self, final: bool) -> None:
+        """Extend `text` with what the ids after `read` add, once they end on a whole character."""
+        before = self.tokenizer.decode(self.generated[self.prefix : self.read])
+        after = self.tokenizer.decode(self.generated[self.prefix :])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.generated)
 
     def _release(self, text: str, upto: int) -> str:
         if upto <= self.emitted:

@@ -19,7 +19,6 @@ import uvicorn
 from hybridlm.serve.app import create_app
 from hybridlm.serve.auth import KeyStore, hash_key
 from hybridlm.serve.config import load_serve_config
-from hybridlm.serve.service import Service
 
 KEY = "sk-test-3f9a1c"
 OTHER_KEY = "sk-other-77d0"
@@ -60,21 +59,13 @@ def running(app, timeout: float = 60.0) -> Iterator[str]:
 
 
 @contextmanager
-def serving(service, tmp: Path, *overrides: str, api_keys: KeyStore | None = None) -> Iterator[str]:
-    app = create_app(service, config(tmp, *overrides), api_keys if api_keys is not None else keys(KEY, OTHER_KEY))
-    with running(app) as url:
-        yield url
-
-
-@contextmanager
 def serving_run(run_dir: Path, tmp: Path, *overrides: str, api_keys: KeyStore | None = None) -> Iterator[SimpleNamespace]:
-    """A real Service on `run_dir`, built from the config's [server] section as `hybridlm serve`
-    builds it (fp32 unless overridden), behind the app; yields (url, model, service, tmp)."""
+    """`create_app` on `run_dir` with the config `hybridlm serve` would read (fp32 unless
+    overridden), served on 127.0.0.1; yields (url, model, service, tmp)."""
     cfg = config(tmp, "server.dtype=\"fp32\"", *overrides)
-    server = cfg.server
-    service = Service(run_dir, max_batch=server.max_batch, max_queue=server.max_queue,
-                      max_tokens_cap=server.max_tokens_cap, dtype=server.dtype)
-    with running(create_app(service, cfg, api_keys if api_keys is not None else keys(KEY, OTHER_KEY))) as url:
+    app = create_app(run_dir, cfg, api_keys if api_keys is not None else keys(KEY, OTHER_KEY))
+    service = app.state.server.service
+    with running(app) as url:
         yield SimpleNamespace(url=url, model=service.model_id, service=service, tmp=tmp)
 
 

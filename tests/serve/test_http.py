@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import openai
 import pytest
-from httpserver import KEY, OTHER_KEY, serving
+from httpserver import KEY, OTHER_KEY, serving_run
 
 from hybridlm.serve.auth import hash_key
 from hybridlm.serve.review import ReviewQueue
@@ -26,14 +26,12 @@ BODY_LIMIT = 65536
 
 @pytest.fixture(scope="module")
 def live(tiny_run, tmp_path_factory):
-    from hybridlm.serve.service import Service
-
     tmp = tmp_path_factory.mktemp("live")
-    service = Service(tiny_run, max_batch=4, max_queue=8, max_tokens_cap=CAP, dtype="fp32")
-    with serving(service, tmp, "limits.requests_per_minute=0", "limits.tokens_per_minute=0",
-                 f"server.max_body_bytes={BODY_LIMIT}", "server.max_n=4") as url:
-        yield SimpleNamespace(url=url, tmp=tmp, service=service, model=service.model_id,
-                              client=openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60))
+    with serving_run(tiny_run, tmp, "server.max_batch=4", "server.max_queue=8", f"server.max_tokens_cap={CAP}",
+                     "limits.requests_per_minute=0", "limits.tokens_per_minute=0",
+                     f"server.max_body_bytes={BODY_LIMIT}", "server.max_n=4") as live:
+        yield SimpleNamespace(url=live.url, tmp=tmp, service=live.service, model=live.model,
+                              client=openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=60))
 
 
 def post(url: str, path: str, body: bytes | None, headers: dict | None = None, method: str = "POST"):

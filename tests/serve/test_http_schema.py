@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from httpserver import KEY, serving
+from httpserver import KEY, serving_run
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 
 @pytest.fixture(scope="module")
 def schema_server(tiny_run, tmp_path_factory):
-    from hybridlm.serve.service import Service
-
-    service = Service(tiny_run, max_batch=4, max_queue=64, max_tokens_cap=4, dtype="fp32")
-    with serving(service, tmp_path_factory.mktemp("schema"), "limits.requests_per_minute=0",
-                 "limits.tokens_per_minute=0", "server.max_n=2", "server.max_body_bytes=65536") as url:
-        yield url, service.model_id
+    with serving_run(tiny_run, tmp_path_factory.mktemp("schema"), "server.max_batch=4", "server.max_queue=64",
+                     "server.max_tokens_cap=4", "limits.requests_per_minute=0", "limits.tokens_per_minute=0",
+                     "server.max_n=2", "server.max_body_bytes=65536") as live:
+        yield live.url, live.model
 
 
 @pytest.mark.parametrize("mode", [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE])

@@ -242,3 +242,19 @@ def test_streamed_text_holds_back_unfinished_utf8(run):
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) + stream.flush() == "x = 'héllo ✓ 日本語' "
     assert stream.stopped
+
+
+def test_the_server_section_sizes_the_service_create_app_builds(tiny_run, tmp_path):
+    """`create_app` builds its Service from config.server: the batch, queue and token cap the
+    scheduler enforces are the configured ones (they used to be whatever the caller passed)."""
+    from hybridlm.serve.app import create_app
+    from hybridlm.serve.auth import KeyStore
+    from hybridlm.serve.config import load_serve_config
+
+    config = load_serve_config(None, ["server.max_batch=3", "server.max_queue=5", "server.max_tokens_cap=7",
+                                      'server.dtype="fp32"', f'safety.review_db="{tmp_path / "review.sqlite"}"',
+                                      f'audit.log="{tmp_path / "audit.jsonl"}"'])
+    service = create_app(tiny_run, config, KeyStore(frozenset())).state.server.service
+    scheduler = service._scheduler
+    assert (scheduler.max_batch, scheduler.max_queue, scheduler.max_tokens_cap) == (3, 5, 7)
+    assert service.max_tokens_cap == 7 and str(next(scheduler.model.parameters()).dtype) == "torch.float32"

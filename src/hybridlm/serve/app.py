@@ -15,7 +15,6 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,9 +27,6 @@ from hybridlm.serve.config import ServeConfig
 from hybridlm.serve.monitoring import AuditLog, Metrics, RequestRecord, endpoint_label
 from hybridlm.serve.protocol import ApiError
 from hybridlm.serve.state import build_state
-
-if TYPE_CHECKING:
-    from hybridlm.serve.service import Service
 
 log = logging.getLogger("hybridlm.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -169,12 +165,15 @@ def install_error_handlers(app: FastAPI) -> None:
                                                  type="server_error", code="internal_error"))
 
 
-def create_app(service: Service, config: ServeConfig, keys: KeyStore) -> FastAPI:
-    """The ASGI app for one Service. The service is started and closed with the app's lifespan."""
+def create_app(run_dir: Path, config: ServeConfig, keys: KeyStore) -> FastAPI:
+    """The ASGI app serving the run in `run_dir` as `config` says (its [server] section sizes the
+    Service; nothing else does). The service is started and closed with the app's lifespan."""
     from fastapi.staticfiles import StaticFiles
 
     from hybridlm.serve.routes import router
+    from hybridlm.serve.service import Service
 
+    service = Service.from_settings(run_dir, config.server)
     state = build_state(service, config, keys)
 
     @asynccontextmanager
@@ -212,13 +211,9 @@ def serve(run_dir: Path, config: ServeConfig, keys: KeyStore, host: str, port: i
     """Load the run and serve it until interrupted (`hybridlm serve`)."""
     import uvicorn
 
-    from hybridlm.serve.service import Service
-
-    server = config.server
-    service = Service(run_dir, max_batch=server.max_batch, max_queue=server.max_queue,
-                      max_tokens_cap=server.max_tokens_cap, dtype=server.dtype)
+    app = create_app(run_dir, config, keys)
     if not keys.enabled:
         print("warning: no API keys configured (--api-keys or HYBRIDLM_API_KEYS): anyone who can reach "
               f"{host}:{port} may use this server", file=sys.stderr)
-    uvicorn.run(create_app(service, config, keys), host=host, port=port, log_level="info",
+    uvicorn.run(app, host=host, port=port, log_level="info",
                 timeout_graceful_shutdown=5)

@@ -12,15 +12,19 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hybridlm.errors import UserError
 from hybridlm.inference.generate import completion_prompt_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.inference.text import TextStream
+from hybridlm.inference.scheduler import PromptTooLong, QueueFull, Scheduler, TokenEvent
 from hybridlm.run import load_run_on_device
-from hybridlm.inference.scheduler import Scheduler, PromptTooLong, QueueFull, TokenEvent
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.tokenizer.chat import Message, render_chat
+
+if TYPE_CHECKING:
+    from hybridlm.serve.config import ServerSettings
 
 __all__ = ["Chunk", "GenerationRequest", "PromptTooLong", "QueueFull", "Service"]
 
@@ -91,6 +95,13 @@ class Service:
         # (the end of an assistant turn in instruction tuning): either one ends a choice.
         self._stop_ids = frozenset({self.tokenizer.eos_id, self.tokenizer.special_ids["end"]})
         self._scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, max_tokens_cap=max_tokens_cap)
+
+    @classmethod
+    def from_settings(cls, run_dir: Path, server: ServerSettings) -> Service:
+        """The service the [server] section describes: the one place its batch, queue, token cap
+        and dtype reach the scheduler (`hybridlm serve`, create_app)."""
+        return cls(run_dir, max_batch=server.max_batch, max_queue=server.max_queue,
+                   max_tokens_cap=server.max_tokens_cap, dtype=server.dtype)
 
     def encode_prompt(self, text: str) -> list[int]:
         return completion_prompt_ids(self.tokenizer, text)

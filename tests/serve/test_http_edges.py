@@ -135,6 +135,31 @@ def test_output_filter_block_ends_the_reply_and_its_generation(chatty_run, tmp_p
     assert generated < args["max_tokens"]  # both choices stopped soon after the match, not at 2 x 300 tokens
 
 
+def test_a_blocked_choice_among_two_stops_decoding_while_the_other_runs_on(chatty_run, tmp_path):
+    """n = 2 sampled choices that differ: a block rule hit in choice 0 only ends choice 0 at the
+    match and frees its slot then; choice 1 still runs to max_tokens."""
+    args = {"prompt": "Paragraph 3", "max_tokens": 300, "temperature": 1.0, "seed": 11, "n": 2}
+    with serving_run(chatty_run, tmp_path, "safety.enabled=false") as live:
+        free = sorted(client(live.url).completions.create(model=live.model, **args).choices, key=lambda c: c.index)
+        wait_until(lambda: health(live.url)["active_sequences"] == 0)
+        free_generated = health(live.url)["tokens_generated"]
+    assert free[0].finish_reason == "length"  # unfiltered, choice 0 runs all 300 tokens
+    first, second = free[0].text, free[1].text
+    at = next(i for i in range(30, len(first) - 5) if pick(first, 5, after=i)[1] not in second)
+    at, word = pick(first, 5, after=at)
+    assert word not in second
+    with serving_run(chatty_run, tmp_path, "safety.builtin_rules=false", rules(
+            {"name": "magic", "action": "block", "patterns": [re.escape(word)], "ignore_case": False,
+             "applies_to": ["output"]})) as live:
+        reply = client(live.url).completions.create(model=live.model, **args)
+        wait_until(lambda: health(live.url)["active_sequences"] == 0)
+        generated = health(live.url)["tokens_generated"]
+    blocked, other = sorted(reply.choices, key=lambda c: c.index)
+    assert blocked.text == first[:at] and blocked.finish_reason == "content_filter"
+    assert other.text == second and other.finish_reason == free[1].finish_reason
+    assert generated < free_generated - 150  # choice 0 stopped near its match, not at its 300th token
+
+
 def test_output_filter_on_a_stream_and_the_review_queue(chatty_run, tmp_path):
     args = {"messages": [{"role": "user", "content": "tell me"}], "max_tokens": 200, "temperature": 0}
     with serving_run(chatty_run, tmp_path, "safety.enabled=false") as live:
@@ -194,7 +219,7 @@ def test_an_error_after_the_stream_started_arrives_in_band(chatty_run, tmp_path)
         asyncio.run(live.service.close())  # the engine stops under the open stream
         with pytest.raises(openai.APIError) as caught:
             list(stream)
-        assert "generation failed" in str(caught.value)
+        assert "generation failed: the server is shutting down" in str(caught.value)  # the scheduler's message
         assert client(live.url).models.list().data[0].id == live.model  # still serving
         assert health(live.url)["active_sequences"] == 0
 

@@ -27,7 +27,7 @@ from hybridlm.serve.service import GenerationRequest, PromptTooLong, QueueFull
 
 if TYPE_CHECKING:
     from hybridlm.serve.monitoring import RequestRecord
-    from hybridlm.serve.service import Chunk
+    from hybridlm.serve.service import Chunk, ReplyStream
     from hybridlm.serve.state import ServerState
 
 
@@ -171,7 +171,7 @@ async def _encode(call) -> list[int]:
         raise ApiError(400, str(exc)) from None
 
 
-async def open_stream(state: ServerState, job: Job) -> tuple[AsyncIterator[Chunk], Chunk | None]:
+async def open_stream(state: ServerState, job: Job) -> tuple[ReplyStream, Chunk | None]:
     """Start generation; the Service raises for a full queue or a bad request before its first chunk."""
     stream = state.service.stream(job.gen)
     try:
@@ -191,9 +191,10 @@ async def open_stream(state: ServerState, job: Job) -> tuple[AsyncIterator[Chunk
     return stream, first
 
 
-async def pieces(state: ServerState, job: Job, stream: AsyncIterator[Chunk], first: Chunk | None) -> AsyncIterator[Piece]:
+async def pieces(state: ServerState, job: Job, stream: ReplyStream, first: Chunk | None) -> AsyncIterator[Piece]:
     """The choices' text through the output filter. A choice that a block rule stops ends with
-    finish "content_filter"; the stream is closed as soon as every choice has ended."""
+    finish "content_filter" and stops decoding at once; the stream is closed as soon as every
+    choice has ended."""
     guards = {i: state.safety.guard() for i in range(job.gen.n)} if state.safety else {}
     ended: set[int] = set()
     chunk = first
@@ -204,6 +205,8 @@ async def pieces(state: ServerState, job: Job, stream: AsyncIterator[Chunk], fir
             piece = _filter_chunk(state, job, chunk, guards.get(chunk.index))
             if piece.finish is not None:
                 ended.add(piece.index)
+                if chunk.finish_reason is None:  # the filter ended it: stop decoding it, others go on
+                    stream.stop(piece.index)
             if job.texts is not None:
                 job.texts[piece.index] += piece.text
             if piece.text or piece.finish:
@@ -231,7 +234,7 @@ def _filter_chunk(state: ServerState, job: Job, chunk: Chunk, guard) -> Piece:
     return Piece(chunk.index, text, finish)
 
 
-async def collect(state: ServerState, job: Job, stream: AsyncIterator[Chunk], first: Chunk | None) -> Result:
+async def collect(state: ServerState, job: Job, stream: ReplyStream, first: Chunk | None) -> Result:
     """A non-streamed reply: every choice's whole text and finish reason."""
     result = Result({i: "" for i in range(job.gen.n)}, {})
     try:

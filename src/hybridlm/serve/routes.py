@@ -154,8 +154,9 @@ async def _events(state: ServerState, job: Job, stream, first) -> AsyncIterator[
             yield event(_frame(job, [], _usage(job)))
         yield event("[DONE]")
     except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, keep the server up
-        error = exc if isinstance(exc, ApiError) else ApiError(500, f"generation failed ({type(exc).__name__})",
-                                                               type="server_error", code="internal_error")
+        error = exc if isinstance(exc, ApiError) else ApiError(
+            500, f"generation failed: {exc}" if str(exc) else f"generation failed ({type(exc).__name__})",
+            type="server_error", code="internal_error")  # the scheduler's own words, e.g. "shutting down"
         job.record.error_code = error.code
         yield event(error.body())
         yield event("[DONE]")

@@ -9,7 +9,6 @@ UserError / PromptTooLong -> 400) that the routes map.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +17,7 @@ from hybridlm.errors import UserError
 from hybridlm.inference.generate import completion_prompt_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.inference.text import TextStream
-from hybridlm.inference.scheduler import PromptTooLong, QueueFull, Scheduler, TokenEvent
+from hybridlm.inference.scheduler import PromptTooLong, QueueFull, Request, Scheduler, TokenEvent
 from hybridlm.run import load_run_on_device
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.tokenizer.chat import Message, render_chat
@@ -26,7 +25,7 @@ from hybridlm.tokenizer.chat import Message, render_chat
 if TYPE_CHECKING:
     from hybridlm.serve.config import ServerSettings
 
-__all__ = ["Chunk", "GenerationRequest", "PromptTooLong", "QueueFull", "Service"]
+__all__ = ["Chunk", "GenerationRequest", "PromptTooLong", "QueueFull", "ReplyStream", "Service"]
 
 
 @dataclass
@@ -126,30 +125,16 @@ class Service:
     async def close(self) -> None:
         await asyncio.to_thread(self._scheduler.close)
 
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Chunks of all n choices, interleaved as they are produced. Bad input and a full queue
-        raise before the first chunk; leaving the loop early (aclose, a cancelled task) cancels
-        the request and frees its batch slots."""
-        request = self._scheduler.submit(req.prompt_ids, self._params(req), self._stop_ids)
-        choices = [_Choice(i, self.tokenizer, tuple(req.stop)) for i in range(req.n)]
-        try:
-            running = req.n
-            while running:
-                event = await request.next_event()
-                chunk = choices[event.index].take(event)
-                if chunk is None:
-                    continue
-                if chunk.finish_reason is not None:
-                    running -= 1
-                    if not event.finish:  # a stop string ended it: the scheduler would go on
-                        request.cancel(chunk.index)
-                yield chunk
-        finally:
-            request.cancel()
+    def stream(self, req: GenerationRequest) -> ReplyStream:
+        """Chunks of all n choices, interleaved as they are produced (see ReplyStream)."""
+        return ReplyStream(self, req)
 
     def stats(self) -> dict:
         """{"queue_depth", "active_sequences", "batch_size" (of the last decode step), "tokens_generated"}."""
         return self._scheduler.stats()
+
+    def submit(self, req: GenerationRequest) -> Request:
+        return self._scheduler.submit(req.prompt_ids, self._params(req), self._stop_ids)
 
     def _params(self, req: GenerationRequest) -> list[SamplingParams]:
         if req.n < 1:
@@ -161,3 +146,52 @@ class Service:
                            seed=None if req.seed is None else req.seed + i, stop=tuple(req.stop))
             for i in range(req.n)
         ]
+
+
+class ReplyStream:
+    """The chunks of one request's n choices as they are produced. The request is submitted at the
+    first `__anext__`, so bad input and a full queue raise there, before any chunk. `stop(i)` ends
+    choice i early (an output filter blocked it) and frees its batch slot at once; `aclose`, a
+    cancelled task or the last choice ending frees them all."""
+
+    def __init__(self, service: Service, req: GenerationRequest) -> None:
+        self._service, self._req = service, req
+        self._request: Request | None = None
+        self._choices = [_Choice(i, service.tokenizer, tuple(req.stop)) for i in range(req.n)]
+        self._running = req.n
+
+    def __aiter__(self) -> ReplyStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._request is None:
+            self._request = self._service.submit(self._req)
+        try:
+            while self._running:
+                event = await self._request.next_event()
+                chunk = self._choices[event.index].take(event)
+                if chunk is None:
+                    continue
+                if chunk.finish_reason is not None:
+                    self._running -= 1
+                    if not event.finish:  # a stop string ended it: the scheduler would go on
+                        self._request.cancel(chunk.index)
+                return chunk
+        except BaseException:
+            self._request.cancel()
+            raise
+        self._request.cancel()
+        raise StopAsyncIteration
+
+    def stop(self, index: int) -> None:
+        """End choice `index` now: no more of its chunks, and its slot is freed."""
+        choice = self._choices[index]
+        if not choice.done:
+            choice.done = True
+            self._running -= 1
+            if self._request is not None:
+                self._request.cancel(index)
+
+    async def aclose(self) -> None:
+        if self._request is not None:
+            self._request.cancel()

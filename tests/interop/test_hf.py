@@ -313,3 +313,10 @@ def test_the_export_takes_the_cache_under_either_name_and_refuses_what_it_does_n
     with pytest.raises(ValueError, match="does not continue the 0 cached tokens"):
         hf_model(ids, cache_position=torch.arange(3, 3 + ids.shape[1]))
     torch.testing.assert_close(hf_model(ids, cache_position=torch.arange(ids.shape[1])).logits, whole)
+
+
+def test_the_special_tokens_map_names_tokens_only(tiny_run, tmp_path):
+    out = tmp_path / "map_export"
+    export_hf(tiny_run, out, "remote")
+    special = json.loads((out / "special_tokens_map.json").read_text())
+    assert special == {"bos_token": "<|eos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "mask_token": "<|mask|>"}

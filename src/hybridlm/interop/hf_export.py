@@ -183,7 +183,7 @@ def _write_tokenizer(tokenizer: TextTokenizer, cfg: ModelConfig, out: Path) -> N
     config = {**tokenizer.hf_config(), "bos_token": eos, "add_bos_token": True, "add_eos_token": False,
               "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}
     atomic_write_json(out / "tokenizer_config.json", config)
-    special = {k: v for k, v in config.items() if k.endswith("_token")}
+    special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
     atomic_write_json(out / "special_tokens_map.json", special)
 
 

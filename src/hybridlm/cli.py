@@ -197,21 +197,29 @@ def _train(config_path: Path | None, recipe_path: str | None, stage: str | None,
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--min-p", type=float, default=0.0, show_default=True,
+              help="Drop tokens less likely than MIN_P times the most likely one.")
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--presence-penalty", type=float, default=0.0, show_default=True,
+              help="Subtracted once from the logit of every token the output already holds (-2..2).")
+@click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
+              help="Subtracted per earlier occurrence in the output (-2..2).")
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="Inference precision; auto is bf16 on CPUs with AVX-512 BF16/AMX and on CUDA.")
 @json_option
 def generate_cmd(model_dir: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                 repetition_penalty: float, seed: int | None, stop, dtype: str, as_json: bool) -> None:
+                 min_p: float, repetition_penalty: float, presence_penalty: float, frequency_penalty: float,
+                 seed: int | None, stop, dtype: str, as_json: bool) -> None:
     """Continue PROMPT with a trained model, streaming text to stdout."""
     from hybridlm.inference.generate import generate_text
     from hybridlm.inference.sampling import SamplingParams
     from hybridlm.run import load_run_on_device
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
+                            min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                            frequency_penalty=frequency_penalty, seed=seed, stop=tuple(stop))
     run, _ = load_run_on_device(model_dir, dtype)
     pieces = generate_text(run, prompt, params)
     if as_json:

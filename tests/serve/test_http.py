@@ -30,7 +30,7 @@ def live(tiny_run, tmp_path_factory):
     with serving_run(tiny_run, tmp, "server.max_batch=4", "server.max_queue=8", f"server.max_tokens_cap={CAP}",
                      "limits.requests_per_minute=0", "limits.tokens_per_minute=0",
                      f"server.max_body_bytes={BODY_LIMIT}", "server.max_n=4") as live:
-        yield SimpleNamespace(url=live.url, tmp=tmp, service=live.service, model=live.model,
+        yield SimpleNamespace(url=live.url, tmp=tmp, service=live.service, model=live.model, service_run=tiny_run,
                               client=openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=60))
 
 
@@ -263,3 +263,94 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
             break
         time.sleep(0.05)
     assert stats["active_sequences"] == 0 and stats["queue_depth"] == 0
+
+
+UNIMPLEMENTED_EXAMPLES = {
+    "best_of": 3, "echo": True, "logprobs": 2, "suffix": " end", "audio": {"voice": "alloy", "format": "wav"},
+    "function_call": "auto", "functions": [{"name": "f", "parameters": {}}], "top_logprobs": 3,
+    "metadata": {"k": "v"}, "modalities": ["text", "audio"], "moderation": {"enabled": True},
+    "parallel_tool_calls": True, "prediction": {"type": "content", "content": "x"}, "prompt_cache_key": "k",
+    "prompt_cache_options": {"ttl": 60}, "prompt_cache_retention": "24h", "reasoning_effort": "low",
+    "response_format": {"type": "json_object"}, "service_tier": "flex", "store": True, "tool_choice": "required",
+    "tools": [{"type": "function", "function": {"name": "f"}}], "verbosity": "low", "web_search_options": {"search_context_size": "low"},
+}
+"""A value for each OpenAI field this server does not implement that asks for something."""
+
+
+def _openai_fields(module) -> set[str]:
+    import typing
+
+    return set(typing.get_type_hints(module.CompletionCreateParamsBase))
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_every_openai_request_field_is_honoured_or_refused_by_name(live, endpoint):
+    """The openai package's own request types: each field is a field of our request model (and
+    takes effect) or sits in the table of refused fields, and a value that asks for something
+    there gets a 400 that names it."""
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_params
+
+    from hybridlm.serve.protocol import (
+        NOT_IMPLEMENTED_CHAT,
+        NOT_IMPLEMENTED_COMPLETIONS,
+        ChatCompletionRequest,
+        CompletionRequest,
+    )
+
+    chat = endpoint == "chat"
+    model, table = (ChatCompletionRequest, NOT_IMPLEMENTED_CHAT) if chat else (CompletionRequest, NOT_IMPLEMENTED_COMPLETIONS)
+    theirs = _openai_fields(chat_params if chat else completion_create_params) | {"stream"}
+    assert theirs <= set(model.model_fields) | set(table), sorted(theirs - set(model.model_fields) - set(table))
+    base = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    for name in table:
+        body = json.dumps({"model": live.model, "max_tokens": 2, **base, name: UNIMPLEMENTED_EXAMPLES[name]}).encode()
+        code, _, doc = post(live.url, path, body)
+        assert code == 400 and doc["error"]["param"] == name and doc["error"]["code"] == "unsupported_parameter", (name, doc)
+        assert f"`{name}` is not supported by this server" in doc["error"]["message"]
+    quiet = {"echo": False, "logprobs": None, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}}
+    body = {"model": live.model, "max_tokens": 2, **base, **{k: v for k, v in quiet.items() if k in table}}
+    assert post(live.url, path, json.dumps(body).encode())[0] == 200  # values that ask for nothing pass
+
+
+def test_penalties_and_logit_bias_take_effect_as_the_engine_computes_them(live):
+    """The server's greedy reply with bias and penalties equals hybridlm's own decoder given the
+    same SamplingParams, and differs from the reply without them."""
+    import torch
+
+    from hybridlm.inference.decode import generate_ids
+    from hybridlm.inference.generate import completion_prompt_ids
+    from hybridlm.inference.sampling import SamplingParams
+    from hybridlm.run import load_run
+
+    run = load_run(live.service_run)
+    prompt = "Paragraph 3:"
+    ids = completion_prompt_ids(run.tokenizer, prompt)
+    favoured = run.tokenizer.encode(" value")[0]
+    controls = {"presence_penalty": 1.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3, "top_k": 5,
+                "logit_bias": {str(favoured): 4.0}}
+    plain = live.client.completions.create(model=live.model, prompt=prompt, max_tokens=12, temperature=0)
+    steered = live.client.completions.create(model=live.model, prompt=prompt, max_tokens=12, temperature=0,
+                                             presence_penalty=1.5, frequency_penalty=0.5,
+                                             logit_bias={str(favoured): 4.0},
+                                             extra_body={"repetition_penalty": 1.3, "top_k": 5})
+    params = SamplingParams(max_new_tokens=12, temperature=0, presence_penalty=1.5, frequency_penalty=0.5,
+                            repetition_penalty=1.3, top_k=5, logit_bias=((favoured, 4.0),))
+    with torch.no_grad():
+        ours = list(generate_ids(run.model, ids, params, eos_id=run.tokenizer.eos_id))
+    assert steered.choices[0].text == run.tokenizer.decode(ours) != plain.choices[0].text, controls
+
+
+@pytest.mark.parametrize("bias, needle", [({"999999": 1.0}, "not a token id"), ({"abc": 1.0}, "not a token id"),
+                                          ({"5": 150.0}, "less than or equal to 100")])
+def test_bad_logit_bias_names_the_parameter(live, bias, needle):
+    body = json.dumps({"model": live.model, "prompt": "hi", "max_tokens": 2, "logit_bias": bias}).encode()
+    code, _, doc = post(live.url, "/v1/completions", body)
+    assert code == 400 and doc["error"]["param"].startswith("logit_bias") and needle in doc["error"]["message"], doc
+
+
+def test_the_end_user_id_reaches_the_audit_log(live):
+    live.client.completions.create(model=live.model, prompt="hi", max_tokens=2, user="customer-42")
+    assert any(json.loads(line).get("end_user") == "customer-42"
+               for line in (live.tmp / "audit.jsonl").read_text().splitlines())

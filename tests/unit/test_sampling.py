@@ -89,3 +89,36 @@ def test_incremental_stream_equals_one_decode_of_all_ids(kind, data):
     whole = tok.decode(ids)
     hits = [whole.find(s) for s in stop if s in whole]
     assert "".join(pieces) == (whole[: min(hits)] if hits else whole)
+
+
+def test_bias_and_penalties_match_a_hand_computation():
+    """logit_bias, then the repetition penalty over prompt + output, then presence and frequency
+    penalties over the output only, on a fixed logit vector."""
+    from hybridlm.inference.sampling import adjusted_logits
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0])
+    seen = torch.tensor([4, 2, 2, 0])  # prompt [4], output [2, 2, 0]
+    params = SamplingParams(logit_bias=((1, 5.0), (3, -2.0)), repetition_penalty=2.0, presence_penalty=0.5,
+                            frequency_penalty=0.25)
+    biased = [2.0, 4.0, 0.5, 1.0, 1.0]
+    repeated = [biased[0] / 2, biased[1], biased[2] / 2, biased[3], biased[4] / 2]  # ids 0, 2, 4 were seen
+    counts = [1, 0, 2, 0, 0]  # in the output; id 4 is only in the prompt
+    expected = [r - 0.25 * c - 0.5 * (c > 0) for r, c in zip(repeated, counts)]
+    assert adjusted_logits(logits, params, seen, n_prompt=1).tolist() == pytest.approx(expected)
+    assert adjusted_logits(logits, SamplingParams(), seen, 1).tolist() == logits.tolist()  # defaults: unchanged
+    greedy = SamplingParams(temperature=0, logit_bias=((1, 5.0),))
+    assert choose_token(logits, greedy, NONE, torch.Generator()) == 1  # the bias moved the argmax
+
+
+def test_min_p_keeps_only_tokens_near_the_most_likely():
+    # probabilities at T = 1: softmax([1, 3, 2.5, -1, 0]) ~ [0.07, 0.52, 0.32, 0.01, 0.03]
+    assert _draws(SamplingParams(temperature=1.0, min_p=0.5), n=500) == {1, 2}  # 0.32 >= 0.5 * 0.52
+    assert _draws(SamplingParams(temperature=1.0, min_p=0.7), n=500) == {1}
+
+
+@pytest.mark.parametrize("bad", [{"min_p": 1.5}, {"presence_penalty": 3.0}, {"frequency_penalty": -2.5},
+                                 {"logit_bias": ((1, 101.0),)}, {"repetition_penalty": 5e-324},
+                                 {"repetition_penalty": 0.0}])
+def test_out_of_range_sampling_controls_are_refused(bad):
+    with pytest.raises(UserError):
+        SamplingParams(**bad)

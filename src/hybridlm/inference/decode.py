@@ -56,7 +56,7 @@ def generate_ids(
     cache = model.new_cache()
     logits = prefill(model, seen[None], cache, prefill_chunk)[0]
     for _ in range(params.max_new_tokens):
-        token = choose_token(logits.cpu(), params, seen.cpu(), generator)
+        token = choose_token(logits.cpu(), params, seen.cpu(), generator, len(prompt_ids))
         yield token
         if token == eos_id or cache[0].length >= model.cfg.max_seq_len:
             return
@@ -83,7 +83,8 @@ def generate_samples(
     outputs: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
     for _ in range(params.max_new_tokens):
-        tokens = [choose_token(logits[i].cpu(), params, seen[i].cpu(), generators[i]) for i in range(n)]
+        tokens = [choose_token(logits[i].cpu(), params, seen[i].cpu(), generators[i], len(prompt_ids))
+                  for i in range(n)]
         for i, token in enumerate(tokens):
             if not done[i]:
                 outputs[i].append(token)

@@ -1,4 +1,5 @@
-"""Next-token choice: repetition penalty, temperature, top-k, top-p (nucleus), greedy at T=0."""
+"""Next-token choice: logit bias, repetition / presence / frequency penalties, temperature, top-k,
+min-p, top-p (nucleus), greedy at T=0."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from hybridlm.errors import UserError
 
 GREEDY_BELOW = torch.finfo(torch.float32).smallest_normal
 """Temperatures below this (0, or too small for float32) pick the argmax."""
+MIN_REPETITION_PENALTY = 0.01
+"""Penalties are kept within [0.01, 100]: dividing logits by a vanishing one overflows to inf."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -21,26 +24,65 @@ class SamplingParams:
     """Keep the k most likely tokens; 0 keeps all."""
     top_p: float = 1.0
     """Keep the smallest set of tokens whose probability reaches top_p."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one (after temperature); 0 keeps all."""
     repetition_penalty: float = 1.0
-    """> 1 discourages tokens already in the prompt or output (CTRL-style)."""
+    """> 1 discourages tokens already in the prompt or output (CTRL-style: positive logits divided,
+    negative multiplied)."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token the output already holds (OpenAI's definition)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time the output already holds it."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, value) pairs added to the logits before anything else."""
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise UserError(f"max_new_tokens must be > 0 (got {self.max_new_tokens})")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
-            raise UserError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise UserError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 1 / MIN_REPETITION_PENALTY:
+            raise UserError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {1 / MIN_REPETITION_PENALTY:g}] "
+                            f"(got {self.repetition_penalty}); 1 turns it off")
+        if not 0 <= self.min_p <= 1:
+            raise UserError(f"min_p must be in [0, 1] (got {self.min_p})")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise UserError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if any(not -100 <= value <= 100 for _, value in self.logit_bias):
+            raise UserError("logit_bias values must be in [-100, 100]")
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether a choice depends on the tokens seen so far (then callers must pass them)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-def choose_token(
-    logits_V: torch.Tensor, params: SamplingParams, seen_ids: torch.Tensor, generator: torch.Generator
-) -> int:
-    """Pick the next token id from one row of logits."""
+def adjusted_logits(logits_V: torch.Tensor, params: SamplingParams, seen_ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """The logits the choice is made from, in vLLM's order: logit_bias, then the repetition penalty
+    (over prompt and output, `seen_ids`), then presence and frequency penalties (over the output,
+    `seen_ids[n_prompt:]`). Temperature and truncation come after, in choose_token."""
     logits_V = logits_V.float().clone()
+    for token, value in params.logit_bias:
+        logits_V[token] += value
     if params.repetition_penalty != 1.0 and seen_ids.numel():
         prior = logits_V[seen_ids]
         logits_V[seen_ids] = torch.where(prior > 0, prior / params.repetition_penalty, prior * params.repetition_penalty)
+    output = seen_ids[n_prompt:]
+    if output.numel() and (params.presence_penalty or params.frequency_penalty):
+        counts_V = torch.bincount(output, minlength=logits_V.numel()).float()
+        logits_V -= params.frequency_penalty * counts_V + params.presence_penalty * (counts_V > 0).float()
+    return logits_V
+
+
+def choose_token(
+    logits_V: torch.Tensor, params: SamplingParams, seen_ids: torch.Tensor, generator: torch.Generator,
+    n_prompt: int = 0,
+) -> int:
+    """Pick the next token id from one row of logits; `seen_ids` are the prompt's `n_prompt` ids
+    and then the output's."""
+    logits_V = adjusted_logits(logits_V, params, seen_ids, n_prompt)
     if params.temperature < GREEDY_BELOW:
         return int(logits_V.argmax())
     # Shift so the largest logit is 0 before dividing: a tiny temperature then sends the others to
@@ -55,4 +97,6 @@ def choose_token(
         outside = sorted_p.cumsum(0) - sorted_p > params.top_p  # keep tokens until the mass reaches top_p
         sorted_p[outside] = 0.0
         probs_V = torch.zeros_like(probs_V).scatter(0, order, sorted_p)
+    if params.min_p:  # after top-k and top-p, as vLLM applies it
+        probs_V[probs_V < params.min_p * probs_V.max()] = 0.0
     return int(torch.multinomial(probs_V, 1, generator=generator))

@@ -26,7 +26,7 @@ from hybridlm.inference.sampling import SamplingParams, choose_token
 from hybridlm.model import HybridLM
 from hybridlm.model.transformer import LayerCache
 
-_NO_IDS = torch.empty(0, dtype=torch.long)  # no repetition penalty: no history tensor per step
+_NO_IDS = torch.empty(0, dtype=torch.long)  # no penalty: no history tensor per step
 
 
 class QueueFull(Exception):
@@ -252,7 +252,7 @@ class Scheduler:
             if index in request.cancelled:
                 continue
             cache = job.cache if not sequences else copy.deepcopy(job.cache)
-            seen = list(request.prompt_ids) if params.repetition_penalty != 1.0 else []
+            seen = list(request.prompt_ids) if params.uses_history else []
             sequence = _Sequence(request, index, cache, sampling_generator(params.seed), seen)
             events.append((request, self._sample(sequence, logits_V)))
             sequences.append(sequence)
@@ -278,8 +278,9 @@ class Scheduler:
 
     def _sample(self, sequence: _Sequence, logits_V: torch.Tensor) -> TokenEvent:
         params = sequence.request.params[sequence.index]
-        token = choose_token(logits_V, params, torch.tensor(sequence.seen, dtype=torch.long) if params.repetition_penalty != 1.0 else _NO_IDS, sequence.generator)
-        if params.repetition_penalty != 1.0:
+        history = torch.tensor(sequence.seen, dtype=torch.long) if params.uses_history else _NO_IDS
+        token = choose_token(logits_V, params, history, sequence.generator, len(sequence.request.prompt_ids))
+        if params.uses_history:
             sequence.seen.append(token)
         sequence.produced += 1
         sequence.last = token

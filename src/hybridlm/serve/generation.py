@@ -140,6 +140,7 @@ async def admit(state: ServerState, body: CompletionRequest | ChatCompletionRequ
     chat = isinstance(body, ChatCompletionRequest)
     asked = body.requested_max_tokens() if chat else body.max_tokens
     record.stream, record.n, record.max_tokens = body.stream, body.n, asked
+    record.end_user = getattr(body, "safety_identifier", None) or body.user
     _check_cap(state, asked)
     if chat:
         contents = await _screen(state, [m.text() for m in body.messages], record, "messages")
@@ -156,12 +157,26 @@ async def admit(state: ServerState, body: CompletionRequest | ChatCompletionRequ
                        "shorten it", param="messages" if chat else "prompt", code="context_length_exceeded")
     max_tokens = asked if asked is not None else _default_max_tokens(state, chat, len(prompt_ids))
     gen = GenerationRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=body.temperature,
-                            top_p=body.top_p, stop=body.stop_list(), seed=body.seed, n=body.n)
+                            top_p=body.top_p, stop=body.stop_list(), seed=body.seed, n=body.n,
+                            top_k=max(body.top_k, 0), min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                            logit_bias=_logit_bias(body.logit_bias, state.service.vocab_size))
     reserved = len(prompt_ids) + max_tokens * body.n
     state.charge_tokens(key_id, reserved)
     return Job(kind="chat" if chat else "completion", id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                created=int(time.time()), model=state.model_name, key_id=key_id, gen=gen, stream=body.stream,
                include_usage=body.include_usage(), record=record, reserved=reserved)
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    """OpenAI's {"token id": value} as ids, each checked against the vocabulary."""
+    ids = {}
+    for key, value in (bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab_size:
+            raise ApiError(400, f"logit_bias key {key!r} is not a token id of this model (0..{vocab_size - 1})",
+                           param="logit_bias")
+        ids[int(key)] = value
+    return ids
 
 
 async def _encode(call) -> list[int]:

@@ -84,6 +84,8 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     key_id: str | None = None
+    end_user: str | None = None
+    """The request's `user` (or `safety_identifier`): the client's own id for its end user."""
     status: int = 0
     error_code: str | None = None
     stream: bool | None = None

@@ -8,9 +8,10 @@ on the running server (the token cap, the context) are checked in the routes, no
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 StopList = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
 Role = Literal["system", "user", "assistant"]
@@ -19,6 +20,38 @@ FinishReason = Literal["stop", "length", "content_filter"]
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def _off(value: Any) -> bool:
+    return value in (None, False, 0, "", [], {})
+
+
+NOT_IMPLEMENTED_COMPLETIONS: dict[str, Callable[[Any], bool]] = {
+    "best_of": lambda v: v in (None, 1), "echo": _off, "logprobs": _off, "suffix": _off,
+}
+"""Fields of OpenAI's completion request this server does not implement, each with the test that
+its value asks for nothing (then it is accepted); any other value is refused by name."""
+NOT_IMPLEMENTED_CHAT: dict[str, Callable[[Any], bool]] = {
+    "audio": _off, "function_call": lambda v: v in (None, "none"), "functions": _off, "logprobs": _off,
+    "top_logprobs": _off, "metadata": _off, "modalities": lambda v: v in (None, ["text"]), "moderation": _off,
+    "parallel_tool_calls": lambda v: v is None, "prediction": _off, "prompt_cache_key": _off,
+    "prompt_cache_options": _off, "prompt_cache_retention": _off, "reasoning_effort": _off,
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "service_tier": lambda v: v in (None, "auto", "default"), "store": _off,
+    "tool_choice": lambda v: v in (None, "none"), "tools": _off, "verbosity": _off, "web_search_options": _off,
+}
+"""The same for chat completions."""
+
+
+def refuse_unimplemented(data: Any, table: dict[str, Callable[[Any], bool]]) -> Any:
+    """A request that asks for something this server does not do gets a 400 naming the field,
+    never a reply that silently lacks it (fields outside OpenAI's schema stay ignored)."""
+    if isinstance(data, dict):
+        for name, asks_nothing in table.items():
+            if name in data and not asks_nothing(data[name]):
+                raise ApiError(400, f"`{name}` is not supported by this server; leave it out", param=name,
+                               code="unsupported_parameter")
+    return data
 
 
 class StreamOptions(_Request):
@@ -35,9 +68,20 @@ class SamplingFields(_Request):
     n: int = Field(1, ge=1, le=128, description="Choices per prompt (at most the server's max_n).")
     stop: str | StopList | None = Field(None, description="Up to 4 strings; the reply ends before the first one.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted once from the logit of every "
+                                    "token the reply already holds.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit once per "
+                                     "time the reply already holds it.")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=1024, description="Token id (as a string) -> value added to its logit before sampling.")
+    top_k: int = Field(0, ge=-1, description="Extension (vLLM): keep the k most likely tokens; 0 or -1 keeps all.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Extension (vLLM): drop tokens less likely than min_p "
+                         "times the most likely one.")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="Extension (vLLM): > 1 discourages tokens "
+                                      "of the prompt and the reply (positive logits divided, negative multiplied).")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, max_length=256)
+    user: str | None = Field(None, max_length=256, description="An end-user id, written to the audit log.")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -49,6 +93,11 @@ class SamplingFields(_Request):
 
 
 class CompletionRequest(SamplingFields):
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unimplemented(cls, data: Any) -> Any:
+        return refuse_unimplemented(data, NOT_IMPLEMENTED_COMPLETIONS)
+
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
         description="The text to continue (a list holds exactly one prompt).")
     max_tokens: int | None = Field(None, ge=1, description="New tokens per choice (default 16; at most the server's cap).")
@@ -72,6 +121,12 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unimplemented(cls, data: Any) -> Any:
+        return refuse_unimplemented(data, NOT_IMPLEMENTED_CHAT)
+
+    safety_identifier: str | None = Field(None, max_length=256, description="An end-user id, written to the audit log.")
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, description="New tokens per choice; default: the cap, or what fits.")
     max_completion_tokens: int | None = Field(None, ge=1, description="The newer name for max_tokens.")

@@ -38,6 +38,13 @@ class GenerationRequest:
     seed: int | None = None
     """Choice i samples from seed + i (so choice 0 repeats a single-choice request)."""
     n: int = 1
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> value added to its logit (ids checked against the vocabulary by the caller)."""
 
 
 @dataclass
@@ -89,6 +96,7 @@ class Service:
         self.tokenizer = run.tokenizer
         self.model_id: str = run.path.name
         self.context: int = model.cfg.max_seq_len
+        self.vocab_size: int = model.cfg.vocab_size
         self.max_tokens_cap = max_tokens_cap
         # Completions end at eos (the document boundary of pre-training), chat replies at <|end|>
         # (the end of an assistant turn in instruction tuning): either one ends a choice.
@@ -143,6 +151,9 @@ class Service:
             raise UserError(f"max_tokens must be > 0 (got {req.max_tokens})")
         return [
             SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                           top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                           presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                           logit_bias=tuple(sorted(req.logit_bias.items())),
                            seed=None if req.seed is None else req.seed + i, stop=tuple(req.stop))
             for i in range(req.n)
         ]

@@ -266,8 +266,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
 
 
 UNIMPLEMENTED_EXAMPLES = {
-    "best_of": 3, "echo": True, "logprobs": 2, "suffix": " end", "audio": {"voice": "alloy", "format": "wav"},
-    "function_call": "auto", "functions": [{"name": "f", "parameters": {}}], "top_logprobs": 3,
+    "best_of": 3, "echo": True, "suffix": " end", "audio": {"voice": "alloy", "format": "wav"},
+    "function_call": "auto", "functions": [{"name": "f", "parameters": {}}],
     "metadata": {"k": "v"}, "modalities": ["text", "audio"], "moderation": {"enabled": True},
     "parallel_tool_calls": True, "prediction": {"type": "content", "content": "x"}, "prompt_cache_key": "k",
     "prompt_cache_options": {"ttl": 60}, "prompt_cache_retention": "24h", "reasoning_effort": "low",
@@ -309,7 +309,7 @@ def test_every_openai_request_field_is_honoured_or_refused_by_name(live, endpoin
         code, _, doc = post(live.url, path, body)
         assert code == 400 and doc["error"]["param"] == name and doc["error"]["code"] == "unsupported_parameter", (name, doc)
         assert f"`{name}` is not supported by this server" in doc["error"]["message"]
-    quiet = {"echo": False, "logprobs": None, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}}
+    quiet = {"echo": False, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}}
     body = {"model": live.model, "max_tokens": 2, **base, **{k: v for k, v in quiet.items() if k in table}}
     assert post(live.url, path, json.dumps(body).encode())[0] == 200  # values that ask for nothing pass
 
@@ -354,3 +354,38 @@ def test_the_end_user_id_reaches_the_audit_log(live):
     live.client.completions.create(model=live.model, prompt="hi", max_tokens=2, user="customer-42")
     assert any(json.loads(line).get("end_user") == "customer-42"
                for line in (live.tmp / "audit.jsonl").read_text().splitlines())
+
+
+def test_logprobs_in_openai_shapes_streamed_and_not(live):
+    """Chat: logprobs.content with token, logprob, bytes, top_logprobs; completions: parallel
+    lists with text_offset. The tokens' bytes spell the reply, and streaming gives the same values."""
+    args = {"model": live.model, "max_tokens": 10, "temperature": 0}
+    chat = live.client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], logprobs=True,
+                                               top_logprobs=2, **args).choices[0]
+    content = chat.logprobs.content
+    assert content and all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+                           and c.logprob == pytest.approx(c.top_logprobs[0].logprob) for c in content)
+    spelled = bytes(b for c in content for b in c.bytes).decode("utf-8", errors="replace")
+    assert spelled.removesuffix("<|end|>").removesuffix("<|eos|>") == chat.message.content
+    done = live.client.completions.create(prompt="Paragraph 3:", logprobs=2, **args).choices[0]
+    lp = done.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) > 0
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert "".join(lp.tokens).removesuffix("<|eos|>") == done.text
+    assert [done.text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens) if t != "<|eos|>"] == [True] * (
+        len(lp.tokens) - lp.tokens.count("<|eos|>"))
+    streamed = list(live.client.completions.create(prompt="Paragraph 3:", logprobs=2, stream=True, **args))
+    values = [v for c in streamed if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert values == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert live.client.completions.create(prompt="Paragraph 3:", **args).choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/completions", {"logprobs": 6}, "logprobs"),
+])
+def test_bad_logprobs_requests_name_the_parameter(live, path, extra, param):
+    base = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    code, _, doc = post(live.url, path, json.dumps({"model": live.model, "max_tokens": 2, **base, **extra}).encode())
+    assert code == 400 and doc["error"]["param"] == param, doc

@@ -258,3 +258,34 @@ def test_the_server_section_sizes_the_service_create_app_builds(tiny_run, tmp_pa
     scheduler = service._scheduler
     assert (scheduler.max_batch, scheduler.max_queue, scheduler.max_tokens_cap) == (3, 5, 7)
     assert service.max_tokens_cap == 7 and str(next(scheduler.model.parameters()).dtype) == "torch.float32"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logprobs_equal_a_forward_passs_log_softmax(tiny_run, temperature):
+    """Each reported log-probability (the chosen token's and the top alternatives') is the
+    log_softmax of one whole forward pass over prompt + reply at that position, greedy or sampled:
+    the model's own distribution, before temperature."""
+    import torch
+
+    async def body(service: Service):
+        ids = service.encode_prompt("Paragraph 12: the value")
+        req = GenerationRequest(ids, 20, temperature=temperature, seed=3, top_logprobs=3)
+        tokens, entries = [], []
+        async for chunk in service.stream(req):
+            tokens += chunk.token_ids
+            entries += chunk.logprobs
+        return ids, tokens, entries
+
+    prompt, tokens, entries = serve(tiny_run, body)
+    assert [e.token for e in entries] == tokens and len(tokens) > 5
+    model = load_run(tiny_run).model
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([prompt + tokens]))[0].float(), dim=-1)
+    for step, entry in enumerate(entries):
+        row = logprobs[len(prompt) - 1 + step]
+        assert entry.logprob == pytest.approx(float(row[entry.token]), abs=1e-4)
+        best = torch.topk(row, 3)
+        assert [t for t, _ in entry.top] == best.indices.tolist()
+        assert [lp for _, lp in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+        if temperature == 0:
+            assert entry.token == entry.top[0][0]

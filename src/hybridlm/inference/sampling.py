@@ -35,6 +35,9 @@ class SamplingParams:
     """Subtracted from a token's logit once per time the output already holds it."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, value) pairs added to the logits before anything else."""
+    top_logprobs: int | None = None
+    """Report each chosen token's log-probability and the `top_logprobs` most likely alternatives
+    (0: the chosen one alone), of the model's own distribution before any adjustment; None: none."""
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
@@ -52,6 +55,8 @@ class SamplingParams:
             raise UserError("presence_penalty and frequency_penalty must be in [-2, 2]")
         if any(not -100 <= value <= 100 for _, value in self.logit_bias):
             raise UserError("logit_bias values must be in [-100, 100]")
+        if self.top_logprobs is not None and self.top_logprobs < 0:
+            raise UserError(f"top_logprobs must be >= 0 (got {self.top_logprobs})")
 
     @property
     def uses_history(self) -> bool:
@@ -100,3 +105,12 @@ def choose_token(
     if params.min_p:  # after top-k and top-p, as vLLM applies it
         probs_V[probs_V < params.min_p * probs_V.max()] = 0.0
     return int(torch.multinomial(probs_V, 1, generator=generator))
+
+
+def token_logprobs(logits_V: torch.Tensor, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """The log-probability of `token` and the `top` most likely (id, log-probability) pairs under
+    the raw logits: before bias, penalties, temperature and truncation (what vLLM reports too)."""
+    logprobs_V = torch.log_softmax(logits_V.float(), dim=-1)
+    best = torch.topk(logprobs_V, min(top, logprobs_V.numel())) if top else None
+    pairs = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+    return float(logprobs_V[token]), pairs

@@ -22,7 +22,7 @@ import torch
 
 from hybridlm.errors import UserError
 from hybridlm.inference.decode import prefill, sampling_generator
-from hybridlm.inference.sampling import SamplingParams, choose_token
+from hybridlm.inference.sampling import SamplingParams, choose_token, token_logprobs
 from hybridlm.model import HybridLM
 from hybridlm.model.transformer import LayerCache
 
@@ -45,6 +45,10 @@ class TokenEvent:
     index: int
     token: int
     finish: str | None
+    logprob: float | None = None
+    """log p(token) under the model's raw distribution, when the choice asked for log-probabilities."""
+    top: tuple[tuple[int, float], ...] = ()
+    """The most likely (id, log-probability) pairs at this step, most likely first."""
 
 
 class Request:
@@ -291,7 +295,10 @@ class Scheduler:
             finish = "length"
         sequence.finished = finish is not None
         self._tokens += 1
-        return TokenEvent(sequence.index, token, finish)
+        if params.top_logprobs is None:
+            return TokenEvent(sequence.index, token, finish)
+        logprob, top = token_logprobs(logits_V, token, params.top_logprobs)
+        return TokenEvent(sequence.index, token, finish, logprob, top)
 
     def _post(self, events: list[tuple[Request, TokenEvent | BaseException]]) -> None:
         """Hand events to each request's event loop, one wake-up per loop per pass."""

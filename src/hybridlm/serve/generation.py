@@ -27,7 +27,7 @@ from hybridlm.serve.service import GenerationRequest, PromptTooLong, QueueFull
 
 if TYPE_CHECKING:
     from hybridlm.serve.monitoring import RequestRecord
-    from hybridlm.serve.service import Chunk, ReplyStream
+    from hybridlm.serve.service import Chunk, ReplyStream, TokenLogprob
     from hybridlm.serve.state import ServerState
 
 
@@ -85,12 +85,15 @@ class Piece:
     index: int
     text: str
     finish: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """The tokens behind this piece, with their log-probabilities (when the request asked)."""
 
 
 @dataclass
 class Result:
     texts: dict[int, str] = field(default_factory=dict)
     finish: dict[int, str] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
 
 
 def _check_common(state: ServerState, body: SamplingFields) -> None:
@@ -160,7 +163,8 @@ async def admit(state: ServerState, body: CompletionRequest | ChatCompletionRequ
                             top_p=body.top_p, stop=body.stop_list(), seed=body.seed, n=body.n,
                             top_k=max(body.top_k, 0), min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                            logit_bias=_logit_bias(body.logit_bias, state.service.vocab_size))
+                            logit_bias=_logit_bias(body.logit_bias, state.service.vocab_size),
+                            top_logprobs=body.requested_top_logprobs())
     reserved = len(prompt_ids) + max_tokens * body.n
     state.charge_tokens(key_id, reserved)
     return Job(kind="chat" if chat else "completion", id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
@@ -224,7 +228,7 @@ async def pieces(state: ServerState, job: Job, stream: ReplyStream, first: Chunk
                     stream.stop(piece.index)
             if job.texts is not None:
                 job.texts[piece.index] += piece.text
-            if piece.text or piece.finish:
+            if piece.text or piece.finish or piece.logprobs:  # held-back text still sends its logprobs
                 yield piece
         chunk = await anext(stream, None) if len(ended) < job.gen.n else None
 
@@ -235,7 +239,7 @@ def _filter_chunk(state: ServerState, job: Job, chunk: Chunk, guard) -> Piece:
         job.first_chunk_at = time.perf_counter()
         job.record.first_token()
     if guard is None:
-        return Piece(chunk.index, chunk.text, chunk.finish_reason)
+        return Piece(chunk.index, chunk.text, chunk.finish_reason, chunk.logprobs)
     started = time.perf_counter()
     text = guard.feed(chunk.text)
     finish = "content_filter" if guard.blocked else chunk.finish_reason
@@ -246,7 +250,7 @@ def _filter_chunk(state: ServerState, job: Job, chunk: Chunk, guard) -> Piece:
     if guard.new_hits:
         state.note_hits(guard.new_hits, "output", guard.raw, job.record)
         guard.new_hits = []
-    return Piece(chunk.index, text, finish)
+    return Piece(chunk.index, text, finish, chunk.logprobs)
 
 
 async def collect(state: ServerState, job: Job, stream: ReplyStream, first: Chunk | None) -> Result:
@@ -257,6 +261,8 @@ async def collect(state: ServerState, job: Job, stream: ReplyStream, first: Chun
             result.texts[piece.index] += piece.text
             if piece.finish:
                 result.finish[piece.index] = piece.finish
+            if piece.logprobs is not None:
+                result.logprobs.setdefault(piece.index, []).extend(piece.logprobs)
     finally:
         await stream.aclose()
         close_job(state, job, result.finish)

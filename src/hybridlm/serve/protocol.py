@@ -27,13 +27,12 @@ def _off(value: Any) -> bool:
 
 
 NOT_IMPLEMENTED_COMPLETIONS: dict[str, Callable[[Any], bool]] = {
-    "best_of": lambda v: v in (None, 1), "echo": _off, "logprobs": _off, "suffix": _off,
+    "best_of": lambda v: v in (None, 1), "echo": _off, "suffix": _off,
 }
 """Fields of OpenAI's completion request this server does not implement, each with the test that
 its value asks for nothing (then it is accepted); any other value is refused by name."""
 NOT_IMPLEMENTED_CHAT: dict[str, Callable[[Any], bool]] = {
-    "audio": _off, "function_call": lambda v: v in (None, "none"), "functions": _off, "logprobs": _off,
-    "top_logprobs": _off, "metadata": _off, "modalities": lambda v: v in (None, ["text"]), "moderation": _off,
+    "audio": _off, "function_call": lambda v: v in (None, "none"), "functions": _off, "metadata": _off, "modalities": lambda v: v in (None, ["text"]), "moderation": _off,
     "parallel_tool_calls": lambda v: v is None, "prediction": _off, "prompt_cache_key": _off,
     "prompt_cache_options": _off, "prompt_cache_retention": _off, "reasoning_effort": _off,
     "response_format": lambda v: v is None or v == {"type": "text"},
@@ -100,6 +99,12 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
         description="The text to continue (a list holds exactly one prompt).")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Log-probabilities of each new token and of this "
+                                 "many alternatives, under the model's distribution before temperature / top-p.")
+
+    def requested_top_logprobs(self) -> int | None:
+        """Alternatives per token to report (0: the chosen token alone), or None for no log-probabilities."""
+        return self.logprobs
     max_tokens: int | None = Field(None, ge=1, description="New tokens per choice (default 16; at most the server's cap).")
 
     def prompt_text(self) -> str:
@@ -127,6 +132,14 @@ class ChatCompletionRequest(SamplingFields):
         return refuse_unimplemented(data, NOT_IMPLEMENTED_CHAT)
 
     safety_identifier: str | None = Field(None, max_length=256, description="An end-user id, written to the audit log.")
+    logprobs: bool | None = Field(None, description="Log-probabilities of each new token, under the model's "
+                                  "distribution before temperature / top-p.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many alternatives per token.")
+
+    def requested_top_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, description="New tokens per choice; default: the cap, or what fits.")
     max_completion_tokens: int | None = Field(None, ge=1, description="The newer name for max_tokens.")
@@ -141,11 +154,19 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+    """Where each token starts in the reply text, in characters."""
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -162,11 +183,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    """The token's UTF-8 bytes (a token may hold part of a character)."""
+
+
+class TokenLogprobContent(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobContent]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):

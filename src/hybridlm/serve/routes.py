@@ -18,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from hybridlm.serve.generation import Job, admit, close_job, collect, open_stream, pieces
+from hybridlm.serve.logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from hybridlm.serve.protocol import (
     ERROR_RESPONSES,
     ApiError,
@@ -123,13 +124,18 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
         watch.cancel()
         raise
     watch.cancel()
-    usage = _usage(job)
+    usage, tokenizer = _usage(job), state.service.tokenizer
+    wants = job.gen.top_logprobs is not None
     if job.kind == "chat":
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=result.finish.get(i))
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=result.finish.get(i),
+                              logprobs=chat_logprobs(tokenizer, result.logprobs.get(i, [])) if wants else None)
                    for i, t in result.texts.items()]
         doc = ChatCompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices, usage=usage)
     else:
-        choices = [CompletionChoice(index=i, text=t, finish_reason=result.finish.get(i)) for i, t in result.texts.items()]
+        choices = [CompletionChoice(index=i, text=t, finish_reason=result.finish.get(i),
+                                    logprobs=completion_logprobs(tokenizer, result.logprobs.get(i, []), TextOffsets())
+                                    if wants else None)
+                   for i, t in result.texts.items()]
         doc = CompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices, usage=usage)
     return JSONResponse(doc.model_dump())
 
@@ -143,13 +149,19 @@ def _usage(job: Job) -> Usage:
 async def _events(state: ServerState, job: Job, stream, first) -> AsyncIterator[bytes]:
     """The SSE body. Its `finally` runs on success, error and disconnect alike."""
     finish: dict[int, str] = {}
+    offsets = {i: TextOffsets() for i in range(job.gen.n)}
     try:
         if job.kind == "chat":
             yield event(_frame(job, [_choice(job, i, "", role=True) for i in range(job.gen.n)]))
         async for piece in pieces(state, job, stream, first):
             if piece.finish:
                 finish[piece.index] = piece.finish
-            yield event(_frame(job, [_choice(job, piece.index, piece.text, piece.finish)]))
+            logprobs = None
+            if piece.logprobs is not None:
+                tokenizer = state.service.tokenizer
+                logprobs = (chat_logprobs(tokenizer, piece.logprobs) if job.kind == "chat" else
+                            completion_logprobs(tokenizer, piece.logprobs, offsets[piece.index])).model_dump()
+            yield event(_frame(job, [_choice(job, piece.index, piece.text, piece.finish, logprobs=logprobs)]))
         if job.include_usage:
             yield event(_frame(job, [], _usage(job)))
         yield event("[DONE]")
@@ -174,8 +186,9 @@ def _frame(job: Job, choices: list[dict], usage: Usage | None = None) -> dict:
     return doc
 
 
-def _choice(job: Job, index: int, text: str, finish: str | None = None, role: bool = False) -> dict:
+def _choice(job: Job, index: int, text: str, finish: str | None = None, role: bool = False,
+            logprobs: dict | None = None) -> dict:
     if job.kind != "chat":
-        return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
     delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
-    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}

@@ -25,7 +25,7 @@ from hybridlm.tokenizer.chat import Message, render_chat
 if TYPE_CHECKING:
     from hybridlm.serve.config import ServerSettings
 
-__all__ = ["Chunk", "GenerationRequest", "PromptTooLong", "QueueFull", "ReplyStream", "Service"]
+__all__ = ["Chunk", "GenerationRequest", "PromptTooLong", "QueueFull", "ReplyStream", "Service", "TokenLogprob"]
 
 
 @dataclass
@@ -45,6 +45,17 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     """Token id -> value added to its logit (ids checked against the vocabulary by the caller)."""
+    top_logprobs: int | None = None
+    """Log-probabilities of each token and this many alternatives (None: none)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability and the most likely alternatives at its step."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclass
@@ -58,6 +69,8 @@ class Chunk:
     their lengths add up to the completion's token count."""
     finish_reason: str | None
     """None while running, then "stop" (eos / end of turn, or a stop string) or "length"."""
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per token of token_ids, when the request asked for log-probabilities."""
 
 
 class _Choice:
@@ -66,6 +79,7 @@ class _Choice:
     def __init__(self, index: int, tokenizer: TextTokenizer, stop: tuple[str, ...]) -> None:
         self.index, self.text = index, TextStream(tokenizer, stop)
         self.pending: list[int] = []
+        self.pending_logprobs: list[TokenLogprob] = []
         self.done = False
 
     def take(self, event: TokenEvent) -> Chunk | None:
@@ -73,13 +87,16 @@ class _Choice:
         if self.done:  # tokens the scheduler produced after a stop string
             return None
         self.pending.append(event.token)
+        if event.logprob is not None:
+            self.pending_logprobs.append(TokenLogprob(event.token, event.logprob, event.top))
         piece = self.text.push(event.token)
         finish = "stop" if self.text.stopped else event.finish
         if finish is not None and not self.text.stopped:
             piece += self.text.flush()
         if not piece and finish is None:
             return None
-        chunk, self.pending = Chunk(self.index, piece, self.pending, finish), []
+        chunk = Chunk(self.index, piece, self.pending, finish, self.pending_logprobs if event.logprob is not None else None)
+        self.pending, self.pending_logprobs = [], []
         self.done = finish is not None
         return chunk
 
@@ -153,7 +170,7 @@ class Service:
             SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                            top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
                            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                           logit_bias=tuple(sorted(req.logit_bias.items())),
+                           logit_bias=tuple(sorted(req.logit_bias.items())), top_logprobs=req.top_logprobs,
                            seed=None if req.seed is None else req.seed + i, stop=tuple(req.stop))
             for i in range(req.n)
         ]

@@ -37,6 +37,7 @@ class TextTokenizer:
         hf.encode_special_tokens = True
         self.hf = hf
         self.special_ids = {role: hf.token_to_id(tok) for role, tok in SPECIAL_TOKENS.items()}
+        self._special_set = frozenset(self.special_ids.values())
 
     @classmethod
     def load(cls, path: Path) -> "TextTokenizer":
@@ -105,5 +106,32 @@ class TextTokenizer:
         """
         return [enc.ids for enc in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a special token: its name), as OpenAI's `bytes` field
+        reports them: a token may hold part of a UTF-8 character."""
+        piece = self.hf.id_to_token(token)
+        if piece is None:
+            raise UserError(f"token id {token} is not in the vocabulary")
+        if token in self._special_set:
+            return piece.encode("utf-8")
+        return bytes(_BYTE_OF_CHAR[c] for c in piece)
+
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (what the ByteLevel pre-tokenizer writes tokens in): printable
+    bytes stand for themselves, the others for characters from U+0100 on, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in kept:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()

@@ -1,0 +1,61 @@
+"""What log-probabilities cost the server: one greedy request through the Service (the layer under
+the HTTP routes), with and without `top_logprobs`, same prompt and length, median of --repeats.
+
+Usage: .venv/bin/python benchmarks/logprobs_overhead.py RUN_DIR [--tokens 200] [--top 5] [--repeats 3]
+One JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from hybridlm.serve.service import GenerationRequest, Service
+
+
+async def _timed(service: Service, req: GenerationRequest) -> tuple[float, int]:
+    start, tokens = time.perf_counter(), 0
+    async for chunk in service.stream(req):
+        tokens += len(chunk.token_ids)
+    return time.perf_counter() - start, tokens
+
+
+async def _measure(args: argparse.Namespace) -> dict:
+    service = Service(args.run, max_tokens_cap=args.tokens, dtype="auto")
+    await service.start()
+    try:
+        ids = service.encode_prompt("Return the")
+        results = {}
+        for name, top in (("without", None), ("with", args.top), ("without_again", None)):
+            req = GenerationRequest(ids, args.tokens, temperature=0, top_logprobs=top, stop=[])
+            await _timed(service, req)  # warm-up
+            runs = [await _timed(service, req) for _ in range(args.repeats)]
+            seconds = statistics.median(s for s, _ in runs)
+            results[name] = {"seconds": seconds, "tokens": runs[0][1], "tokens_per_s": runs[0][1] / seconds}
+        return results
+    finally:
+        await service.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    results = asyncio.run(_measure(args))
+    per_token = {k: v["seconds"] / v["tokens"] for k, v in results.items()}
+    base = (per_token["without"] + per_token["without_again"]) / 2
+    print(json.dumps({"cpu": platform.processor() or platform.machine(), "top_logprobs": args.top, **results,
+                      "overhead_per_token_us": (per_token["with"] - base) * 1e6,
+                      "overhead_ratio": per_token["with"] / base}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

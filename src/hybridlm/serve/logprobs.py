@@ -1,0 +1,48 @@
+"""Log-probabilities in OpenAI's two shapes: chat's per-token objects (`token`, `logprob`, `bytes`,
+`top_logprobs`) and completions' parallel lists (`tokens`, `token_logprobs`, `top_logprobs`,
+`text_offset`). The values are the model's own distribution at each step, before logit bias,
+penalties, temperature and top-k / top-p / min-p (as vLLM reports them)."""
+
+from __future__ import annotations
+
+from hybridlm.serve.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprobContent, TopLogprob
+from hybridlm.serve.service import TokenLogprob
+from hybridlm.tokenizer import TextTokenizer
+
+
+def _named(tokenizer: TextTokenizer, token: int) -> tuple[str, list[int]]:
+    raw = tokenizer.token_bytes(token)
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def chat_logprobs(tokenizer: TextTokenizer, entries: list[TokenLogprob]) -> ChatLogprobs:
+    content = []
+    for entry in entries:
+        token, raw = _named(tokenizer, entry.token)
+        top = [TopLogprob(token=name, logprob=lp, bytes=alt_raw)
+               for name, alt_raw, lp in ((*_named(tokenizer, t), lp) for t, lp in entry.top)]
+        content.append(TokenLogprobContent(token=token, logprob=entry.logprob, bytes=raw, top_logprobs=top))
+    return ChatLogprobs(content=content)
+
+
+class TextOffsets:
+    """Where each token of one reply starts, in characters of the reply text, token after token
+    (a token that ends inside a character is counted where that character starts)."""
+
+    def __init__(self) -> None:
+        self.raw = b""
+
+    def next(self, token_bytes: bytes) -> int:
+        offset = len(self.raw.decode("utf-8", errors="ignore"))
+        self.raw += token_bytes
+        return offset
+
+
+def completion_logprobs(tokenizer: TextTokenizer, entries: list[TokenLogprob], offsets: TextOffsets) -> CompletionLogprobs:
+    tokens, values, tops, starts = [], [], [], []
+    for entry in entries:
+        tokens.append(_named(tokenizer, entry.token)[0])
+        values.append(entry.logprob)
+        tops.append({_named(tokenizer, t)[0]: lp for t, lp in entry.top})
+        starts.append(offsets.next(tokenizer.token_bytes(entry.token)))
+    return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=starts)

@@ -27,6 +27,27 @@ def shared_file(relative: str) -> Path:
     return path
 
 
+MC_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+fewshot_split: test
+num_fewshot: {shots}
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+  - metric: acc_bytes
+"""
+"""An lm-eval task over a local JSONL file of {context, choices, label} items (lm-eval's own
+multiple-choice scoring; `mc:PATH` in `hybridlm eval run` reads the same file)."""
+
+
 TINY_MODEL = ['model.preset="tiny"', "model.n_layer=2", "model.d_model=64", "model.window=8", "model.stride=8"]
 """Overrides for a two-layer model that trains in milliseconds per step."""
 

@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from conftest import MC_TASK_YAML as TASK_YAML
 from conftest import shared_file
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -26,23 +27,7 @@ from hybridlm.eval.tasks.base import EvalOptions
 from hybridlm.eval.tasks.multiple_choice import prepare_generic
 from hybridlm.interop.lm_eval_plugin import HybridLMEval
 
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-test_split: test
-fewshot_split: test
-num_fewshot: {shots}
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: label
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-  - metric: acc_bytes
-"""
+
 
 
 FRESH_INTERPRETER_LOOKUP = """

@@ -389,3 +389,39 @@ def test_bad_logprobs_requests_name_the_parameter(live, path, extra, param):
     base = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
     code, _, doc = post(live.url, path, json.dumps({"model": live.model, "max_tokens": 2, **base, **extra}).encode())
     assert code == 400 and doc["error"]["param"] == param, doc
+
+
+def test_echo_returns_the_prompts_own_token_logprobs(live):
+    """echo + logprobs + max_tokens 0: the prompt alone, each token's log-probability a forward
+    pass gives it; a token-id prompt is taken as it is (its first token: None)."""
+    import torch
+
+    from hybridlm.inference.generate import completion_prompt_ids
+    from hybridlm.run import load_run
+
+    run = load_run(live.service_run)
+    prompt = "Paragraph 5: the value of x5 is"
+    ids = completion_prompt_ids(run.tokenizer, prompt)  # <|eos|> + the prompt's ids
+    with torch.no_grad():
+        rows = torch.log_softmax(run.model(torch.tensor([ids]))[0].float(), dim=-1)
+    expected = [float(rows[i - 1, ids[i]]) for i in range(1, len(ids))]
+    text = post(live.url, "/v1/completions", json.dumps({"model": live.model, "prompt": prompt, "max_tokens": 0,
+                                                         "echo": True, "logprobs": 1}).encode())
+    assert text[0] == 200, text
+    choice = text[2]["choices"][0]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(expected, abs=1e-4)
+    assert "".join(choice["logprobs"]["tokens"]) == prompt
+    by_ids = post(live.url, "/v1/completions", json.dumps({"model": live.model, "prompt": ids, "max_tokens": 2,
+                                                           "echo": True, "logprobs": 0, "temperature": 0}).encode())[2]
+    values = by_ids["choices"][0]["logprobs"]["token_logprobs"]
+    assert values[0] is None and values[1 : len(ids)] == pytest.approx(expected, abs=1e-4) and len(values) == len(ids) + 2
+    assert by_ids["choices"][0]["text"].startswith(prompt)
+
+
+@pytest.mark.parametrize("extra, param", [({"echo": True, "stream": True}, "echo"), ({"max_tokens": 0}, "max_tokens"),
+                                          ({"prompt": [999999]}, "prompt")])
+def test_bad_echo_requests_name_the_parameter(live, extra, param):
+    body = {"model": live.model, "prompt": "hi", "max_tokens": 2, **extra}
+    code, _, doc = post(live.url, "/v1/completions", json.dumps(body).encode())
+    assert code == 400 and doc["error"]["param"] == param, doc

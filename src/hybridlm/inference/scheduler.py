@@ -13,6 +13,7 @@ never waits on a consumer.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import threading
 from collections import defaultdict, deque
@@ -128,6 +129,7 @@ class Scheduler:
         self.max_tokens_cap, self.prefill_chunk = max_tokens_cap, prefill_chunk
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
+        self._calls: deque = deque()
         self._prefilling: list[_Prefill] = []
         self._running: list[_Sequence] = []
         self._closing = False
@@ -174,6 +176,17 @@ class Scheduler:
                 self._waiting.remove(request)
             self._cond.notify()
 
+    def call(self, fn) -> concurrent.futures.Future:
+        """Run `fn(model)` on the scheduler thread between decode passes (the model is only ever
+        used from that thread: the fused kernels keep per-thread buffers); a future of its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._thread is None or self._closing:
+                raise RuntimeError("the scheduler is not running; call start() first")
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
     def stats(self) -> dict:
         """Queue depth, sequences holding a slot (prefilling or decoding), the last decode step's
         batch size, and tokens sampled since start."""
@@ -203,6 +216,7 @@ class Scheduler:
         try:
             with torch.inference_mode():
                 while self._schedule():
+                    self._run_calls()
                     events: list[tuple[Request, TokenEvent | BaseException]] = []
                     self._prefill_some(events)
                     self._decode(events)
@@ -225,10 +239,21 @@ class Scheduler:
                     ids_1T = torch.tensor([request.prompt_ids], device=self.model.tok_emb.weight.device)
                     self._prefilling.append(_Prefill(request, ids_1T, self.model.new_cache()))
                     used += request.n
-                if self._running or self._prefilling:
+                if self._running or self._prefilling or self._calls:
                     return True
                 self._cond.wait()
             return False
+
+    def _run_calls(self) -> None:
+        """Work that needs the model but is not decoding (scoring a prompt), run between passes."""
+        with self._cond:
+            calls, self._calls = list(self._calls), deque()
+        for fn, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.model))
+                except Exception as exc:  # noqa: BLE001 - the caller gets it
+                    future.set_exception(exc)
 
     def _prefill_some(self, events: list) -> None:
         """Prefill chunks until about `prefill_chunk` tokens have gone through in this pass, so a
@@ -319,6 +344,10 @@ class Scheduler:
             requests.update({r: None for r in self._waiting})
             self._waiting.clear()
             self._prefilling, self._running = [], []
+            calls, self._calls = list(self._calls), deque()
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the server is shutting down"))
         return [(request, RuntimeError("the server is shutting down")) for request in requests]
 
 

@@ -50,6 +50,15 @@ class Job:
     finished: bool = False
     texts: dict[int, str] | None = None
     """The text sent per choice, kept only when the audit log records text."""
+    echo: Echo | None = None
+    """The prompt to put before every choice's text (completions with echo)."""
+
+
+@dataclass(frozen=True)
+class Echo:
+    text: str
+    framed: bool
+    """Whether the prompt ids start with the <|eos|> the server put before a text prompt."""
 
 
 def refund(state: ServerState, job: Job, all_of_it: bool = False) -> None:
@@ -151,9 +160,12 @@ async def admit(state: ServerState, body: CompletionRequest | ChatCompletionRequ
         record.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
         prompt_ids = await _encode(asyncio.to_thread(state.service.encode_chat, messages))
     else:
-        (prompt,) = await _screen(state, [body.prompt_text()], record, "prompt")
+        if body.echo and body.stream:
+            raise ApiError(400, "echo is not supported with stream; ask for one response", param="echo")
+        if asked == 0 and not body.echo:
+            raise ApiError(400, "max_tokens 0 asks for no tokens; it is only useful with echo", param="max_tokens")
+        prompt_ids, prompt, framed = await _completion_prompt(state, body, record)
         record.prompt_text = prompt
-        prompt_ids = await _encode(asyncio.to_thread(state.service.encode_prompt, prompt))
     record.prompt_tokens = len(prompt_ids)
     if len(prompt_ids) >= state.service.context:
         raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens but the context is {state.service.context}; "
@@ -167,9 +179,36 @@ async def admit(state: ServerState, body: CompletionRequest | ChatCompletionRequ
                             top_logprobs=body.requested_top_logprobs())
     reserved = len(prompt_ids) + max_tokens * body.n
     state.charge_tokens(key_id, reserved)
+    echo = Echo(prompt, framed) if not chat and body.echo else None
     return Job(kind="chat" if chat else "completion", id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                created=int(time.time()), model=state.model_name, key_id=key_id, gen=gen, stream=body.stream,
-               include_usage=body.include_usage(), record=record, reserved=reserved)
+               include_usage=body.include_usage(), record=record, reserved=reserved, echo=echo)
+
+
+async def _completion_prompt(state: ServerState, body: CompletionRequest, record: RequestRecord
+                             ) -> tuple[list[int], str, bool]:
+    """(ids, text, framed) of a completion prompt. Text is screened and framed with <|eos|> in front
+    (framed=True); token ids are taken as they are, their decoded text screened (a redaction
+    re-encodes the redacted text)."""
+    ids = body.prompt_token_ids()
+    if ids is None:
+        (prompt,) = await _screen(state, [body.prompt_text()], record, "prompt")
+        return await _encode(asyncio.to_thread(state.service.encode_prompt, prompt)), prompt, True
+    if max(ids) >= state.service.vocab_size:
+        raise ApiError(400, f"prompt holds token id {max(ids)}, outside this model's vocabulary "
+                       f"(0..{state.service.vocab_size - 1})", param="prompt")
+    text = state.service.tokenizer.decode(ids)
+    (screened,) = await _screen(state, [text], record, "prompt")
+    return (ids if screened == text else state.service.tokenizer.encode(screened)), screened, False
+
+
+async def echoed(state: ServerState, job: Job) -> list[TokenLogprob] | None:
+    """The prompt's token log-probabilities an echo reports (without the <|eos|> put in front of a
+    text prompt), or None when the request asked for none."""
+    if job.echo is None or job.gen.top_logprobs is None:
+        return None
+    entries = await state.service.prompt_logprobs(job.gen.prompt_ids, job.gen.top_logprobs)
+    return entries[1:] if job.echo.framed else entries
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:

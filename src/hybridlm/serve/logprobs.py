@@ -43,6 +43,6 @@ def completion_logprobs(tokenizer: TextTokenizer, entries: list[TokenLogprob], o
     for entry in entries:
         tokens.append(_named(tokenizer, entry.token)[0])
         values.append(entry.logprob)
-        tops.append({_named(tokenizer, t)[0]: lp for t, lp in entry.top})
+        tops.append(None if entry.logprob is None else {_named(tokenizer, t)[0]: lp for t, lp in entry.top})
         starts.append(offsets.next(tokenizer.token_bytes(entry.token)))
     return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=starts)

@@ -27,7 +27,7 @@ def _off(value: Any) -> bool:
 
 
 NOT_IMPLEMENTED_COMPLETIONS: dict[str, Callable[[Any], bool]] = {
-    "best_of": lambda v: v in (None, 1), "echo": _off, "suffix": _off,
+    "best_of": lambda v: v in (None, 1), "suffix": _off,
 }
 """Fields of OpenAI's completion request this server does not implement, each with the test that
 its value asks for nothing (then it is accepted); any other value is refused by name."""
@@ -91,24 +91,40 @@ class SamplingFields(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(SamplingFields):
     @model_validator(mode="before")
     @classmethod
     def _refuse_unimplemented(cls, data: Any) -> Any:
         return refuse_unimplemented(data, NOT_IMPLEMENTED_COMPLETIONS)
 
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
-        description="The text to continue (a list holds exactly one prompt).")
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | TokenIds | Annotated[
+        list[TokenIds], Field(min_length=1, max_length=1)] = Field(
+        description="The text to continue, or its token ids as they are (no <|eos|> put in front); a list "
+                    "holds exactly one prompt.")
+    max_tokens: int | None = Field(None, ge=0, description="New tokens per choice (default 16; at most the server's "
+                                   "cap; 0 only with echo).")
+    echo: bool = Field(False, description="Put the prompt before the reply (and its tokens' log-probabilities "
+                       "before the reply's); not with stream.")
     logprobs: int | None = Field(None, ge=0, le=5, description="Log-probabilities of each new token and of this "
                                  "many alternatives, under the model's distribution before temperature / top-p.")
 
     def requested_top_logprobs(self) -> int | None:
         """Alternatives per token to report (0: the chosen token alone), or None for no log-probabilities."""
         return self.logprobs
-    max_tokens: int | None = Field(None, ge=1, description="New tokens per choice (default 16; at most the server's cap).")
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompt_text(self) -> str | None:
+        """The prompt as text, or None when it came as token ids."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return self.prompt[0] if isinstance(self.prompt[0], str) else None
+
+    def prompt_token_ids(self) -> list[int] | None:
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], str):
+            return None
+        return list(self.prompt[0]) if isinstance(self.prompt[0], list) else list(self.prompt)
 
 
 class TextPart(_Request):
@@ -156,8 +172,9 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    """None for the prompt's first token when echoed: nothing predicts it."""
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
     """Where each token starts in the reply text, in characters."""
 

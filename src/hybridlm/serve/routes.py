@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from hybridlm.serve.generation import Job, admit, close_job, collect, open_stream, pieces
+from hybridlm.serve.generation import Job, Result, admit, close_job, collect, echoed, open_stream, pieces
 from hybridlm.serve.logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from hybridlm.serve.protocol import (
     ERROR_RESPONSES,
@@ -108,14 +108,19 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
     job = await admit(state, body, record, key_id)
     watch = watch_disconnect(request.receive)
     try:
-        stream, first = await unless_gone(open_stream(state, job), watch)
-        if job.stream:
-            async def close() -> None:  # also when the body never started (the client left at once)
-                await stream.aclose()
-                close_job(state, job, {})
+        if job.gen.max_tokens == 0:  # echo alone: the prompt is the whole reply
+            result = Result({i: "" for i in range(job.gen.n)}, {i: "length" for i in range(job.gen.n)})
+            close_job(state, job, result.finish)
+        else:
+            stream, first = await unless_gone(open_stream(state, job), watch)
+            if job.stream:
+                async def close() -> None:  # also when the body never started (the client left at once)
+                    await stream.aclose()
+                    close_job(state, job, {})
 
-            return EventStream(_events(state, job, stream, first), watch, on_close=close)
-        result = await unless_gone(collect(state, job, stream, first), watch)
+                return EventStream(_events(state, job, stream, first), watch, on_close=close)
+            result = await unless_gone(collect(state, job, stream, first), watch)
+        prompt_logprobs = await unless_gone(echoed(state, job), watch)
     except ClientGone:
         record.error_code = "client_disconnected"
         close_job(state, job, {})
@@ -132,8 +137,10 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
                    for i, t in result.texts.items()]
         doc = ChatCompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices, usage=usage)
     else:
-        choices = [CompletionChoice(index=i, text=t, finish_reason=result.finish.get(i),
-                                    logprobs=completion_logprobs(tokenizer, result.logprobs.get(i, []), TextOffsets())
+        echo = job.echo.text if job.echo else ""
+        choices = [CompletionChoice(index=i, text=echo + t, finish_reason=result.finish.get(i),
+                                    logprobs=completion_logprobs(tokenizer, (prompt_logprobs or []) +
+                                                                 result.logprobs.get(i, []), TextOffsets())
                                     if wants else None)
                    for i, t in result.texts.items()]
         doc = CompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices, usage=usage)

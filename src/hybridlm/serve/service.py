@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from hybridlm.errors import UserError
 from hybridlm.inference.generate import completion_prompt_ids
-from hybridlm.inference.sampling import SamplingParams
+from hybridlm.inference.sampling import SamplingParams, token_logprobs
 from hybridlm.inference.text import TextStream
 from hybridlm.inference.scheduler import PromptTooLong, QueueFull, Request, Scheduler, TokenEvent
 from hybridlm.run import load_run_on_device
@@ -54,7 +56,8 @@ class TokenLogprob:
     """One generated token with its log-probability and the most likely alternatives at its step."""
 
     token: int
-    logprob: float
+    logprob: float | None
+    """None for a prompt's first token, which nothing before it predicts."""
     top: tuple[tuple[int, float], ...]
 
 
@@ -153,6 +156,21 @@ class Service:
     def stream(self, req: GenerationRequest) -> ReplyStream:
         """Chunks of all n choices, interleaved as they are produced (see ReplyStream)."""
         return ReplyStream(self, req)
+
+    async def prompt_logprobs(self, ids: list[int], top: int) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the ones before it (None for the first, which
+        nothing predicts) and the `top` alternatives: what `echo` with `logprobs` reports. Runs on
+        the scheduler's thread, between decode steps."""
+        def score(model) -> list[TokenLogprob]:
+            device = next(model.parameters()).device
+            logits_TV = model(torch.tensor([ids], device=device))[0].float().cpu()
+            entries = [TokenLogprob(ids[0], None, ())]
+            for position, token in enumerate(ids[1:]):
+                logprob, alternatives = token_logprobs(logits_TV[position], token, top)
+                entries.append(TokenLogprob(token, logprob, alternatives))
+            return entries
+
+        return await asyncio.wrap_future(self._scheduler.call(score))
 
     def stats(self) -> dict:
         """{"queue_depth", "active_sequences", "batch_size" (of the last decode step), "tokens_generated"}."""

@@ -1,5 +1,6 @@
 """What log-probabilities cost the server: one greedy request through the Service (the layer under
-the HTTP routes), with and without `top_logprobs`, same prompt and length, median of --repeats.
+the HTTP routes), with and without `top_logprobs`, same prompt and length (eos and <|end|> biased
+away so every run decodes --tokens tokens), median of --repeats.
 
 Usage: .venv/bin/python benchmarks/logprobs_overhead.py RUN_DIR [--tokens 200] [--top 5] [--repeats 3]
 One JSON document on stdout.
@@ -32,7 +33,8 @@ async def _measure(args: argparse.Namespace) -> dict:
         ids = service.encode_prompt("Return the")
         results = {}
         for name, top in (("without", None), ("with", args.top), ("without_again", None)):
-            req = GenerationRequest(ids, args.tokens, temperature=0, top_logprobs=top, stop=[])
+            never_stop = {service.tokenizer.eos_id: -100.0, service.tokenizer.special_ids["end"]: -100.0}
+            req = GenerationRequest(ids, args.tokens, temperature=0, top_logprobs=top, logit_bias=never_stop)
             await _timed(service, req)  # warm-up
             runs = [await _timed(service, req) for _ in range(args.repeats)]
             seconds = statistics.median(s for s, _ in runs)

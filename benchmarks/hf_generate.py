@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,15 +25,7 @@ from hybridlm.inference.decode import generate_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.interop.hf_export import export_hf
 from hybridlm.run import load_run
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from hybridlm.timing import median_seconds
 
 
 def main() -> None:
@@ -69,9 +59,9 @@ def main() -> None:
         outputs["hybridlm"] = list(generate_ids(run.model.eval(), prompt[0].tolist(),
                                                 SamplingParams(temperature=0, max_new_tokens=args.new), eos_id=None))
 
-    cached = _median_seconds(lambda: hf(True), args.repeats)
-    uncached = _median_seconds(lambda: hf(False), args.repeats)
-    native = _median_seconds(ours, args.repeats)
+    cached = median_seconds(lambda: hf(True), args.repeats, warmup=0)
+    uncached = median_seconds(lambda: hf(False), args.repeats, warmup=0)
+    native = median_seconds(ours, args.repeats, warmup=0)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "transformers": transformers.__version__},

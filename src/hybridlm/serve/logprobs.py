@@ -5,6 +5,8 @@ penalties, temperature and top-k / top-p / min-p (as vLLM reports them)."""
 
 from __future__ import annotations
 
+import codecs
+
 from hybridlm.serve.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprobContent, TopLogprob
 from hybridlm.serve.service import TokenLogprob
 from hybridlm.tokenizer import TextTokenizer
@@ -27,22 +29,25 @@ def chat_logprobs(tokenizer: TextTokenizer, entries: list[TokenLogprob]) -> Chat
 
 class TextOffsets:
     """Where each token of one reply starts, in characters of the reply text, token after token
-    (a token that ends inside a character is counted where that character starts)."""
+    (a token that ends inside a character is counted where that character starts). An
+    incremental decoder keeps this O(1) per token: it holds back an unfinished character."""
 
     def __init__(self) -> None:
-        self.raw = b""
+        self.chars = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
 
     def next(self, token_bytes: bytes) -> int:
-        offset = len(self.raw.decode("utf-8", errors="ignore"))
-        self.raw += token_bytes
+        offset = self.chars
+        self.chars += len(self._decoder.decode(token_bytes))
         return offset
 
 
 def completion_logprobs(tokenizer: TextTokenizer, entries: list[TokenLogprob], offsets: TextOffsets) -> CompletionLogprobs:
     tokens, values, tops, starts = [], [], [], []
     for entry in entries:
-        tokens.append(_named(tokenizer, entry.token)[0])
+        token, raw = _named(tokenizer, entry.token)
+        tokens.append(token)
         values.append(entry.logprob)
         tops.append(None if entry.logprob is None else {_named(tokenizer, t)[0]: lp for t, lp in entry.top})
-        starts.append(offsets.next(tokenizer.token_bytes(entry.token)))
+        starts.append(offsets.next(bytes(raw)))
     return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=starts)

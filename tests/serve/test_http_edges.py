@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import urllib.request
 
 import openai
 import pytest
@@ -252,3 +253,31 @@ def test_the_chat_page_directory_is_served_at_the_root_when_present(tiny_run, tm
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(f"{live.url}/nothing-here", timeout=10)
         assert caught.value.code == 404 and "error" in json.loads(caught.value.read())
+
+
+def test_a_shared_system_prompt_is_prefilled_once_and_metrics_count_it(chatty_run, tmp_path):
+    system = "".join(f"Rule {i}: the value of x{i} is {i * 7 % 13}. " for i in range(60))
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": question}]
+             for question in ("What is x3?", "And x12?")]
+    replies = {}
+    for budget in (64, 0):
+        with serving_run(chatty_run, tmp_path / str(budget), f"server.prefix_cache_mb={budget}", *NO_LIMITS) as live:
+            ids = [live.service.encode_chat(chat) for chat in chats]
+            replies[budget] = [client(live.url).chat.completions.create(
+                model=live.model, messages=chat, max_tokens=20, temperature=0).choices[0].message.content
+                for chat in chats]
+            with urllib.request.urlopen(f"{live.url}/metrics", timeout=30) as page:
+                metrics = page.read().decode()
+        series = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("hybridlm_prefix_cache"))
+        if budget:
+            common = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+            shared_blocks = common // 256  # whole 256-token blocks of the shared system prompt
+            prompt_tokens = [len(i) for i in ids]
+            assert shared_blocks >= 2
+            assert float(series["hybridlm_prefix_cache_tokens_saved"]) == 256 * shared_blocks
+            assert float(series["hybridlm_prefix_cache_hits"]) == 1 and float(series["hybridlm_prefix_cache_lookups"]) == 2
+            assert float(series["hybridlm_prefix_cache_hit_rate"]) == pytest.approx(256 * shared_blocks / sum(prompt_tokens))
+            assert 0 < float(series["hybridlm_prefix_cache_bytes"]) <= 64 << 20
+        else:
+            assert float(series["hybridlm_prefix_cache_lookups"]) == 0  # switched off: nothing looked up
+    assert replies[64] == replies[0]  # the cache changes nothing the client sees

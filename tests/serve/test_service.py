@@ -210,7 +210,7 @@ def test_queue_full_prompt_too_long_and_the_token_cap(chatty_run):
 
     stats = serve(chatty_run, body, max_batch=1, max_queue=1, max_tokens_cap=250)
     assert stats["queue_depth"] == 0 and stats["tokens_generated"] < 5 + 250
-    assert set(stats) == {"queue_depth", "active_sequences", "batch_size", "tokens_generated"}
+    assert set(stats) == {"queue_depth", "active_sequences", "batch_size", "tokens_generated", "prefix_cache"}
 
 
 def test_prompt_encodings_and_a_chat_reply(tiny_run, run):

@@ -5,7 +5,8 @@ admits waiting requests while batch slots are free, (2) prefills newly admitted 
 in chunks at fixed offsets (so a prompt is split the same way whatever else is running), and
 (3) runs one decode step for every active sequence at once (HybridLM.decode_rows). Every
 sequence owns its per-layer caches from `model.new_cache()`, so dense and sparse layers keep
-their own cache shapes. Tokens travel to the asyncio side through one `asyncio.Queue` per
+their own cache shapes. With a prefix cache (prefix_cache.py), a prompt starts from the cached
+blocks of the longest prefix it shares with earlier prompts. Tokens travel to the asyncio side through one `asyncio.Queue` per
 request, fed with `call_soon_threadsafe`: the event loop never runs model code, and the scheduler
 never waits on a consumer.
 """
@@ -23,6 +24,7 @@ import torch
 
 from hybridlm.errors import UserError
 from hybridlm.inference.decode import prefill, sampling_generator
+from hybridlm.inference.prefix_cache import PrefixCache
 from hybridlm.inference.sampling import SamplingParams, choose_token, token_logprobs
 from hybridlm.model import HybridLM
 from hybridlm.model.transformer import LayerCache
@@ -103,11 +105,19 @@ class _Prefill:
     done: int = 0
     logits_V: torch.Tensor | None = field(default=None, repr=False)
 
-    def step(self, model: HybridLM, chunk: int) -> int:
-        """Run the next chunk (at a fixed offset); returns how many tokens it took."""
+    looked_up: bool = False
+
+    def step(self, model: HybridLM, chunk: int, prefix: PrefixCache | None) -> int:
+        """Run the next chunk (at a fixed offset, a multiple of `chunk`); returns how many tokens
+        it took. The first call starts from the longest cached prefix; full chunks are cached."""
+        if prefix is not None and not self.looked_up:
+            self.done = prefix.restore(self.request.prompt_ids, self.cache)
+        self.looked_up = True
         end = min(self.done + chunk, self.ids_1T.shape[1])
         self.logits_V = prefill(model, self.ids_1T[:, self.done : end], self.cache)[0]
         taken, self.done = end - self.done, end
+        if prefix is not None and end % chunk == 0:
+            prefix.store(self.request.prompt_ids, self.cache, end)
         return taken
 
     @property
@@ -119,11 +129,16 @@ class Scheduler:
     """Schedules requests onto one model in a background thread (see the module docstring)."""
 
     def __init__(self, model: HybridLM, *, max_batch: int = 16, max_queue: int = 64,
-                 max_tokens_cap: int = 512, prefill_chunk: int = 256) -> None:
+                 max_tokens_cap: int = 512, prefill_chunk: int = 256, prefix_cache_bytes: int = 0) -> None:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
                             ("max_tokens_cap", max_tokens_cap), ("prefill_chunk", prefill_chunk)):
             if value <= 0:
                 raise UserError(f"{name} must be > 0 (got {value})")
+        if prefix_cache_bytes < 0:
+            raise UserError(f"prefix_cache_bytes must be >= 0 (0 turns the prefix cache off; got {prefix_cache_bytes})")
+        self.prefix = PrefixCache(prefill_chunk, prefix_cache_bytes) if prefix_cache_bytes else None
+        """Blocks of prefilled prompts, one block per prefill chunk (so a restored prefix ends where
+        an uncached prefill's chunk would: the rest is computed alike)."""
         self.model, self.context = model, model.cfg.max_seq_len
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_tokens_cap, self.prefill_chunk = max_tokens_cap, prefill_chunk
@@ -189,11 +204,12 @@ class Scheduler:
 
     def stats(self) -> dict:
         """Queue depth, sequences holding a slot (prefilling or decoding), the last decode step's
-        batch size, and tokens sampled since start."""
+        batch size, tokens sampled since start, and the prefix cache's counters (None when off)."""
         with self._cond:
             active = len(self._running) + sum(job.request.n - len(job.request.cancelled) for job in self._prefilling)
             return {"queue_depth": len(self._waiting), "active_sequences": active,
-                    "batch_size": self._last_batch, "tokens_generated": self._tokens}
+                    "batch_size": self._last_batch, "tokens_generated": self._tokens,
+                    "prefix_cache": self.prefix.stats() if self.prefix is not None else None}
 
     def _check(self, prompt_ids: list[int], params: list[SamplingParams]) -> None:
         if not prompt_ids:
@@ -263,7 +279,7 @@ class Scheduler:
             if budget <= 0:
                 return
             try:
-                budget -= job.step(self.model, self.prefill_chunk)
+                budget -= job.step(self.model, self.prefill_chunk, self.prefix)
                 sequences = self._start_choices(job, events) if job.complete else None
             except Exception as exc:  # noqa: BLE001 - one bad request must not take the server down
                 events.append((job.request, exc))

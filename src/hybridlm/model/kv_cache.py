@@ -26,6 +26,11 @@ class DenseKVCache:
         self.v_BHSD: torch.Tensor | None = None
 
     def attend(self, q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> torch.Tensor:
+        self.append(k_BHTD, v_BHTD)
+        return dense_causal_attention(q_BHTD, self.k_BHSD[:, :, : self.length], self.v_BHSD[:, :, : self.length])
+
+    def append(self, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> None:
+        """Add keys and values after the ones held (attend does this; a prefix cache restores blocks with it)."""
         if self.k_BHSD is None:
             shape = (*k_BHTD.shape[:2], self.max_len, k_BHTD.shape[3])
             self.k_BHSD = k_BHTD.new_empty(shape)
@@ -34,7 +39,12 @@ class DenseKVCache:
         self.k_BHSD[:, :, self.length : end] = k_BHTD
         self.v_BHSD[:, :, self.length : end] = v_BHTD
         self.length = end
-        return dense_causal_attention(q_BHTD, self.k_BHSD[:, :, :end], self.v_BHSD[:, :, :end])
+
+    def block(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values of positions [start, end) (what a prefix cache keeps)."""
+        if self.k_BHSD is None or not 0 <= start < end <= self.length:
+            raise ValueError(f"positions [{start}, {end}) are not in this cache (it holds {self.length})")
+        return self.k_BHSD[:, :, start:end].clone(), self.v_BHSD[:, :, start:end].clone()
 
     def nbytes(self) -> int:
         """Bytes of cached keys and values actually in use."""

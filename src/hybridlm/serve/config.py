@@ -49,10 +49,14 @@ class ServerSettings:
     """Larger request bodies are refused with 413 before they are read."""
     dtype: str = "auto"
     """Inference precision: auto, bf16 or fp32."""
+    prefix_cache_mb: int = 256
+    """Memory for cached prompt prefixes (blocks of 256 tokens shared by later prompts); 0 turns it off."""
 
     def __post_init__(self) -> None:
         check_positive("server", max_batch=self.max_batch, max_queue=self.max_queue, max_tokens_cap=self.max_tokens_cap,
                   max_n=self.max_n, max_body_bytes=self.max_body_bytes)
+        if self.prefix_cache_mb < 0:
+            raise UserError(f"server.prefix_cache_mb must be >= 0 (0 turns the prefix cache off; got {self.prefix_cache_mb})")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise UserError(f"server.dtype must be auto, bf16 or fp32 (got {self.dtype!r})")
 

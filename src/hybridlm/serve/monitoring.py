@@ -59,6 +59,16 @@ class Metrics:
                                         "Time spent in the safety filter chain, per request", buckets=_SAFETY,
                                         registry=r)
         self.review_items = Counter("hybridlm_review_items", "Items sent to the review queue", registry=r)
+        self.prefix_hit_rate = Gauge("hybridlm_prefix_cache_hit_rate", "Share of prompt tokens served from "
+                                     "the prefix cache since start", registry=r)
+        self.prefix_tokens_saved = Gauge("hybridlm_prefix_cache_tokens_saved", "Prompt tokens not prefilled "
+                                         "because the prefix cache held them, since start", registry=r)
+        self.prefix_hits = Gauge("hybridlm_prefix_cache_hits", "Requests that reused a cached prefix", registry=r)
+        self.prefix_lookups = Gauge("hybridlm_prefix_cache_lookups", "Requests looked up in the prefix cache",
+                                    registry=r)
+        self.prefix_bytes = Gauge("hybridlm_prefix_cache_bytes", "Memory the prefix cache holds", registry=r)
+        self.prefix_evictions = Gauge("hybridlm_prefix_cache_evictions", "Blocks evicted (least recently used)",
+                                      registry=r)
 
     def scrape(self, stats: dict) -> bytes:
         """Prometheus text, with the service's gauges read now."""
@@ -66,6 +76,13 @@ class Metrics:
         self.active.set(stats.get("active_sequences", 0))
         self.batch_size.set(stats.get("batch_size", 0))
         self.generated.set(stats.get("tokens_generated", 0))
+        prefix = stats.get("prefix_cache") or {}
+        self.prefix_hit_rate.set(prefix.get("tokens_saved", 0) / max(prefix.get("prompt_tokens", 0), 1))
+        self.prefix_tokens_saved.set(prefix.get("tokens_saved", 0))
+        self.prefix_hits.set(prefix.get("hits", 0))
+        self.prefix_lookups.set(prefix.get("lookups", 0))
+        self.prefix_bytes.set(prefix.get("bytes", 0))
+        self.prefix_evictions.set(prefix.get("evictions", 0))
         return generate_latest(self.registry)
 
 

@@ -108,7 +108,7 @@ class Service:
     """One loaded run behind a continuous-batching scheduler."""
 
     def __init__(self, run_dir: Path, *, max_batch: int = 16, max_queue: int = 64, max_tokens_cap: int = 512,
-                 dtype: str = "auto") -> None:
+                 dtype: str = "auto", prefix_cache_mb: int = 256) -> None:
         if dtype not in ("auto", "fp32", "bf16"):
             raise UserError(f"dtype must be auto, fp32 or bf16 (got {dtype!r})")
         run, _ = load_run_on_device(Path(run_dir), dtype)
@@ -121,14 +121,15 @@ class Service:
         # Completions end at eos (the document boundary of pre-training), chat replies at <|end|>
         # (the end of an assistant turn in instruction tuning): either one ends a choice.
         self._stop_ids = frozenset({self.tokenizer.eos_id, self.tokenizer.special_ids["end"]})
-        self._scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, max_tokens_cap=max_tokens_cap)
+        self._scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, max_tokens_cap=max_tokens_cap,
+                                    prefix_cache_bytes=prefix_cache_mb << 20)
 
     @classmethod
     def from_settings(cls, run_dir: Path, server: ServerSettings) -> Service:
-        """The service the [server] section describes: the one place its batch, queue, token cap
-        and dtype reach the scheduler (`hybridlm serve`, create_app)."""
+        """The service the [server] section describes: the one place its batch, queue, token cap,
+        dtype and prefix cache reach the scheduler (`hybridlm serve`, create_app)."""
         return cls(run_dir, max_batch=server.max_batch, max_queue=server.max_queue,
-                   max_tokens_cap=server.max_tokens_cap, dtype=server.dtype)
+                   max_tokens_cap=server.max_tokens_cap, dtype=server.dtype, prefix_cache_mb=server.prefix_cache_mb)
 
     def encode_prompt(self, text: str) -> list[int]:
         return completion_prompt_ids(self.tokenizer, text)
@@ -173,7 +174,8 @@ class Service:
         return await asyncio.wrap_future(self._scheduler.call(score))
 
     def stats(self) -> dict:
-        """{"queue_depth", "active_sequences", "batch_size" (of the last decode step), "tokens_generated"}."""
+        """{"queue_depth", "active_sequences", "batch_size" (of the last decode step), "tokens_generated",
+        "prefix_cache" (its counters, or None when off)}."""
         return self._scheduler.stats()
 
     def submit(self, req: GenerationRequest) -> Request:

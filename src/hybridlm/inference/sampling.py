@@ -1,5 +1,5 @@
-"""Next-token choice: logit bias, repetition / presence / frequency penalties, temperature, top-k,
-min-p, top-p (nucleus), greedy at T=0."""
+"""Next-token choice: logit bias, repetition / presence / frequency penalties, a grammar's mask,
+temperature, top-k, min-p, top-p (nucleus), greedy at T=0."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from hybridlm.errors import UserError
+from hybridlm.inference.grammar import Grammar
 
 GREEDY_BELOW = torch.finfo(torch.float32).smallest_normal
 """Temperatures below this (0, or too small for float32) pick the argmax."""
@@ -40,6 +41,8 @@ class SamplingParams:
     (0: the chosen one alone), of the model's own distribution before any adjustment; None: none."""
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: Grammar | None = None
+    """The reply must match this grammar (a JSON schema, a tool call): each choice gets a matcher."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -83,11 +86,14 @@ def adjusted_logits(logits_V: torch.Tensor, params: SamplingParams, seen_ids: to
 
 def choose_token(
     logits_V: torch.Tensor, params: SamplingParams, seen_ids: torch.Tensor, generator: torch.Generator,
-    n_prompt: int = 0,
+    n_prompt: int = 0, allowed_V: torch.Tensor | None = None,
 ) -> int:
     """Pick the next token id from one row of logits; `seen_ids` are the prompt's `n_prompt` ids
-    and then the output's."""
+    and then the output's. With `allowed_V` (a grammar's mask), only allowed tokens can be picked:
+    the others leave the distribution before temperature and truncation."""
     logits_V = adjusted_logits(logits_V, params, seen_ids, n_prompt)
+    if allowed_V is not None:
+        logits_V = logits_V.masked_fill(~allowed_V, float("-inf"))
     if params.temperature < GREEDY_BELOW:
         return int(logits_V.argmax())
     # Shift so the largest logit is 0 before dividing: a tiny temperature then sends the others to

@@ -24,6 +24,7 @@ import torch
 
 from hybridlm.errors import UserError
 from hybridlm.inference.decode import prefill, sampling_generator
+from hybridlm.inference.grammar import GrammarMatcher
 from hybridlm.inference.prefix_cache import PrefixCache
 from hybridlm.inference.sampling import SamplingParams, choose_token, token_logprobs
 from hybridlm.model import HybridLM
@@ -90,6 +91,8 @@ class _Sequence:
     cache: list[LayerCache]
     generator: torch.Generator
     seen: list[int]
+    matcher: GrammarMatcher | None = None
+    """Where the reply stands in the request's grammar, when it has one."""
     produced: int = 0
     last: int = -1
     finished: bool = False
@@ -298,7 +301,8 @@ class Scheduler:
                 continue
             cache = job.cache if not sequences else copy.deepcopy(job.cache)
             seen = list(request.prompt_ids) if params.uses_history else []
-            sequence = _Sequence(request, index, cache, sampling_generator(params.seed), seen)
+            sequence = _Sequence(request, index, cache, sampling_generator(params.seed), seen,
+                                 params.grammar.matcher() if params.grammar is not None else None)
             events.append((request, self._sample(sequence, logits_V)))
             sequences.append(sequence)
         return sequences
@@ -316,7 +320,11 @@ class Scheduler:
                 s.finished = True
         else:
             for sequence, logits_V in zip(batch, logits_BV):
-                events.append((sequence.request, self._sample(sequence, logits_V)))
+                try:
+                    events.append((sequence.request, self._sample(sequence, logits_V)))
+                except Exception as exc:  # noqa: BLE001 - a grammar refusing a token ends its request alone
+                    events.append((sequence.request, exc))
+                    sequence.finished = True
         with self._cond:
             self._last_batch = len(batch)
             self._running = [s for s in self._running if not s.finished]
@@ -324,7 +332,10 @@ class Scheduler:
     def _sample(self, sequence: _Sequence, logits_V: torch.Tensor) -> TokenEvent:
         params = sequence.request.params[sequence.index]
         history = torch.tensor(sequence.seen, dtype=torch.long) if params.uses_history else _NO_IDS
-        token = choose_token(logits_V, params, history, sequence.generator, len(sequence.request.prompt_ids))
+        allowed_V = sequence.matcher.allowed() if sequence.matcher is not None else None
+        token = choose_token(logits_V, params, history, sequence.generator, len(sequence.request.prompt_ids), allowed_V)
+        if sequence.matcher is not None and token not in sequence.request.stop_ids:
+            sequence.matcher.accept(token)
         if params.uses_history:
             sequence.seen.append(token)
         sequence.produced += 1

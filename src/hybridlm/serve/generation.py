@@ -24,8 +24,10 @@ from hybridlm.serve.protocol import (
     SamplingFields,
 )
 from hybridlm.serve.service import GenerationRequest, PromptTooLong, QueueFull
+from hybridlm.serve.tools import render_messages, reply_grammar
 
 if TYPE_CHECKING:
+    from hybridlm.inference.grammar import Grammar
     from hybridlm.serve.monitoring import RequestRecord
     from hybridlm.serve.service import Chunk, ReplyStream, TokenLogprob
     from hybridlm.serve.state import ServerState
@@ -52,6 +54,8 @@ class Job:
     """The text sent per choice, kept only when the audit log records text."""
     echo: Echo | None = None
     """The prompt to put before every choice's text (completions with echo)."""
+    tool_mode: str | None = None
+    """The chat request's tool choice ("none", "auto", "required", a function's name; None without tools)."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,7 @@ async def admit(state: ServerState, body: CompletionRequest | ChatCompletionRequ
     _check_cap(state, asked)
     if chat:
         contents = await _screen(state, [m.text() for m in body.messages], record, "messages")
-        messages = [{"role": m.role, "content": c} for m, c in zip(body.messages, contents)]
+        messages = render_messages(body, contents)
         record.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
         prompt_ids = await _encode(asyncio.to_thread(state.service.encode_chat, messages))
     else:
@@ -176,13 +180,28 @@ async def admit(state: ServerState, body: CompletionRequest | ChatCompletionRequ
                             top_k=max(body.top_k, 0), min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                             logit_bias=_logit_bias(body.logit_bias, state.service.vocab_size),
-                            top_logprobs=body.requested_top_logprobs())
+                            top_logprobs=body.requested_top_logprobs(), grammar=await _grammar(state, body))
     reserved = len(prompt_ids) + max_tokens * body.n
     state.charge_tokens(key_id, reserved)
     echo = Echo(prompt, framed) if not chat and body.echo else None
     return Job(kind="chat" if chat else "completion", id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                created=int(time.time()), model=state.model_name, key_id=key_id, gen=gen, stream=body.stream,
-               include_usage=body.include_usage(), record=record, reserved=reserved, echo=echo)
+               include_usage=body.include_usage(), record=record, reserved=reserved, echo=echo,
+               tool_mode=body.tool_mode() if chat else None)
+
+
+async def _grammar(state: ServerState, body: CompletionRequest | ChatCompletionRequest) -> Grammar | None:
+    """The reply's constraint (compiled in a worker thread: a large schema takes milliseconds), or None."""
+    if not isinstance(body, ChatCompletionRequest):
+        return None
+    free = body.tool_mode() in (None, "none") and (body.response_format is None or body.response_format.type == "text")
+    if free:
+        return None
+    try:
+        compiler = state.service.grammars()
+    except UserError as exc:
+        raise ApiError(400, str(exc), param="response_format" if body.response_format else "tools") from None
+    return await asyncio.to_thread(reply_grammar, body, compiler)
 
 
 async def _completion_prompt(state: ServerState, body: CompletionRequest, record: RequestRecord

@@ -14,8 +14,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 StopList = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
-Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length", "content_filter"]
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
+Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
 
 class _Request(BaseModel):
@@ -33,13 +34,13 @@ NOT_IMPLEMENTED_COMPLETIONS: dict[str, Callable[[Any], bool]] = {
 its value asks for nothing (then it is accepted); any other value is refused by name."""
 NOT_IMPLEMENTED_CHAT: dict[str, Callable[[Any], bool]] = {
     "audio": _off, "function_call": lambda v: v in (None, "none"), "functions": _off, "metadata": _off, "modalities": lambda v: v in (None, ["text"]), "moderation": _off,
-    "parallel_tool_calls": lambda v: v is None, "prediction": _off, "prompt_cache_key": _off,
+    "parallel_tool_calls": lambda v: v in (None, False), "prediction": _off, "prompt_cache_key": _off,
     "prompt_cache_options": _off, "prompt_cache_retention": _off, "reasoning_effort": _off,
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "service_tier": lambda v: v in (None, "auto", "default"), "store": _off,
-    "tool_choice": lambda v: v in (None, "none"), "tools": _off, "verbosity": _off, "web_search_options": _off,
+    "verbosity": _off, "web_search_options": _off,
 }
-"""The same for chat completions."""
+"""The same for chat completions (`parallel_tool_calls`: a reply holds at most one call, so only
+false, or leaving it out, asks for what the server does)."""
 
 
 def refuse_unimplemented(data: Any, table: dict[str, Callable[[Any], bool]]) -> Any:
@@ -132,13 +133,78 @@ class TextPart(_Request):
     text: str
 
 
+class CalledFunction(_Request):
+    name: Name
+    arguments: str
+    """The arguments as a JSON text (OpenAI's shape)."""
+
+
+class ToolCall(_Request):
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Request):
     role: Role
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=64)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=16, description="An assistant turn's calls (history).")
+    tool_call_id: str | None = Field(None, max_length=128, description="The call a tool message answers.")
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may leave it out)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class JsonSchemaFormat(_Request):
+    name: Name
+    description: str | None = None
+    schema_: dict[str, Any] = Field({"type": "object"}, alias="schema")
+    strict: bool | None = Field(None, description="Accepted either way: the schema is always enforced.")
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema goes with type json_schema, and type json_schema needs it")
+        return self
+
+
+class FunctionSpec(_Request):
+    name: Name
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments; none: any object.")
+    strict: bool | None = Field(None, description="Accepted either way: a forced call always follows parameters.")
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Request):
+    name: Name
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -157,6 +223,34 @@ class ChatCompletionRequest(SamplingFields):
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    response_format: ResponseFormat | None = Field(None, description="json_object / json_schema: the reply is "
+                                                   "decoded under the schema as a grammar constraint.")
+    tools: list[Tool] | None = Field(None, max_length=64, description="Functions the model may call; they are "
+                                     "described to it in the system message.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none: text; auto (default with tools): text or one call, the model's choice; required "
+                          "or a named function: one call, decoded under its parameters' schema.")
+
+    @model_validator(mode="after")
+    def _tools_fit(self) -> ChatCompletionRequest:
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ApiError(400, "tools holds the same function name twice; names must be unique", param="tools")
+        if self.tool_mode() not in ("none", None) and not names:
+            raise ApiError(400, "tool_choice asks for a call but tools is empty; give the tools", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ApiError(400, f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools",
+                           param="tool_choice")
+        if self.tool_mode() not in ("none", None) and self.response_format and self.response_format.type != "text":
+            raise ApiError(400, "response_format and tool calls cannot both constrain one reply; drop one",
+                           param="response_format")
+        return self
+
+    def tool_mode(self) -> str | None:
+        """"none", "auto", "required" or the forced function's name; None without tools."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or ("auto" if self.tools else None)
     max_tokens: int | None = Field(None, ge=1, description="New tokens per choice; default: the cap, or what fits.")
     max_completion_tokens: int | None = Field(None, ge=1, description="The newer name for max_tokens.")
 
@@ -197,7 +291,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):

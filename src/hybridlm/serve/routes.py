@@ -31,6 +31,7 @@ from hybridlm.serve.protocol import (
     CompletionResponse,
     ModelCard,
     ModelList,
+    ToolCall,
     Usage,
 )
 from hybridlm.serve.sse import (
@@ -41,6 +42,7 @@ from hybridlm.serve.sse import (
     watch_disconnect,
 )
 from hybridlm.serve.state import ServerState, rate_limited
+from hybridlm.serve.tools import as_tool_call
 
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="An API key from the server's key file or HYBRIDLM_API_KEYS.")
@@ -132,9 +134,12 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
     usage, tokenizer = _usage(job), state.service.tokenizer
     wants = job.gen.top_logprobs is not None
     if job.kind == "chat":
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=result.finish.get(i),
-                              logprobs=chat_logprobs(tokenizer, result.logprobs.get(i, [])) if wants else None)
-                   for i, t in result.texts.items()]
+        choices = []
+        for i, text in result.texts.items():
+            content, calls, finish = as_tool_call(text, result.finish.get(i), job.tool_mode)
+            choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls),
+                                      finish_reason=finish,
+                                      logprobs=chat_logprobs(tokenizer, result.logprobs.get(i, [])) if wants else None))
         doc = ChatCompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices, usage=usage)
     else:
         echo = job.echo.text if job.echo else ""
@@ -157,6 +162,7 @@ async def _events(state: ServerState, job: Job, stream, first) -> AsyncIterator[
     """The SSE body. Its `finally` runs on success, error and disconnect alike."""
     finish: dict[int, str] = {}
     offsets = {i: TextOffsets() for i in range(job.gen.n)}
+    held = {i: "" for i in range(job.gen.n)} if job.tool_mode not in (None, "none") else None
     try:
         if job.kind == "chat":
             yield event(_frame(job, [_choice(job, i, "", role=True) for i in range(job.gen.n)]))
@@ -168,7 +174,16 @@ async def _events(state: ServerState, job: Job, stream, first) -> AsyncIterator[
                 tokenizer = state.service.tokenizer
                 logprobs = (chat_logprobs(tokenizer, piece.logprobs) if job.kind == "chat" else
                             completion_logprobs(tokenizer, piece.logprobs, offsets[piece.index])).model_dump()
-            yield event(_frame(job, [_choice(job, piece.index, piece.text, piece.finish, logprobs=logprobs)]))
+            if held is None:
+                yield event(_frame(job, [_choice(job, piece.index, piece.text, piece.finish, logprobs=logprobs)]))
+                continue
+            # With tools, a choice may turn out to be a call: its text is held and sent whole at its end.
+            held[piece.index] += piece.text
+            text = held[piece.index] if piece.finish else ""
+            content, calls, reason = as_tool_call(text, piece.finish, job.tool_mode)
+            finish[piece.index] = reason or finish.get(piece.index)
+            yield event(_frame(job, [_choice(job, piece.index, content or "", reason, logprobs=logprobs,
+                                             tool_calls=calls)]))
         if job.include_usage:
             yield event(_frame(job, [], _usage(job)))
         yield event("[DONE]")
@@ -194,8 +209,10 @@ def _frame(job: Job, choices: list[dict], usage: Usage | None = None) -> dict:
 
 
 def _choice(job: Job, index: int, text: str, finish: str | None = None, role: bool = False,
-            logprobs: dict | None = None) -> dict:
+            logprobs: dict | None = None, tool_calls: list[ToolCall] | None = None) -> dict:
     if job.kind != "chat":
         return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
     delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+    if tool_calls:
+        delta["tool_calls"] = [{"index": k, **call.model_dump()} for k, call in enumerate(tool_calls)]
     return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}

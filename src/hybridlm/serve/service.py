@@ -17,6 +17,7 @@ import torch
 
 from hybridlm.errors import UserError
 from hybridlm.inference.generate import completion_prompt_ids
+from hybridlm.inference.grammar import Grammar, GrammarCompiler
 from hybridlm.inference.sampling import SamplingParams, token_logprobs
 from hybridlm.inference.text import TextStream
 from hybridlm.inference.scheduler import PromptTooLong, QueueFull, Request, Scheduler, TokenEvent
@@ -49,6 +50,8 @@ class GenerationRequest:
     """Token id -> value added to its logit (ids checked against the vocabulary by the caller)."""
     top_logprobs: int | None = None
     """Log-probabilities of each token and this many alternatives (None: none)."""
+    grammar: Grammar | None = None
+    """The reply must match it (a JSON schema, a tool call)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class Service:
         # Completions end at eos (the document boundary of pre-training), chat replies at <|end|>
         # (the end of an assistant turn in instruction tuning): either one ends a choice.
         self._stop_ids = frozenset({self.tokenizer.eos_id, self.tokenizer.special_ids["end"]})
+        self._grammars: GrammarCompiler | None = None
         self._scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, max_tokens_cap=max_tokens_cap,
                                     prefix_cache_bytes=prefix_cache_mb << 20)
 
@@ -130,6 +134,12 @@ class Service:
         dtype and prefix cache reach the scheduler (`hybridlm serve`, create_app)."""
         return cls(run_dir, max_batch=server.max_batch, max_queue=server.max_queue,
                    max_tokens_cap=server.max_tokens_cap, dtype=server.dtype, prefix_cache_mb=server.prefix_cache_mb)
+
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler for this tokenizer, built at the first constrained request."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self._stop_ids)
+        return self._grammars
 
     def encode_prompt(self, text: str) -> list[int]:
         return completion_prompt_ids(self.tokenizer, text)
@@ -191,7 +201,7 @@ class Service:
                            top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
                            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                            logit_bias=tuple(sorted(req.logit_bias.items())), top_logprobs=req.top_logprobs,
-                           seed=None if req.seed is None else req.seed + i, stop=tuple(req.stop))
+                           seed=None if req.seed is None else req.seed + i, stop=tuple(req.stop), grammar=req.grammar)
             for i in range(req.n)
         ]
 

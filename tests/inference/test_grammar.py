@@ -134,3 +134,12 @@ def test_uncompilable_schemas_are_refused_naming_the_part(compiler, schema, path
     with pytest.raises(GrammarError) as caught:
         compiler.json_schema(schema)
     assert caught.value.path == path and reason in caught.value.reason
+
+
+def test_constrained_json_has_json_dumps_layout_and_no_free_whitespace(compiler, tokenizer):
+    matcher = compiler.json_schema({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                                    "required": ["a", "b"], "additionalProperties": False}).matcher()
+    for token in tokenizer.encode('{"a": 1, "b"'):
+        matcher.accept(token)
+    allowed = [tokenizer.decode([t]) for t in matcher.allowed().nonzero().flatten().tolist()]
+    assert allowed and all(text.startswith(":") for text in allowed)  # not "\n", not " :"

@@ -21,6 +21,11 @@ from hybridlm.errors import UserError
 from hybridlm.tokenizer import TextTokenizer
 
 
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""How constrained JSON is laid out: `json.dumps`'s separators and no other whitespace between
+tokens (flexible whitespace lets a model pad a reply with newlines until max_tokens)."""
+
+
 class GrammarError(UserError):
     """A schema or grammar the engine cannot compile; `path` is the JSON pointer of the part at fault."""
 
@@ -50,7 +55,7 @@ class GrammarCompiler:
         """Replies that are JSON documents valid under `schema` (always enforced, strict or not)."""
         if not isinstance(schema, dict):
             raise GrammarError("a JSON schema must be an object")
-        grammar = self._llg.LLMatcher.grammar_from_json_schema(schema)
+        grammar = self._llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
         error = self._error(grammar)
         if error:
             raise GrammarError(*self._locate(schema, error))
@@ -120,7 +125,7 @@ class GrammarMatcher:
 
     def accept(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {self._matcher.get_error()}")
+            raise RuntimeError(f"the grammar refused token {token}: {self._matcher.get_error().splitlines()[0]}")
 
     @property
     def complete(self) -> bool:
@@ -140,4 +145,5 @@ def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
 def text_or_tool_call(tools: list[dict[str, Any]]) -> str:
     """A Lark grammar for "auto" tool choice: free text that does not start with "{", or one tool
     call (the model chooses with its first token)."""
-    return f"start: TEXT | call\nTEXT: /(?s:[^{{].*)?/\ncall: %json {json.dumps(tool_call_schema(tools))}\n"
+    schema = tool_call_schema(tools) | {"x-guidance": JSON_LAYOUT}
+    return f"start: TEXT | call\nTEXT: /(?s:[^{{].*)?/\ncall: %json {json.dumps(schema)}\n"

@@ -3,7 +3,9 @@ result as OpenAI's JSON or server-sent events.
 
 Streams end with `data: [DONE]`. A choice stopped by an output block rule ends with finish_reason
 "content_filter" (the text before the match has been sent, nothing after it); an error after the
-stream started arrives as one `data: {"error": {...}}` event before `[DONE]`.
+stream started arrives as one `data: {"error": {...}}` event before `[DONE]`. With tools, a chat
+choice may turn out to be a call, so its text is held and sent whole in its last delta (as content,
+or as `tool_calls` with finish_reason "tool_calls").
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+track_option = click.option("--track", is_flag=True, help="Also log the results to the MLflow run that trained the "
+                            "model (train.tracking = \"mlflow\").")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -267,9 +269,11 @@ def eval_perplexity_cmd(model_dir: Path, data_path: Path, stride: int | None, as
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Generation tasks' reply length.")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="Scoring precision; auto is bf16 on CPUs with AVX-512 BF16/AMX and on CUDA.")
+@track_option
 @json_option
 def eval_run_cmd(model_dir: Path, task_list: str, shots: int, limit: int | None, batch_size: int, seed: int,
-                 data_dir: Path | None, stride: int | None, max_new_tokens: int, dtype: str, as_json: bool) -> None:
+                 data_dir: Path | None, stride: int | None, max_new_tokens: int, dtype: str, track: bool,
+                 as_json: bool) -> None:
     """Benchmark tasks (multiple choice, LAMBADA, WikiText-2, SST-2, generation) the way
     lm-evaluation-harness scores them."""
     from hybridlm.eval.tasks import format_results, run_tasks, task_names
@@ -279,9 +283,26 @@ def eval_run_cmd(model_dir: Path, task_list: str, shots: int, limit: int | None,
         raise UserError(f"--batch-size must be > 0 (got {batch_size})")
     options = EvalOptions(data_dir=data_dir or DEFAULT_DATA_DIR, shots=shots, limit=limit, seed=seed, stride=stride,
                           max_new_tokens=max_new_tokens)
+    if track:
+        _check_tracked(model_dir)
     result = run_tasks(model_dir, task_names(task_list), options, batch_size=batch_size, dtype=dtype,
                        progress=lambda line: click.echo(line, err=True))
+    _track(model_dir, "eval", result, track)
     _emit(result, as_json, format_results(result))
+
+
+def _check_tracked(model_dir: Path) -> None:
+    """Before an evaluation runs: --track needs the MLflow run that trained MODEL_DIR."""
+    from hybridlm.train.tracking import tracked_run
+
+    tracked_run(model_dir)
+
+
+def _track(model_dir: Path, kind: str, result: dict, track: bool) -> None:
+    if track:
+        from hybridlm.train.tracking import log_evaluation
+
+        result["mlflow_run_id"] = log_evaluation(model_dir, kind, result)
 
 
 @eval_group.command("efficiency")
@@ -291,15 +312,19 @@ def eval_run_cmd(model_dir: Path, task_list: str, shots: int, limit: int | None,
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per figure (median).")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="Inference precision; auto is bf16 on CPUs with AVX-512 BF16/AMX and on CUDA.")
+@track_option
 @json_option
 def eval_efficiency_cmd(model_dir: Path, prompt_tokens: int | None, new_tokens: int | None, repeats: int, dtype: str,
-                        as_json: bool) -> None:
+                        track: bool, as_json: bool) -> None:
     """The efficiency table: parameters, FLOPs/token, training cost, prefill/decode speed, time to
     first token, peak memory, size on disk and energy per token, each with its unit and method."""
     from hybridlm.eval.efficiency import efficiency_report, format_table
 
+    if track:
+        _check_tracked(model_dir)
     result = efficiency_report(model_dir, prompt_tokens=prompt_tokens, new_tokens=new_tokens, dtype=dtype,
                                repeats=repeats)
+    _track(model_dir, "efficiency", result, track)
     _emit(result, as_json, format_table(result))
 
 

@@ -73,6 +73,12 @@ class TrainConfig:
     """Write a training record to metrics.jsonl every N steps."""
     max_bad_steps: int = 5
     """Steps with a non-finite loss or gradient are skipped; this many in a row stop the run."""
+    tracking: str = ""
+    """"mlflow" logs the config, metrics, lineage and report plots to MLflow (the [mlops] extra); "" is off."""
+    tracking_uri: str = ""
+    """MLflow tracking URI (sqlite:///FILE.db, http://HOST:5000, ...); "" is MLflow's default."""
+    experiment: str = "hybridlm"
+    """MLflow experiment the run is logged under."""
 
     def __post_init__(self) -> None:
         from hybridlm.train.objectives import OBJECTIVES  # the registry of objectives, by name
@@ -80,6 +86,7 @@ class TrainConfig:
         check_positive("train", steps=self.steps, log_every=self.log_every, max_bad_steps=self.max_bad_steps)
         _one_of("train", "objective", self.objective, tuple(OBJECTIVES))
         _one_of("train", "dtype", self.dtype, DTYPES)
+        _one_of("train", "tracking", self.tracking, ("", "mlflow"))
 
 
 @dataclass(kw_only=True)

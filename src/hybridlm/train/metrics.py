@@ -38,10 +38,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl; on resume, records after the checkpoint are dropped first."""
+    """Append-only metrics.jsonl; on resume, records after the checkpoint are dropped first. With a
+    tracker, every record also goes to its MLflow run."""
 
-    def __init__(self, path: Path, keep_until_step: int | None, write: bool = True) -> None:
-        self.path, self.active = path, write
+    def __init__(self, path: Path, keep_until_step: int | None, write: bool = True, tracker=None) -> None:
+        self.path, self.active, self.tracker = path, write, tracker
         if not write:
             return
         if keep_until_step is not None and path.exists():
@@ -55,6 +56,8 @@ class MetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:  # an MlflowRun (train.tracking): the same record, as step metrics
+            self.tracker.log_metrics(record)
 
 
 @dataclass

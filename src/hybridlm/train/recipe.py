@@ -42,6 +42,7 @@ from hybridlm.train.distributed import barrier, init_world
 from hybridlm.train.metrics import read_metrics
 from hybridlm.train.schedule import batch_schedule
 from hybridlm.train.stage_data import check_sources
+from hybridlm.train.tracking import MlflowRun
 from hybridlm.train.trainer import train
 
 STAGE_KEYS = ("name", "fraction", "tokens", "fresh_optimizer")
@@ -137,6 +138,7 @@ def run_recipe(stages: list[Stage], *, only: str | None = None, progress: bool =
     for stage in chosen:
         if not _finished(Path(stage.run.train.out)) or only is not None:
             check_sources(stage.run)
+    parent = _recipe_tracking(chosen)
     summaries = []
     for stage in chosen:
         out = Path(stage.run.train.out)
@@ -151,9 +153,21 @@ def run_recipe(stages: list[Stage], *, only: str | None = None, progress: bool =
         if _finished(out):
             summaries.append({"stage": stage.name, "skipped": True, **_last_summary(out)})
             continue
-        result = train(stage.run, resume=bool(checkpoint_dirs(out)), progress=progress)
+        result = train(stage.run, resume=bool(checkpoint_dirs(out)), progress=progress,
+                       tracking_parent=parent.run_id if parent else None)
         summaries.append({"stage": stage.name, "objective": stage.run.train.objective, **result})
+    if parent is not None:
+        parent.log_report(Path(chosen[0].run.train.out).parent)
+        parent.finish()
     return summaries
+
+
+def _recipe_tracking(stages: list[Stage]) -> MlflowRun | None:
+    """The recipe's parent MLflow run (its stages log as children), when its stages are tracked."""
+    first = stages[0].run.train
+    if not first.tracking or not init_world().is_main:
+        return None
+    return MlflowRun.open(Path(first.out).parent, first.tracking_uri, first.experiment)
 
 
 def _finished(run_dir: Path) -> bool:

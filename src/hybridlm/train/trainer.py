@@ -41,6 +41,7 @@ from hybridlm.train.distributed import (
     wrap_model,
 )
 from hybridlm.train.metrics import MetricsLog
+from hybridlm.train.tracking import MlflowRun, flatten
 from hybridlm.train.optim import build_optimizer, lr_at
 from hybridlm.train.schedule import BatchSchedule, batch_schedule
 from hybridlm.train.stage_data import StageData, build_stage_data, stage_tokenizer
@@ -96,11 +97,34 @@ def _load_initial_moments(model: HybridLM, optimizer: torch.optim.Optimizer, ini
         group.update(kept)
 
 
-def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, tracking_parent: str | None = None) -> dict:
     """Train to cfg.train.steps; return the final summary (also the last metrics record). Under
-    torchrun every rank calls this; each draws its own slice of every batch."""
+    torchrun every rank calls this; each draws its own slice of every batch. With train.tracking,
+    the main rank logs to MLflow (a child of `tracking_parent`, a recipe's run, when given)."""
     world = init_world()
     cfg, checkpoint, data = prepare_run_dir(cfg, resume, world)
+    tracker = None
+    if cfg.train.tracking and world.is_main:
+        tracker = MlflowRun.open(Path(cfg.train.out), cfg.train.tracking_uri, cfg.train.experiment,
+                                 parent=tracking_parent)
+        tracker.log_params(flatten(cfg.to_dict()))
+    try:
+        summary = _train(cfg, checkpoint, data, world, progress, tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("KILLED")
+        raise
+    if tracker is not None:
+        tracker.log_metrics({k: v for k, v in summary.items() if k.startswith("val_") or k in ("seconds", "train_tokens")},
+                            step=summary["steps"])
+        tracker.log_file(Path(summary["run_dir"]) / "lineage.json")
+        tracker.log_report(Path(summary["run_dir"]))
+        tracker.finish()
+    return summary
+
+
+def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: MlflowRun | None) -> dict:
+    """The loop itself, from the prepared run directory (train() wraps it with tracking)."""
     tcfg, run_dir = cfg.train, Path(cfg.train.out)
     device = default_device()
     dtype = resolve_dtype(tcfg.dtype, device)
@@ -116,7 +140,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
         load_optimizer_state(checkpoint, model, optimizer)
     elif tcfg.init_from and tcfg.init_optimizer:
         _load_initial_moments(model, optimizer, tcfg.init_from)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if checkpoint else None, world.is_main)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if checkpoint else None, world.is_main, tracker)
     bar = tqdm(total=tcfg.steps, initial=start_step, file=sys.stderr, disable=not (progress and world.is_main),
                unit="step", desc=f"train {run_dir.name}", dynamic_ncols=True, mininterval=1.0)
     stepper = torch.compile(stepper) if tcfg.compile else stepper  # same parameters; eval and saving use model

@@ -489,6 +489,139 @@ def serve_cmd(model_dir: Path, host: str, port: int, keys_file: Path | None, con
 
 
 @app.group()
+def registry() -> None:
+    """The model registry (MLflow): versions of runs, aliases with history, gated promotion, rollback."""
+
+
+registry_option = click.option("--registry", "registry_uri", default=None,
+                               help="MLflow registry URI (default: $HYBRIDLM_REGISTRY, else ./hybridlm-registry/registry.db).")
+
+
+def _registry(uri: str | None):
+    from hybridlm.registry.store import Registry
+
+    return Registry(uri)
+
+
+def _version_doc(version) -> dict:
+    return {"name": version.name, "version": version.version, "run_dir": str(version.run_dir),
+            "aliases": list(version.aliases), "tags": version.tags}
+
+
+@registry.command("register")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Model name (letters, digits, '_', '.', '-').")
+@click.option("--eval", "evals", multiple=True, type=click.Path(path_type=Path),
+              help="`eval run --json` results to put in the model card (repeatable).")
+@click.option("--license", "license_id", default="other", show_default=True, help="The model card's license id.")
+@registry_option
+@json_option
+def registry_register_cmd(run: Path, name: str, evals, license_id: str, registry_uri: str | None, as_json: bool) -> None:
+    """Register the finished RUN directory as the next version of NAME (it is indexed, not copied)."""
+    from hybridlm.fileio import read_json
+    from hybridlm.registry.card import render_card
+    from hybridlm.registry.store import check_finished
+
+    check_finished(Path(run))
+    documents = [read_json(path, "eval results") for path in evals]
+    store = _registry(registry_uri)
+    versions = store.versions(name) if name in store.names() else []
+    card = render_card(run, name, evals=documents, license=license_id, version=str(len(versions) + 1))
+    version = store.register(run, name, card)
+    _emit(_version_doc(version), as_json, f"registered {version.label} -> {version.run_dir}")
+
+
+@registry.command("list")
+@registry_option
+@json_option
+def registry_list_cmd(registry_uri: str | None, as_json: bool) -> None:
+    """Every model with its versions and aliases."""
+    store = _registry(registry_uri)
+    models = [{"name": name, "versions": [_version_doc(v) for v in store.versions(name)]} for name in store.names()]
+    lines = [f"{m['name']}: " + ", ".join(f"{v['version']}{'@' + '@'.join(v['aliases']) if v['aliases'] else ''}"
+                                           for v in m["versions"]) for m in models]
+    _emit({"models": models}, as_json, "\n".join(lines) or "the registry is empty")
+
+
+@registry.command("show")
+@click.argument("ref")
+@registry_option
+@json_option
+def registry_show_cmd(ref: str, registry_uri: str | None, as_json: bool) -> None:
+    """One version (NAME, NAME@ALIAS or NAME/VERSION): tags, lineage, stages and metrics, model card."""
+    from hybridlm.fileio import read_json
+    from hybridlm.registry.card import stages
+
+    store = _registry(registry_uri)
+    version = store.resolve(ref)
+    lineage_path = version.run_dir / "lineage.json"
+    doc = {**_version_doc(version), "lineage": read_json(lineage_path, "lineage") if lineage_path.is_file() else None,
+           "stages": stages(version.run_dir) if version.run_dir.is_dir() else [], "card": store.card(version)}
+    _emit(doc, as_json, doc["card"] or f"{version.label} -> {version.run_dir}")
+
+
+@registry.group("alias")
+def registry_alias() -> None:
+    """Point aliases at versions, and read their history."""
+
+
+@registry_alias.command("set")
+@click.argument("name")
+@click.argument("alias")
+@click.argument("version", type=int)
+@registry_option
+@json_option
+def registry_alias_set_cmd(name: str, alias: str, version: int, registry_uri: str | None, as_json: bool) -> None:
+    """Point NAME@ALIAS at VERSION without a gate (recorded in the alias's history)."""
+    move = _registry(registry_uri).move(name, alias, version, "set")
+    _emit(move.to_dict(), as_json, f"{name}@{alias}: {move.from_version} -> {move.to_version}")
+
+
+@registry_alias.command("history")
+@click.argument("name")
+@click.argument("alias")
+@registry_option
+@json_option
+def registry_alias_history_cmd(name: str, alias: str, registry_uri: str | None, as_json: bool) -> None:
+    """Every move of NAME@ALIAS: time, who, action, from, to, gate result, reason."""
+    moves = [m.to_dict() for m in _registry(registry_uri).history(name, alias)]
+    lines = [f"{m['time']}  {m['who']}  {m['action']}  {m['from']} -> {m['to']}"
+             f"{'  (' + m['reason'] + ')' if m['reason'] else ''}" for m in moves]
+    _emit({"name": name, "alias": alias, "moves": moves}, as_json, "\n".join(lines) or "no moves yet")
+
+
+@registry.command("promote")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--to", "alias", required=True, help="The alias to move (e.g. production).")
+@click.option("--gate", type=click.Path(path_type=Path), default=None, help="Gate TOML of [[check]] tables.")
+@registry_option
+@json_option
+def registry_promote_cmd(name: str, version: int, alias: str, gate: Path | None, registry_uri: str | None,
+                         as_json: bool) -> None:
+    """Move NAME@ALIAS to VERSION if it passes the gate (hashes always; the gate file's checks)."""
+    from hybridlm.registry.promotion import promote
+
+    move, outcomes = promote(_registry(registry_uri), name, version, alias, gate)
+    _emit(move.to_dict(), as_json, "\n".join([f"{name}@{alias}: {move.from_version} -> {move.to_version}"] +
+                                             [f"  {o['check']}: {o['detail']}" for o in outcomes]))
+
+
+@registry.command("rollback")
+@click.argument("name")
+@click.argument("alias")
+@click.option("--reason", default="", help="Why (recorded in the alias's history).")
+@registry_option
+@json_option
+def registry_rollback_cmd(name: str, alias: str, reason: str, registry_uri: str | None, as_json: bool) -> None:
+    """Move NAME@ALIAS back to the version it pointed at before its current one."""
+    from hybridlm.registry.promotion import rollback
+
+    move = rollback(_registry(registry_uri), name, alias, reason=reason)
+    _emit(move.to_dict(), as_json, f"{name}@{alias}: {move.from_version} -> {move.to_version} (rolled back)")
+
+
+@app.group()
 def review() -> None:
     """The human review queue of texts the safety filter flagged or blocked."""
 

@@ -15,7 +15,7 @@ LAYERS = [
     {"tokenizer", "data", "run"},
     {"train", "inference"},
     {"eval", "bench"},
-    {"serve", "interop", "quickstart"},
+    {"serve", "interop", "quickstart", "registry"},
     {"cli", "__main__"},
 ]
 LAYER_OF = {part: i for i, layer in enumerate(LAYERS) for part in layer}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from conftest import shared_file
 from hf_families import REMOTE_CONFIGS, family_run, make_run
 
@@ -132,8 +133,9 @@ def test_remote_export_of_the_trained_run_matches_logits_and_greedy_decoding(tin
     result = export_hf(tiny_run, out)
     assert result["format"] == "remote" and "layer_pattern" in result["gpt2_blocker"]
     for name in ("config.json", "model.safetensors", "configuration_hybridlm.py", "modeling_hybridlm.py",
-                 "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+                 "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
         assert (out / name).is_file(), name
+    assert ModelCard.load(out / "README.md").data.library_name == "hybridlm"  # the model card, as the Hub reads it
     for name in ("configuration_hybridlm.py", "modeling_hybridlm.py"):  # loadable without hybridlm installed
         assert not re.search(r"^\s*(from|import)\s+hybridlm\b", (out / name).read_text(), re.MULTILINE)
     hf_model = _load_remote(out)

@@ -24,6 +24,7 @@ from safetensors.torch import save as st_save
 
 from hybridlm.config import ModelConfig
 from hybridlm.errors import UserError
+from hybridlm.registry.card import render_card
 from hybridlm.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hybridlm.run import LoadedRun, load_run
 from hybridlm.tokenizer import TextTokenizer
@@ -89,6 +90,7 @@ def export_hf(run_path: Path, out: Path, fmt: str = "auto") -> dict:
         write(run, tmp)
         _write_tokenizer(run.tokenizer, run.model.cfg, tmp)
         atomic_write_json(tmp / "generation_config.json", _token_ids(run.tokenizer))
+        atomic_write_text(tmp / "README.md", render_card(run.path, out.name))  # the model card the Hub shows
         names = sorted(p.name for p in tmp.iterdir())
     return {"run": str(run.path), "out": str(out), "format": chosen, "files": names,
             "gpt2_blocker": blocker, "trust_remote_code": chosen == "remote"}

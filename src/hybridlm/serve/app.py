@@ -9,10 +9,12 @@ queue, leaves as an OpenAI-style error object with a 4xx (503 for a full queue),
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hybridlm.serve.auth import KeyStore
 from hybridlm.serve.config import ServeConfig
+from hybridlm.serve.hotswap import FixedRun, ModelSource
 from hybridlm.serve.monitoring import AuditLog, Metrics, RequestRecord, endpoint_label
 from hybridlm.serve.protocol import ApiError
 from hybridlm.serve.state import build_state
@@ -71,8 +74,9 @@ class Observe:
     """Outermost layer: a RequestRecord per request, then the status count, the end-to-end time and
     one audit line when the response is complete (streams included)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, audit: AuditLog) -> None:
-        self.app, self.metrics, self.audit = app, metrics, audit
+    def __init__(self, app: ASGIApp, metrics: Metrics, audit: AuditLog,
+                 on_record: Callable[[RequestRecord], None] | None = None) -> None:
+        self.app, self.metrics, self.audit, self.on_record = app, metrics, audit, on_record
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,6 +109,8 @@ class Observe:
                 self.metrics.safety_seconds.observe(record.safety_s)
             if endpoint.startswith("/v1/"):
                 self.audit.write(record)
+                if self.on_record is not None and record.model_version is not None:
+                    self.on_record(record)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
@@ -165,24 +171,33 @@ def install_error_handlers(app: FastAPI) -> None:
                                                  type="server_error", code="internal_error"))
 
 
-def create_app(run_dir: Path, config: ServeConfig, keys: KeyStore) -> FastAPI:
-    """The ASGI app serving the run in `run_dir` as `config` says (its [server] section sizes the
-    Service; nothing else does). The service is started and closed with the app's lifespan."""
+def create_app(model: Path | ModelSource, config: ServeConfig, keys: KeyStore,
+               admin_keys: KeyStore | None = None) -> FastAPI:
+    """The ASGI app serving `model` (a run directory, or a source such as a registry alias that the
+    server follows by hot swap) as `config` says (its [server] section sizes the Service; nothing
+    else does). Services are started and closed with the app's lifespan."""
     from fastapi.staticfiles import StaticFiles
 
     from hybridlm.serve.routes import router
     from hybridlm.serve.service import Service
 
+    source = model if not isinstance(model, str | Path) else FixedRun(Path(model))
+    label, run_dir = source.current()
+    source.check(label, run_dir)
     service = Service.from_settings(run_dir, config.server)
-    state = build_state(service, config, keys)
+    service.version = label
+    state = build_state(service, config, keys, source, admin_keys or KeyStore(frozenset()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.start()
+        poller = asyncio.ensure_future(state.swapper.poll()) if source.follows and config.server.alias_poll_s else None
         try:
             yield
         finally:
-            await service.close()
+            if poller is not None:
+                poller.cancel()
+            await state.swapper.close()
             state.writer.shutdown(wait=True)
             state.audit.close()
 
@@ -194,7 +209,7 @@ def create_app(run_dir: Path, config: ServeConfig, keys: KeyStore) -> FastAPI:
     if STATIC_DIR.is_dir():  # the chat page, when it is installed
         app.router.default = StaticFiles(directory=STATIC_DIR, html=True)  # only paths no route matches: a wrong method on an API path stays 405
     app.add_middleware(BodyLimit, limit=config.server.max_body_bytes)
-    app.add_middleware(Observe, metrics=state.metrics, audit=state.audit)
+    app.add_middleware(Observe, metrics=state.metrics, audit=state.audit, on_record=state.swapper.observe)
     return app
 
 
@@ -207,11 +222,12 @@ def _version() -> str:
         return "0"
 
 
-def serve(run_dir: Path, config: ServeConfig, keys: KeyStore, host: str, port: int) -> None:
-    """Load the run and serve it until interrupted (`hybridlm serve`)."""
+def serve(model: Path | ModelSource, config: ServeConfig, keys: KeyStore, host: str, port: int,
+          admin_keys: KeyStore | None = None) -> None:
+    """Load the model and serve it until interrupted (`hybridlm serve`)."""
     import uvicorn
 
-    app = create_app(run_dir, config, keys)
+    app = create_app(model, config, keys, admin_keys)
     if not keys.enabled:
         print("warning: no API keys configured (--api-keys or HYBRIDLM_API_KEYS): anyone who can reach "
               f"{host}:{port} may use this server", file=sys.stderr)

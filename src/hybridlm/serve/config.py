@@ -17,6 +17,9 @@ applies_to = ["output"]       # default: both prompt and output
 [audit]
 log = "audit.jsonl"           # "-" is stderr
 include_text = false
+[rollback]                    # after a hot swap (serving models:/NAME@ALIAS)
+enabled = true
+max_block_rate = 0.3
 ```
 
 Why one dataclass per section: each validates itself in `__post_init__` with a message that names
@@ -51,10 +54,15 @@ class ServerSettings:
     """Inference precision: auto, bf16 or fp32."""
     prefix_cache_mb: int = 256
     """Memory for cached prompt prefixes (blocks of 256 tokens shared by later prompts); 0 turns it off."""
+    alias_poll_s: float = 10.0
+    """Serving a registry alias (models:/NAME@ALIAS): seconds between checks that it moved; 0: only
+    POST /admin/reload swaps."""
 
     def __post_init__(self) -> None:
         check_positive("server", max_batch=self.max_batch, max_queue=self.max_queue, max_tokens_cap=self.max_tokens_cap,
                   max_n=self.max_n, max_body_bytes=self.max_body_bytes)
+        if self.alias_poll_s < 0:
+            raise UserError(f"server.alias_poll_s must be >= 0 (0: reload only on POST /admin/reload; got {self.alias_poll_s})")
         if self.prefix_cache_mb < 0:
             raise UserError(f"server.prefix_cache_mb must be >= 0 (0 turns the prefix cache off; got {self.prefix_cache_mb})")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -106,11 +114,38 @@ class AuditSettings:
 
 
 @dataclass(kw_only=True)
+class RollbackSettings:
+    """Automated rollback after a hot swap: when the new version's requests within `window_s` pass
+    a limit (once `min_requests` came), the alias moves back and the old version serves again."""
+
+    enabled: bool = False
+    window_s: float = 300.0
+    """How long after a swap the new version is watched."""
+    min_requests: int = 20
+    """Requests to see before judging."""
+    max_error_rate: float = 0.05
+    """Share of requests that failed with a server error; 0 turns the check off."""
+    max_block_rate: float = 0.0
+    """Share of requests the safety filter blocked (prompt or reply); 0 turns the check off."""
+    max_p99_s: float = 0.0
+    """p99 of request duration in seconds; 0 turns the check off."""
+
+    def __post_init__(self) -> None:
+        check_positive("rollback", window_s=self.window_s, min_requests=self.min_requests)
+        for name in ("max_error_rate", "max_block_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"rollback.{name} must be a share in [0, 1] (0 turns it off)")
+        if self.max_p99_s < 0:
+            raise UserError("rollback.max_p99_s must be >= 0 (0 turns it off)")
+
+
+@dataclass(kw_only=True)
 class ServeConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     safety: SafetySettings = field(default_factory=SafetySettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    rollback: RollbackSettings = field(default_factory=RollbackSettings)
 
 
 _RULE_LISTS = ("patterns", "words", "applies_to")
@@ -133,7 +168,8 @@ def _rule(doc: object, index: int) -> Rule:
 def load_serve_config(path: Path | None, overrides: list[str] | None = None) -> ServeConfig:
     """Read the TOML file (if any), apply overrides, validate every section."""
     doc = apply_overrides(load_toml(path) if path else {}, list(overrides or []))
-    sections = {"server": ServerSettings, "limits": LimitSettings, "safety": SafetySettings, "audit": AuditSettings}
+    sections = {"server": ServerSettings, "limits": LimitSettings, "safety": SafetySettings, "audit": AuditSettings,
+                "rollback": RollbackSettings}
     unknown = sorted(set(doc) - set(sections))
     if unknown:
         raise UserError(f"unknown config section(s) {', '.join(unknown)}; known: {', '.join(sections)}")
@@ -150,4 +186,5 @@ def load_serve_config(path: Path | None, overrides: list[str] | None = None) -> 
         safety=SafetySettings(**checked_kwargs(SafetySettings, safety, "safety", {"rules": list}) | {
             "rules": [_rule(r, i) for i, r in enumerate(rules)]}),
         audit=build(AuditSettings, doc.get("audit", {}), "audit"),
+        rollback=build(RollbackSettings, doc.get("rollback", {}), "rollback"),
     )

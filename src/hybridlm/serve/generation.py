@@ -29,7 +29,7 @@ from hybridlm.serve.tools import render_messages, reply_grammar
 if TYPE_CHECKING:
     from hybridlm.inference.grammar import Grammar
     from hybridlm.serve.monitoring import RequestRecord
-    from hybridlm.serve.service import Chunk, ReplyStream, TokenLogprob
+    from hybridlm.serve.service import Chunk, ReplyStream, Service, TokenLogprob
     from hybridlm.serve.state import ServerState
 
 
@@ -56,6 +56,8 @@ class Job:
     """The prompt to put before every choice's text (completions with echo)."""
     tool_mode: str | None = None
     """The chat request's tool choice ("none", "auto", "required", a function's name; None without tools)."""
+    service: Service | None = None
+    """The version it runs on, from admission to its end (a hot swap does not move it)."""
 
 
 @dataclass(frozen=True)
@@ -118,16 +120,16 @@ def _check_common(state: ServerState, body: SamplingFields) -> None:
         raise ApiError(400, f"n is {body.n} but this server allows at most {max_n}", param="n")
 
 
-def _check_cap(state: ServerState, asked: int | None) -> None:
-    cap = state.service.max_tokens_cap
+def _check_cap(service: Service, asked: int | None) -> None:
+    cap = service.max_tokens_cap
     if asked is not None and asked > cap:
         raise ApiError(400, f"max_tokens is {asked} but this server allows at most {cap}", param="max_tokens")
 
 
-def _default_max_tokens(state: ServerState, chat: bool, prompt_len: int) -> int:
+def _default_max_tokens(service: Service, chat: bool, prompt_len: int) -> int:
     """OpenAI's defaults: 16 for completions; for chat, as much as the cap and the context allow."""
-    cap = state.service.max_tokens_cap
-    return min(16, cap) if not chat else max(1, min(cap, state.service.context - prompt_len))
+    cap = service.max_tokens_cap
+    return min(16, cap) if not chat else max(1, min(cap, service.context - prompt_len))
 
 
 async def _screen(state: ServerState, texts: list[str], record: RequestRecord, param: str) -> list[str]:
@@ -149,48 +151,49 @@ async def _screen(state: ServerState, texts: list[str], record: RequestRecord, p
     return out
 
 
-async def admit(state: ServerState, body: CompletionRequest | ChatCompletionRequest, record: RequestRecord,
-                key_id: str) -> Job:
-    """Every check that can refuse the request, in the order a client would want to hear about them."""
+async def admit(state: ServerState, service: Service, body: CompletionRequest | ChatCompletionRequest,
+                record: RequestRecord, key_id: str) -> Job:
+    """Every check that can refuse the request, in the order a client would want to hear about them;
+    `service` is the version it runs on (the caller holds it)."""
     _check_common(state, body)
     chat = isinstance(body, ChatCompletionRequest)
     asked = body.requested_max_tokens() if chat else body.max_tokens
     record.stream, record.n, record.max_tokens = body.stream, body.n, asked
     record.end_user = getattr(body, "safety_identifier", None) or body.user
-    _check_cap(state, asked)
+    _check_cap(service, asked)
     if chat:
         contents = await _screen(state, [m.text() for m in body.messages], record, "messages")
         messages = render_messages(body, contents)
         record.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-        prompt_ids = await _encode(asyncio.to_thread(state.service.encode_chat, messages))
+        prompt_ids = await _encode(asyncio.to_thread(service.encode_chat, messages))
     else:
         if body.echo and body.stream:
             raise ApiError(400, "echo is not supported with stream; ask for one response", param="echo")
         if asked == 0 and not body.echo:
             raise ApiError(400, "max_tokens 0 asks for no tokens; it is only useful with echo", param="max_tokens")
-        prompt_ids, prompt, framed = await _completion_prompt(state, body, record)
+        prompt_ids, prompt, framed = await _completion_prompt(state, service, body, record)
         record.prompt_text = prompt
     record.prompt_tokens = len(prompt_ids)
-    if len(prompt_ids) >= state.service.context:
-        raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens but the context is {state.service.context}; "
+    if len(prompt_ids) >= service.context:
+        raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens but the context is {service.context}; "
                        "shorten it", param="messages" if chat else "prompt", code="context_length_exceeded")
-    max_tokens = asked if asked is not None else _default_max_tokens(state, chat, len(prompt_ids))
+    max_tokens = asked if asked is not None else _default_max_tokens(service, chat, len(prompt_ids))
     gen = GenerationRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=body.temperature,
                             top_p=body.top_p, stop=body.stop_list(), seed=body.seed, n=body.n,
                             top_k=max(body.top_k, 0), min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                            logit_bias=_logit_bias(body.logit_bias, state.service.vocab_size),
-                            top_logprobs=body.requested_top_logprobs(), grammar=await _grammar(state, body))
+                            logit_bias=_logit_bias(body.logit_bias, service.vocab_size),
+                            top_logprobs=body.requested_top_logprobs(), grammar=await _grammar(service, body))
     reserved = len(prompt_ids) + max_tokens * body.n
     state.charge_tokens(key_id, reserved)
     echo = Echo(prompt, framed) if not chat and body.echo else None
     return Job(kind="chat" if chat else "completion", id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                created=int(time.time()), model=state.model_name, key_id=key_id, gen=gen, stream=body.stream,
                include_usage=body.include_usage(), record=record, reserved=reserved, echo=echo,
-               tool_mode=body.tool_mode() if chat else None)
+               tool_mode=body.tool_mode() if chat else None, service=service)
 
 
-async def _grammar(state: ServerState, body: CompletionRequest | ChatCompletionRequest) -> Grammar | None:
+async def _grammar(service: Service, body: CompletionRequest | ChatCompletionRequest) -> Grammar | None:
     """The reply's constraint (compiled in a worker thread: a large schema takes milliseconds), or None."""
     if not isinstance(body, ChatCompletionRequest):
         return None
@@ -198,13 +201,13 @@ async def _grammar(state: ServerState, body: CompletionRequest | ChatCompletionR
     if free:
         return None
     try:
-        compiler = state.service.grammars()
+        compiler = service.grammars()
     except UserError as exc:
         raise ApiError(400, str(exc), param="response_format" if body.response_format else "tools") from None
     return await asyncio.to_thread(reply_grammar, body, compiler)
 
 
-async def _completion_prompt(state: ServerState, body: CompletionRequest, record: RequestRecord
+async def _completion_prompt(state: ServerState, service: Service, body: CompletionRequest, record: RequestRecord
                              ) -> tuple[list[int], str, bool]:
     """(ids, text, framed) of a completion prompt. Text is screened and framed with <|eos|> in front
     (framed=True); token ids are taken as they are, their decoded text screened (a redaction
@@ -212,13 +215,13 @@ async def _completion_prompt(state: ServerState, body: CompletionRequest, record
     ids = body.prompt_token_ids()
     if ids is None:
         (prompt,) = await _screen(state, [body.prompt_text()], record, "prompt")
-        return await _encode(asyncio.to_thread(state.service.encode_prompt, prompt)), prompt, True
-    if max(ids) >= state.service.vocab_size:
+        return await _encode(asyncio.to_thread(service.encode_prompt, prompt)), prompt, True
+    if max(ids) >= service.vocab_size:
         raise ApiError(400, f"prompt holds token id {max(ids)}, outside this model's vocabulary "
-                       f"(0..{state.service.vocab_size - 1})", param="prompt")
-    text = state.service.tokenizer.decode(ids)
+                       f"(0..{service.vocab_size - 1})", param="prompt")
+    text = service.tokenizer.decode(ids)
     (screened,) = await _screen(state, [text], record, "prompt")
-    return (ids if screened == text else state.service.tokenizer.encode(screened)), screened, False
+    return (ids if screened == text else service.tokenizer.encode(screened)), screened, False
 
 
 async def echoed(state: ServerState, job: Job) -> list[TokenLogprob] | None:
@@ -226,7 +229,7 @@ async def echoed(state: ServerState, job: Job) -> list[TokenLogprob] | None:
     text prompt), or None when the request asked for none."""
     if job.echo is None or job.gen.top_logprobs is None:
         return None
-    entries = await state.service.prompt_logprobs(job.gen.prompt_ids, job.gen.top_logprobs)
+    entries = await job.service.prompt_logprobs(job.gen.prompt_ids, job.gen.top_logprobs)
     return entries[1:] if job.echo.framed else entries
 
 
@@ -250,7 +253,7 @@ async def _encode(call) -> list[int]:
 
 async def open_stream(state: ServerState, job: Job) -> tuple[ReplyStream, Chunk | None]:
     """Start generation; the Service raises for a full queue or a bad request before its first chunk."""
-    stream = state.service.stream(job.gen)
+    stream = job.service.stream(job.gen)
     try:
         first = await stream.__anext__()
     except StopAsyncIteration:

@@ -22,6 +22,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     generate_latest,
 )
 
@@ -59,6 +60,9 @@ class Metrics:
                                         "Time spent in the safety filter chain, per request", buckets=_SAFETY,
                                         registry=r)
         self.review_items = Counter("hybridlm_review_items", "Items sent to the review queue", registry=r)
+        self.model_version = Info("hybridlm_model", "The version serving new requests", registry=r)
+        self.swaps = Counter("hybridlm_model_swaps", "Hot swaps to a new version, by result", ["result"], registry=r)
+        self.rollbacks = Counter("hybridlm_model_rollbacks", "Automated rollbacks after a swap", registry=r)
         self.prefix_hit_rate = Gauge("hybridlm_prefix_cache_hit_rate", "Share of prompt tokens served from "
                                      "the prefix cache since start", registry=r)
         self.prefix_tokens_saved = Gauge("hybridlm_prefix_cache_tokens_saved", "Prompt tokens not prefilled "
@@ -112,6 +116,8 @@ class RequestRecord:
     response_bytes: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    model_version: str | None = None
+    """The version that served it (a hot swap may change it between requests, never within one)."""
     ttft_s: float | None = None
     duration_s: float | None = None
     finish_reasons: list[str] = field(default_factory=list)

@@ -333,6 +333,8 @@ class ModelCard(BaseModel):
     owned_by: str = "hybridlm"
     context_length: int
     max_tokens: int
+    version: str
+    """The version serving new requests (a registry version such as NAME/3, or the run directory's name)."""
 
 
 class ModelList(BaseModel):

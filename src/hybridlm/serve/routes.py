@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from hybridlm.errors import UserError
 from hybridlm.serve.generation import Job, Result, admit, close_job, collect, echoed, open_stream, pieces
 from hybridlm.serve.logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from hybridlm.serve.protocol import (
@@ -78,7 +79,28 @@ KeyId = Annotated[str, Depends(api_key)]
 @router.get("/health")
 async def health(request: Request) -> dict:
     state = server(request)
-    return {"status": "ok", "model": state.model_name, **state.service.stats()}
+    return {"status": "ok", "model": state.model_name, "version": state.service.version,
+            "last_swap_error": state.swapper.last_error or None, **state.service.stats()}
+
+
+async def admin_key(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    """401 unless the caller holds an admin key (403 when the server has none configured)."""
+    state = server(request)
+    if not state.admin_keys.enabled:
+        raise ApiError(403, "this server has no admin keys (--admin-keys or HYBRIDLM_ADMIN_KEYS); it takes no "
+                       "admin requests", type="permission_error", code="admin_disabled")
+    if not state.admin_keys.identify(credentials.credentials if credentials else None):
+        raise ApiError(401, "an admin key is needed; send it as 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+@router.post("/admin/reload", responses=ERROR_RESPONSES, dependencies=[Depends(admin_key)])
+async def reload(request: Request) -> dict:
+    """Check the model source now: swap to its current version if it moved (409 when that version
+    cannot be loaded; the old one keeps serving)."""
+    try:
+        return await server(request).swapper.refresh()
+    except UserError as exc:
+        raise ApiError(409, str(exc), type="server_error", code="reload_failed") from None
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
@@ -91,7 +113,7 @@ async def metrics(request: Request) -> Response:
 async def models(request: Request, key_id: KeyId) -> ModelList:
     state = server(request)
     return ModelList(data=[ModelCard(id=state.model_name, created=int(time.time()), context_length=state.service.context,
-                                     max_tokens=state.service.max_tokens_cap)])
+                                     max_tokens=state.service.max_tokens_cap, version=state.service.version)])
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses={**ERROR_RESPONSES, **_STREAM_DOC})
@@ -109,7 +131,23 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
     """Admit, start, then answer: one JSON document, or events until [DONE]. A client that leaves
     at any point cancels the generation (its batch slots are freed at once)."""
     state, record = server(request), request.state.record
-    job = await admit(state, body, record, key_id)
+    service = state.service  # this request's version, whatever a hot swap does meanwhile
+    service.hold()
+    record.model_version = service.version
+    streaming = False
+    try:
+        response = await _answer(request, state, service, body, key_id)
+        streaming = isinstance(response, EventStream)
+        response.headers["x-hybridlm-model-version"] = service.version
+        return response
+    finally:
+        if not streaming:  # a stream lets go of its service when it closes
+            service.release()
+
+
+async def _answer(request: Request, state: ServerState, service, body, key_id: str) -> Response:
+    record = request.state.record
+    job = await admit(state, service, body, record, key_id)
     watch = watch_disconnect(request.receive)
     try:
         if job.gen.max_tokens == 0:  # echo alone: the prompt is the whole reply
@@ -121,6 +159,7 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
                 async def close() -> None:  # also when the body never started (the client left at once)
                     await stream.aclose()
                     close_job(state, job, {})
+                    service.release()
 
                 return EventStream(_events(state, job, stream, first), watch, on_close=close)
             result = await unless_gone(collect(state, job, stream, first), watch)
@@ -133,7 +172,7 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
         watch.cancel()
         raise
     watch.cancel()
-    usage, tokenizer = _usage(job), state.service.tokenizer
+    usage, tokenizer = _usage(job), service.tokenizer
     wants = job.gen.top_logprobs is not None
     if job.kind == "chat":
         choices = []
@@ -173,7 +212,7 @@ async def _events(state: ServerState, job: Job, stream, first) -> AsyncIterator[
                 finish[piece.index] = piece.finish
             logprobs = None
             if piece.logprobs is not None:
-                tokenizer = state.service.tokenizer
+                tokenizer = job.service.tokenizer
                 logprobs = (chat_logprobs(tokenizer, piece.logprobs) if job.kind == "chat" else
                             completion_logprobs(tokenizer, piece.logprobs, offsets[piece.index])).model_dump()
             if held is None:

@@ -125,6 +125,10 @@ class Service:
         # (the end of an assistant turn in instruction tuning): either one ends a choice.
         self._stop_ids = frozenset({self.tokenizer.eos_id, self.tokenizer.special_ids["end"]})
         self._grammars: GrammarCompiler | None = None
+        self.version = self.model_id
+        """The label of what is served (a registry version, NAME/3, or the run directory's name)."""
+        self._holds, self._retired = 0, False
+        self._closing: asyncio.Future | None = None
         self._scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, max_tokens_cap=max_tokens_cap,
                                     prefix_cache_bytes=prefix_cache_mb << 20)
 
@@ -163,6 +167,24 @@ class Service:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._scheduler.close)
+
+    def hold(self) -> None:
+        """A request started on this service: it stays open until the matching release."""
+        self._holds += 1
+
+    def release(self) -> None:
+        self._holds -= 1
+        if self._retired and self._holds == 0 and self._closing is None:
+            self._closing = asyncio.ensure_future(self.close())
+
+    async def retire(self) -> None:
+        """No new requests will come (a hot swap replaced it): close once the held ones end."""
+        self._retired = True
+        if self._holds == 0 and self._closing is None:
+            self._closing = asyncio.ensure_future(self.close())
+        while self._closing is None:  # the last held request schedules the close
+            await asyncio.sleep(0.05)
+        await self._closing
 
     def stream(self, req: GenerationRequest) -> ReplyStream:
         """Chunks of all n choices, interleaved as they are produced (see ReplyStream)."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from hybridlm.serve.auth import KeyStore
 from hybridlm.serve.config import ServeConfig
+from hybridlm.serve.hotswap import ModelSource, Swapper
 from hybridlm.serve.monitoring import AuditLog, Metrics, RequestRecord
 from hybridlm.serve.protocol import ApiError
 from hybridlm.serve.ratelimit import Limited, RateLimiter
@@ -33,9 +34,10 @@ log = logging.getLogger("hybridlm.serve")
 class ServerState:
     """Everything a request handler needs, built once per server."""
 
-    service: Service
+    swapper: Swapper
     config: ServeConfig
     keys: KeyStore
+    admin_keys: KeyStore
     limiter: RateLimiter
     safety: SafetyChain | None
     review: ReviewQueue | None
@@ -43,6 +45,11 @@ class ServerState:
     audit: AuditLog
     model_name: str
     writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="review"))
+
+    @property
+    def service(self) -> Service:
+        """The version new requests go to (a hot swap changes it; a request keeps the one it began on)."""
+        return self.swapper.service
 
     def note_hits(self, hits: list[Hit], direction: str, text: str, record: RequestRecord) -> None:
         """Count filter hits, name them in the audit record, queue flagged/blocked ones for review."""
@@ -75,15 +82,18 @@ def rate_limited(limited: Limited) -> ApiError:
                     headers={"Retry-After": str(limited.retry_after)})
 
 
-def build_state(service: Service, config: ServeConfig, keys: KeyStore) -> ServerState:
+def build_state(service: Service, config: ServeConfig, keys: KeyStore, source: ModelSource,
+                admin_keys: KeyStore) -> ServerState:
     safety = config.safety
+    metrics = Metrics()
     chain = build_chain(safety.rules, builtin=safety.builtin_rules, classifier=safety.classifier,
                         threshold=safety.classifier_threshold, classifier_action=safety.classifier_action,
                         hold_chars=safety.hold_chars) if safety.enabled else None
     return ServerState(
-        service=service, config=config, keys=keys,
+        swapper=Swapper(source, config.server, config.rollback, metrics, service), config=config, keys=keys,
+        admin_keys=admin_keys,
         limiter=RateLimiter(config.limits.requests_per_minute, config.limits.tokens_per_minute),
         safety=chain if chain is not None and chain.filters else None,
         review=ReviewQueue(Path(safety.review_db)) if safety.enabled else None,
-        metrics=Metrics(), audit=AuditLog(config.audit.log, config.audit.include_text),
-        model_name=config.server.model_name or service.model_id)
+        metrics=metrics, audit=AuditLog(config.audit.log, config.audit.include_text),
+        model_name=config.server.model_name or source.name)

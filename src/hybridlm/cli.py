@@ -22,6 +22,8 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+registry_option = click.option("--registry", "registry_uri", default=None,
+                               help="MLflow registry URI (default: $HYBRIDLM_REGISTRY, else ./hybridlm-registry/registry.db).")
 track_option = click.option("--track", is_flag=True, help="Also log the results to the MLflow run that trained the "
                             "model (train.tracking = \"mlflow\").")
 
@@ -465,16 +467,20 @@ def _need_serve_extra() -> None:
 
 
 @app.command("serve", context_settings={"ignore_unknown_options": True})
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Run directory.")
+@click.option("--model", "model_ref", required=True,
+              help="Run directory, or models:/NAME@ALIAS to serve a registry alias and follow it (hot swap).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--api-keys", "keys_file", type=click.Path(path_type=Path), default=None,
               help="File with one API key (or sha256:<hex>) per line; also read: HYBRIDLM_API_KEYS.")
+@click.option("--admin-keys", "admin_keys_file", type=click.Path(path_type=Path), default=None,
+              help="Keys for POST /admin/reload, in the same form; also read: HYBRIDLM_ADMIN_KEYS.")
+@registry_option
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="Server TOML ([server], [limits], [safety], [audit]).")
+              help="Server TOML ([server], [limits], [safety], [audit], [rollback]).")
 @click.argument("overrides", nargs=-1)
-def serve_cmd(model_dir: Path, host: str, port: int, keys_file: Path | None, config_path: Path | None,
-              overrides) -> None:
+def serve_cmd(model_ref: str, host: str, port: int, keys_file: Path | None, admin_keys_file: Path | None,
+              registry_uri: str | None, config_path: Path | None, overrides) -> None:
     """OpenAI-compatible HTTP server for a run: /v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics. Overrides: section.key=value (e.g. limits.requests_per_minute=30)."""
     _need_serve_extra()
@@ -485,16 +491,22 @@ def serve_cmd(model_dir: Path, host: str, port: int, keys_file: Path | None, con
     if not 0 <= port < 65536:
         raise UserError(f"--port must be in 0..65535 (got {port})")
     config = load_serve_config(config_path, list(overrides))
-    serve(model_dir, config, load_keys(keys_file), host, port)
+    admin = load_keys(admin_keys_file, variable="HYBRIDLM_ADMIN_KEYS")
+    serve(_model_source(model_ref, registry_uri), config, load_keys(keys_file), host, port, admin)
+
+
+def _model_source(ref: str, registry_uri: str | None):
+    """A run directory as it is, or a registry alias the server follows."""
+    if ref.startswith("models:"):
+        from hybridlm.registry.serving import AliasSource
+
+        return AliasSource.from_uri(ref, registry_uri)
+    return Path(ref)
 
 
 @app.group()
 def registry() -> None:
     """The model registry (MLflow): versions of runs, aliases with history, gated promotion, rollback."""
-
-
-registry_option = click.option("--registry", "registry_uri", default=None,
-                               help="MLflow registry URI (default: $HYBRIDLM_REGISTRY, else ./hybridlm-registry/registry.db).")
 
 
 def _registry(uri: str | None):

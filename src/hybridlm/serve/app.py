@@ -190,7 +190,7 @@ def create_app(model: Path | ModelSource, config: ServeConfig, keys: KeyStore,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await service.start()
+        await state.swapper.service.start()  # not `service`: a closure would keep a swapped-out version alive
         poller = asyncio.ensure_future(state.swapper.poll()) if source.follows and config.server.alias_poll_s else None
         try:
             yield

@@ -66,8 +66,8 @@ def parse_keys(text: str, where: str) -> frozenset[str]:
     return frozenset(hashes)
 
 
-def load_keys(path: Path | None, env: dict[str, str] | None = None) -> KeyStore:
-    """Keys from the file `path` and the HYBRIDLM_API_KEYS variable (comma-separated), together."""
+def load_keys(path: Path | None, env: dict[str, str] | None = None, variable: str = ENV_VAR) -> KeyStore:
+    """Keys from the file `path` and the `variable` (HYBRIDLM_API_KEYS; comma-separated), together."""
     env = os.environ if env is None else env
     hashes: frozenset[str] = frozenset()
     if path is not None:
@@ -80,6 +80,6 @@ def load_keys(path: Path | None, env: dict[str, str] | None = None) -> KeyStore:
         hashes = parse_keys(text, str(path))
         if not hashes:
             raise UserError(f"API key file {path} holds no keys; put one key per line")
-    if env.get(ENV_VAR, "").strip():
-        hashes |= parse_keys(env[ENV_VAR], ENV_VAR)
+    if env.get(variable, "").strip():
+        hashes |= parse_keys(env[variable], variable)
     return KeyStore(hashes)

@@ -136,3 +136,23 @@ def test_reference_mask_matches_the_definition():
             local = i - window + 1 <= j <= i
             strided = j < i - window + 1 and (j + 1) % stride == 0
             assert bool(mask[i, j]) == (local or strided), (i, j)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A process stopped while torch loads the kernel leaves its lock file; without this every
+    later load in every process waits on it forever."""
+    import os
+    import time
+
+    from hybridlm.model.sparse_kernel_bf16 import STALE_LOCK_S, clear_stale_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "probe_ext" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    assert not clear_stale_lock("probe_ext") and lock.exists()  # a build may hold it right now
+    old = time.time() - STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="stale build lock"):
+        assert clear_stale_lock("probe_ext")
+    assert not lock.exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -33,11 +34,32 @@ def _extension():
         return _state["ext"]
 
 
+STALE_LOCK_S = 300
+"""torch's build lock older than this is left over from a killed process (a build takes ~30 s)."""
+
+
+def clear_stale_lock(name: str) -> bool:
+    """Remove the extension's build lock when it is stale; returns whether one was removed. torch
+    takes that lock (a plain file) on every first load in a process, and a process that exits or
+    is killed meanwhile leaves it behind: every later load would then wait on it forever."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        warnings.warn(f"removing a stale build lock {lock} (left by a process that stopped while loading the "
+                      "kernel)", stacklevel=2)
+        lock.unlink(missing_ok=True)
+        return True
+    return False
+
+
 def _build():
     if os.environ.get("HYBRIDLM_NO_CPP_KERNEL") or not cpu_has_bf16():
         return None
     try:
         from torch.utils.cpp_extension import load
+
+        clear_stale_lock("hybridlm_sparse_bf16")
 
         venv_bin = str(Path(sys.executable).parent)  # where pip put ninja, when the venv is not activated
         if venv_bin not in os.environ.get("PATH", "").split(os.pathsep):

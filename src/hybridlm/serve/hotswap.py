@@ -90,7 +90,7 @@ class Swapper:
         self.last_error = ""
         self._lock = asyncio.Lock()
         self._watch: _Watch | None = None
-        self._retiring: set[asyncio.Task] = set()
+        self._retiring: dict[asyncio.Future, Service] = {}
         metrics.model_version.info({"version": service.version})
 
     async def refresh(self) -> dict:
@@ -120,8 +120,8 @@ class Swapper:
         old, self.service = self.service, new  # new requests take the new one from here on
         self.last_error = ""
         task = asyncio.ensure_future(old.retire())  # closes once its in-flight requests are done
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = old
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
         self.metrics.swaps.labels("ok").inc()
         self.metrics.model_version.info({"version": label})
         self._watch = _Watch(label) if self.policy.enabled else None
@@ -176,6 +176,11 @@ class Swapper:
         except UserError as exc:
             log.error("automated rollback of %s failed: %s", version, exc)
 
-    async def close(self) -> None:
-        await asyncio.gather(*self._retiring, return_exceptions=True)
+    async def close(self, grace_s: float = 10.0) -> None:
+        """At shutdown: retiring versions get `grace_s` for their requests, then close regardless."""
+        if self._retiring:
+            _, late = await asyncio.wait(list(self._retiring), timeout=grace_s)
+            for task in late:
+                task.cancel()
+                await self._retiring[task].close()
         await self.service.close()

@@ -19,17 +19,12 @@ import statistics
 import time
 from pathlib import Path
 
+from service_timing import median_run
+
 from hybridlm.serve.service import GenerationRequest, Service
 
 SCHEMA = {"type": "object", "properties": {"notes": {"type": "string"}}, "required": ["notes"],
           "additionalProperties": False}
-
-
-async def _timed(service: Service, req: GenerationRequest) -> tuple[float, list[int]]:
-    start, tokens = time.perf_counter(), []
-    async for chunk in service.stream(req):
-        tokens += chunk.token_ids
-    return time.perf_counter() - start, tokens
 
 
 def _matcher_seconds(grammar, tokens: list[int], stop_ids: set[int]) -> float:
@@ -57,11 +52,8 @@ async def _measure(args: argparse.Namespace) -> dict:
         for name, constraint in (("free", None), ("json_schema", grammar), ("free_again", None)):
             bias = quotes | {token: -100.0 for token in stop_ids}  # the same for both: only the grammar differs
             req = GenerationRequest(ids, args.tokens, temperature=0, logit_bias=bias, grammar=constraint)
-            await _timed(service, req)  # warm-up
-            runs = [await _timed(service, req) for _ in range(args.repeats)]
-            seconds = statistics.median(s for s, _ in runs)
-            tokens = runs[0][1]
-            results[name] = {"seconds": seconds, "tokens": len(tokens), "tokens_per_s": len(tokens) / seconds}
+            results[name] = await median_run(service, req, args.repeats)
+            tokens = results[name].pop("ids")
             if constraint is not None:
                 results[name]["reply"] = service.tokenizer.decode(tokens)
                 results[name]["matcher_us_per_token"] = statistics.median(

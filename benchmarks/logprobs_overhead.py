@@ -12,18 +12,11 @@ import argparse
 import asyncio
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
+from service_timing import median_run
+
 from hybridlm.serve.service import GenerationRequest, Service
-
-
-async def _timed(service: Service, req: GenerationRequest) -> tuple[float, int]:
-    start, tokens = time.perf_counter(), 0
-    async for chunk in service.stream(req):
-        tokens += len(chunk.token_ids)
-    return time.perf_counter() - start, tokens
 
 
 async def _measure(args: argparse.Namespace) -> dict:
@@ -35,10 +28,8 @@ async def _measure(args: argparse.Namespace) -> dict:
         for name, top in (("without", None), ("with", args.top), ("without_again", None)):
             never_stop = {service.tokenizer.eos_id: -100.0, service.tokenizer.special_ids["end"]: -100.0}
             req = GenerationRequest(ids, args.tokens, temperature=0, top_logprobs=top, logit_bias=never_stop)
-            await _timed(service, req)  # warm-up
-            runs = [await _timed(service, req) for _ in range(args.repeats)]
-            seconds = statistics.median(s for s, _ in runs)
-            results[name] = {"seconds": seconds, "tokens": runs[0][1], "tokens_per_s": runs[0][1] / seconds}
+            results[name] = await median_run(service, req, args.repeats)
+            del results[name]["ids"]
         return results
     finally:
         await service.close()

@@ -15,6 +15,7 @@ from hybridlm.errors import UserError
 from hybridlm.eval.tasks import (
     arc,
     generation,
+    glue,
     hellaswag,
     lambada,
     multiple_choice,
@@ -32,8 +33,14 @@ TASKS: dict[str, TaskFactory] = {
     "lambada": lambada.prepare,
     "wikitext2": wikitext.prepare,
     "sst2": sst2.prepare,
+    **{name: partial(glue.prepare, name) for name in glue.SPECS},
+    "stsb": glue.prepare_stsb,
     "alpaca_gen": generation.prepare_alpaca,
 }
+GROUPS: dict[str, tuple[Callable[[EvalOptions], list[str]], Callable[[dict[str, dict]], dict]]] = {
+    "glue": (glue.available, glue.glue_average),
+}
+"""Group name -> (its tasks present in the data directory, the group's summary from their results)."""
 PATH_TASKS: dict[str, Callable[[str, EvalOptions], PreparedTask]] = {
     multiple_choice.PREFIX: multiple_choice.prepare_generic,  # mc:PATH.jsonl
     generation.PREFIX: generation.prepare_file,  # gen:PATH (an instruction file)
@@ -41,7 +48,7 @@ PATH_TASKS: dict[str, Callable[[str, EvalOptions], PreparedTask]] = {
 
 
 def known_tasks() -> str:
-    return ", ".join([*TASKS, *(f"{prefix}PATH" for prefix in PATH_TASKS)])
+    return ", ".join([*TASKS, *(f"{prefix}PATH" for prefix in PATH_TASKS)]) + f"; groups: {', '.join(GROUPS)}"
 
 
 def task_names(text: str) -> list[str]:
@@ -50,7 +57,7 @@ def task_names(text: str) -> list[str]:
     if not names:
         raise UserError(f"--tasks is empty; known tasks: {known_tasks()}")
     for name in names:
-        if name not in TASKS and not name.startswith(tuple(PATH_TASKS)):
+        if name not in TASKS and name not in GROUPS and not name.startswith(tuple(PATH_TASKS)):
             raise UserError(f"unknown task {name!r}; known tasks: {known_tasks()}")
     return names
 
@@ -67,13 +74,21 @@ def run_tasks(model: Path, names: list[str], options: EvalOptions, *, batch_size
     """Score a run on the named tasks; returns the results document."""
     from hybridlm.eval.scoring import Scorer
 
-    prepared = {name: prepare_task(name, options) for name in names}
+    groups = [name for name in names if name in GROUPS]
+    tasks = list(dict.fromkeys(t for name in names for t in (GROUPS[name][0](options) if name in GROUPS else [name])))
+    for group in groups:
+        if not GROUPS[group][0](options):
+            raise UserError(f"none of the {group} tasks' files are under {options.data_dir}; point --data-dir at "
+                            "a copy of shared/data")
+    prepared = {name: prepare_task(name, options) for name in tasks}
     scorer = Scorer.from_path(model, batch_size=batch_size, dtype=dtype)
     results = {}
     for name, task in prepared.items():
         if progress:
             progress(f"scoring {name}")
         results[name] = task.score(scorer)
+    for group in groups:
+        results[group] = GROUPS[group][1](results)
     return {"model": str(model), "seed": options.seed, "shots": options.shots, "limit": options.limit,
             "tasks": results}
 

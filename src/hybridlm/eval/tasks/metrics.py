@@ -7,7 +7,9 @@
   two differ only on non-ASCII choices;
 - perplexity (LAMBADA): exp of minus the mean per-item log-likelihood of the target;
 - bleu: sacrebleu corpus BLEU (0-100); rouge_l: mean rouge-score ROUGE-L F-measure (0-1);
-  exact_match: mean of prediction == reference after stripping surrounding whitespace.
+  exact_match: mean of prediction == reference after stripping surrounding whitespace;
+- mcc (Matthews correlation), f1 (of class 1) and f1_macro: over the (gold, argmax) pairs of a
+  whole task, as lm-eval's corpus-level metrics; pearson and spearman for scores (STS-B).
 
 Standard errors: a mean of per-item scores gets the sample standard deviation over sqrt(n)
 (lm-eval's mean_stderr); corpus-level metrics (perplexity, BLEU) get a bootstrap, as lm-eval
@@ -67,6 +69,58 @@ def choice_hits(lls: Sequence[float], choices: Sequence[str], gold: int) -> dict
     per_byte = [ll / max(len(c.encode("utf-8")), 1) for ll, c in zip(lls, choices)]
     return {"acc": float(argmax(lls) == gold), "acc_norm": float(argmax(per_char) == gold),
             "acc_bytes": float(argmax(per_byte) == gold)}
+
+
+def matthews(pairs: Sequence[tuple[int, int]]) -> float:
+    """Matthews correlation of (gold, predicted) binary labels (sklearn's matthews_corrcoef, which
+    lm-eval's mcc calls; 0 when a row or column of the confusion matrix is empty)."""
+    tp = sum(g == 1 and p == 1 for g, p in pairs)
+    tn = sum(g == 0 and p == 0 for g, p in pairs)
+    fp = sum(g == 0 and p == 1 for g, p in pairs)
+    fn = sum(g == 1 and p == 0 for g, p in pairs)
+    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denominator if denominator else 0.0
+
+
+def f1_binary(pairs: Sequence[tuple[int, int]], positive: int = 1) -> float:
+    """F1 of the positive class over (gold, predicted) pairs (sklearn's f1_score, lm-eval's f1; 0
+    when nothing is predicted or gold positive)."""
+    tp = sum(g == positive and p == positive for g, p in pairs)
+    predicted = sum(p == positive for _, p in pairs)
+    actual = sum(g == positive for g, _ in pairs)
+    return 2 * tp / (predicted + actual) if predicted + actual else 0.0
+
+
+def f1_macro(pairs: Sequence[tuple[int, int]], labels: Sequence[int]) -> float:
+    """The mean over `labels` of each class's F1 (SuperGLUE CB's macro-F1)."""
+    return mean([f1_binary(pairs, label) for label in labels])
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    mx, my = mean(x), mean(y)
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    spread = math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+    return cov / spread if spread else 0.0
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Ranks from 1, ties given their average rank (as scipy.stats.rankdata)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation of the ranks (ties averaged)."""
+    return pearson(_ranks(x), _ranks(y))
 
 
 def perplexity(lls: Sequence[float]) -> float:

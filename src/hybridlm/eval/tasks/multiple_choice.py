@@ -10,6 +10,7 @@ lm-eval YAML with `doc_to_text: context`, `doc_to_choice: choices`, `doc_to_targ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,15 @@ from hybridlm.eval.tasks.base import (
     fewshot_prefix,
     limited,
 )
-from hybridlm.eval.tasks.metrics import choice_hits, summarise
+from hybridlm.eval.tasks.metrics import (
+    argmax,
+    bootstrap_stderr,
+    choice_hits,
+    f1_binary,
+    f1_macro,
+    matthews,
+    summarise,
+)
 from hybridlm.fileio import jsonl_records
 
 if TYPE_CHECKING:
@@ -46,22 +55,39 @@ class McItem:
         return f"{self.query}{TARGET_DELIMITER}{self.choices[self.gold]}"
 
 
+CORPUS_METRICS: dict[str, Callable[[list[tuple[int, int]]], float]] = {
+    "mcc": matthews, "f1": f1_binary, "f1_macro": lambda pairs: f1_macro(pairs, sorted({g for g, _ in pairs})),
+}
+"""Metrics of a whole task's (gold, argmax of the log-likelihoods) pairs, with a bootstrap stderr."""
+
+
 @dataclass
 class McTask:
     items: list[McItem]
     contexts: list[str]
     metric_names: tuple[str, ...]
+    """Per-item metrics (acc, acc_norm, acc_bytes) and corpus ones (CORPUS_METRICS)."""
 
-    def score(self, scorer: Scorer) -> dict:
+    def choice_loglikelihoods(self, scorer: Scorer) -> list[list[float]]:
         requests = [(ctx, TARGET_DELIMITER + choice) for ctx, item in zip(self.contexts, self.items)
                     for choice in item.choices]
         results = iter(scorer.loglikelihood(requests))
-        per_item: dict[str, list[float]] = {name: [] for name in self.metric_names}
-        for item in self.items:
-            hits = choice_hits([next(results)[0] for _ in item.choices], item.choices, item.gold)
-            for name in self.metric_names:
+        return [[next(results)[0] for _ in item.choices] for item in self.items]
+
+    def score(self, scorer: Scorer) -> dict:
+        lls = self.choice_loglikelihoods(scorer)
+        per_item: dict[str, list[float]] = {name: [] for name in self.metric_names if name not in CORPUS_METRICS}
+        for item, item_lls in zip(self.items, lls):
+            hits = choice_hits(item_lls, item.choices, item.gold)
+            for name in per_item:
                 per_item[name].append(hits[name])
-        metrics, stderr = summarise(per_item)
+        metrics, stderr = summarise(per_item) if per_item else ({}, {})
+        pairs = [(item.gold, argmax(item_lls)) for item, item_lls in zip(self.items, lls)]
+        for name in self.metric_names:
+            if name in CORPUS_METRICS:
+                metrics[name] = CORPUS_METRICS[name](pairs)
+                if (err := bootstrap_stderr(CORPUS_METRICS[name], pairs)) is not None:
+                    stderr[name] = err
         return {"metrics": metrics, "n": len(self.items), "stderr": stderr}
 
 

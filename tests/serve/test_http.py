@@ -235,8 +235,11 @@ def test_audit_lines_name_the_key_id_never_the_key(live):
     bad_key = openai.OpenAI(base_url=f"{live.url}/v1", api_key=OTHER_KEY + "x", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad_key.models.list()
-    lines = [json.loads(line) for line in (live.tmp / "audit.jsonl").read_text().splitlines()]
-    raw = (live.tmp / "audit.jsonl").read_text()
+    def audit() -> list[dict]:
+        return [json.loads(line) for line in (live.tmp / "audit.jsonl").read_text().splitlines()]
+
+    _wait_for(lambda: [r for r in audit() if r["status"] == 401], 1)  # written just after the response
+    lines, raw = audit(), (live.tmp / "audit.jsonl").read_text()
     assert KEY not in raw and OTHER_KEY not in raw and "secret words" not in raw
     ok = [r for r in lines if r.get("key_id") == hash_key(KEY)[:12] and r["status"] == 200 and r.get("completion_tokens")]
     assert ok and {"request_id", "endpoint", "prompt_tokens", "completion_tokens", "duration_s", "ttft_s",
@@ -351,8 +354,10 @@ def test_bad_logit_bias_names_the_parameter(live, bias, needle):
 
 def test_the_end_user_id_reaches_the_audit_log(live):
     live.client.completions.create(model=live.model, prompt="hi", max_tokens=2, user="customer-42")
-    assert any(json.loads(line).get("end_user") == "customer-42"
-               for line in (live.tmp / "audit.jsonl").read_text().splitlines())
+    # The audit line is written once the response is complete, which may be just after the client has it.
+    lines = _wait_for(lambda: [line for line in (live.tmp / "audit.jsonl").read_text().splitlines()
+                               if json.loads(line).get("end_user") == "customer-42"], 1)
+    assert len(lines) == 1
 
 
 def test_logprobs_in_openai_shapes_streamed_and_not(live):

@@ -21,6 +21,7 @@ from hybridlm.eval.tasks import (
     multiple_choice,
     piqa,
     sst2,
+    superglue,
     wikitext,
 )
 from hybridlm.eval.tasks.base import EvalOptions, PreparedTask, TaskFactory
@@ -35,10 +36,13 @@ TASKS: dict[str, TaskFactory] = {
     "sst2": sst2.prepare,
     **{name: partial(glue.prepare, name) for name in glue.SPECS},
     "stsb": glue.prepare_stsb,
+    **{name: partial(superglue.prepare, name) for name in superglue.SPECS},
+    "multirc": superglue.prepare_multirc,
     "alpaca_gen": generation.prepare_alpaca,
 }
 GROUPS: dict[str, tuple[Callable[[EvalOptions], list[str]], Callable[[dict[str, dict]], dict]]] = {
     "glue": (glue.available, glue.glue_average),
+    "superglue": (superglue.available, superglue.superglue_average),
 }
 """Group name -> (its tasks present in the data directory, the group's summary from their results)."""
 PATH_TASKS: dict[str, Callable[[str, EvalOptions], PreparedTask]] = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,10 +56,12 @@ class McItem:
         return f"{self.query}{TARGET_DELIMITER}{self.choices[self.gold]}"
 
 
-CORPUS_METRICS: dict[str, Callable[[list[tuple[int, int]]], float]] = {
-    "mcc": matthews, "f1": f1_binary, "f1_macro": lambda pairs: f1_macro(pairs, sorted({g for g, _ in pairs})),
+CORPUS_METRICS: dict[str, Callable[[list[tuple[int, int]], int], float]] = {
+    "mcc": lambda pairs, classes: matthews(pairs), "f1": lambda pairs, classes: f1_binary(pairs),
+    "f1_macro": lambda pairs, classes: f1_macro(pairs, range(classes)),
 }
-"""Metrics of a whole task's (gold, argmax of the log-likelihoods) pairs, with a bootstrap stderr."""
+"""Metrics of a whole task's (gold, argmax of the log-likelihoods) pairs and its number of
+choices (f1_macro averages every class, as lm-eval's CB f1 does), with a bootstrap stderr."""
 
 
 @dataclass
@@ -83,10 +86,12 @@ class McTask:
                 per_item[name].append(hits[name])
         metrics, stderr = summarise(per_item) if per_item else ({}, {})
         pairs = [(item.gold, argmax(item_lls)) for item, item_lls in zip(self.items, lls)]
+        classes = len(self.items[0].choices) if self.items else 0
         for name in self.metric_names:
             if name in CORPUS_METRICS:
-                metrics[name] = CORPUS_METRICS[name](pairs)
-                if (err := bootstrap_stderr(CORPUS_METRICS[name], pairs)) is not None:
+                metric = partial(CORPUS_METRICS[name], classes=classes)
+                metrics[name] = metric(pairs)
+                if (err := bootstrap_stderr(metric, pairs)) is not None:
                     stderr[name] = err
         return {"metrics": metrics, "n": len(self.items), "stderr": stderr}
 

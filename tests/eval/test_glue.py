@@ -149,3 +149,15 @@ def test_lm_evals_own_mrpc_and_cola_give_the_same_metrics(tiny_run, tmp_path):
     assert doc["mrpc"]["metrics"]["acc"] == pytest.approx(theirs["mrpc_local"]["acc,none"], abs=1e-12)
     assert doc["mrpc"]["metrics"]["f1"] == pytest.approx(theirs["mrpc_local"]["f1,none"], abs=1e-12)
     assert doc["cola"]["metrics"]["mcc"] == pytest.approx(theirs["cola_local"]["mcc,none"], abs=1e-12)
+
+
+def test_eval_report_shows_the_groups(tmp_path):
+    from hybridlm.eval.compare import write_eval_report
+
+    tasks = {"cola": {"metrics": {"mcc": 0.1}, "n": 5, "stderr": {}}, "rte": {"metrics": {"acc": 0.5}, "n": 5, "stderr": {}}}
+    tasks["glue"] = glue.glue_average(tasks)
+    results = tmp_path / "run.json"
+    results.write_text(json.dumps({"model": "runs/x", "seed": 1234, "shots": 0, "limit": 5, "tasks": tasks}))
+    write_eval_report([results], tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| glue | score | 0.3000" in text and "| cola | mcc |" in text

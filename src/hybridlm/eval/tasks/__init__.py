@@ -18,6 +18,7 @@ from hybridlm.eval.tasks import (
     glue,
     hellaswag,
     lambada,
+    logiqa,
     multiple_choice,
     piqa,
     sst2,
@@ -38,6 +39,7 @@ TASKS: dict[str, TaskFactory] = {
     "stsb": glue.prepare_stsb,
     **{name: partial(superglue.prepare, name) for name in superglue.SPECS},
     "multirc": superglue.prepare_multirc,
+    "logiqa": logiqa.prepare,
     "alpaca_gen": generation.prepare_alpaca,
 }
 GROUPS: dict[str, tuple[Callable[[EvalOptions], list[str]], Callable[[dict[str, dict]], dict]]] = {

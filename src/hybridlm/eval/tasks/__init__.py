@@ -16,6 +16,7 @@ from hybridlm.eval.tasks import (
     arc,
     generation,
     glue,
+    gsm8k,
     hellaswag,
     lambada,
     logiqa,
@@ -40,6 +41,7 @@ TASKS: dict[str, TaskFactory] = {
     **{name: partial(superglue.prepare, name) for name in superglue.SPECS},
     "multirc": superglue.prepare_multirc,
     "logiqa": logiqa.prepare,
+    "gsm8k": gsm8k.prepare,
     "alpaca_gen": generation.prepare_alpaca,
 }
 GROUPS: dict[str, tuple[Callable[[EvalOptions], list[str]], Callable[[dict[str, dict]], dict]]] = {

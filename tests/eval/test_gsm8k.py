@@ -1,0 +1,96 @@
+"""GSM8K: the reader counts the README's problems, the answer extraction and normalisation by
+hand, and lm-evaluation-harness's own gsm8k task definition on the same problems (2 shots, a
+short generation) produces the same prompts, the same greedy replies, the same extracted answers
+and the same exact-match scores as ours."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import shared_file
+
+from hybridlm.eval.scoring import Scorer
+from hybridlm.eval.tasks import gsm8k
+from hybridlm.eval.tasks.base import EvalOptions
+
+
+def test_the_readers_count_the_readme_problems():
+    assert len(gsm8k._records(shared_file(gsm8k.TEST))) == 1319
+    assert len(gsm8k._records(shared_file(gsm8k.TRAIN))) == 7473
+
+
+@pytest.mark.parametrize(("reply", "strict", "flexible"), [
+    ("She pays 3 * 2 = 6 dollars.\n#### 6", "6", "6"),
+    ("The answer is $1,234.", "[invalid]", "$1,234."),
+    ("No digits here", "[invalid]", "[invalid]"),
+    ("#### -7.5 and then 12", "-7.5", "12"),
+])
+def test_answer_extraction_as_lm_evals_filters(reply, strict, flexible):
+    assert gsm8k.strict_answer(reply) == strict and gsm8k.flexible_answer(reply) == flexible
+
+
+def test_normalisation_as_lm_evals_exact_match():
+    reference = "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n#### 1,800"
+    assert gsm8k.answer_matches("$1,800.", reference) == 1.0 and gsm8k.answer_matches("1800", reference) == 1.0
+    assert gsm8k.answer_matches("180", reference) == 0.0 and gsm8k.answer_matches("[invalid]", reference) == 0.0
+
+
+LOCAL_TASK = """include: {lm_eval}/tasks/gsm8k/gsm8k.yaml
+task: gsm8k_local
+dataset_path: json
+dataset_name: null
+dataset_kwargs:
+  data_files:
+    train: {train}
+    test: {test}
+generation_kwargs:
+  until: ["Question:", "</s>", "<|im_end|>"]
+  do_sample: false
+  temperature: 0.0
+  max_gen_toks: 24
+"""
+
+
+def test_lm_evals_own_gsm8k_gives_the_same_replies_answers_and_scores(tiny_run, tmp_path):
+    import lm_eval
+
+    test, train, tasks, out = tmp_path / "test.jsonl", tmp_path / "train.jsonl", tmp_path / "tasks", tmp_path / "out"
+    test.write_text("".join(shared_file(gsm8k.TEST).read_text().splitlines(keepends=True)[:6]))
+    train.write_text("".join(shared_file(gsm8k.TRAIN).read_text().splitlines(keepends=True)[:50]))
+    tasks.mkdir()
+    (tasks / "gsm8k_local.yaml").write_text(LOCAL_TASK.format(lm_eval=Path(lm_eval.__file__).parent, train=train,
+                                                                 test=test))
+    script = Path(sys.executable).parent / "lm_eval"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "lm_eval"]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([*command, "--model", "hybridlm", "--model_args", f"path={tiny_run},dtype=fp32", "--tasks",
+                             "gsm8k_local", "--num_fewshot", "2", "--include_path", str(tasks), "--output_path", str(out),
+                             "--log_samples"], capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [results_file] = out.rglob("results_*.json")
+    theirs = json.loads(results_file.read_text())["results"]["gsm8k_local"]
+    samples = {}
+    for line in next(out.rglob("samples_gsm8k_local_*.jsonl")).read_text().splitlines():
+        sample = json.loads(line)
+        samples.setdefault(sample["doc_id"], {})[sample["filter"]] = sample
+    data = tmp_path / "data"
+    (data / "gsm8k").mkdir(parents=True)
+    for name in ("test", "train"):
+        (data / "gsm8k" / f"{name}.jsonl").write_text((tmp_path / f"{name}.jsonl").read_text())
+    task = gsm8k.prepare(EvalOptions(data_dir=data, shots=2, max_new_tokens=24))
+    scorer = Scorer.from_path(tiny_run, batch_size=4, dtype="fp32")
+    replies = scorer.generate_until(task.prompts, 24, gsm8k.UNTIL)
+    for i, (prompt, reply) in enumerate(zip(task.prompts, replies)):
+        strict, flexible = samples[i]["strict-match"], samples[i]["flexible-extract"]
+        assert strict["arguments"]["gen_args_0"]["arg_0"] == prompt  # the same shots, drawn with the same seed
+        assert strict["resps"][0][0] == reply
+        assert strict["filtered_resps"][0] == gsm8k.strict_answer(reply)
+        assert flexible["filtered_resps"][0] == gsm8k.flexible_answer(reply)
+    ours = task.score(scorer)["metrics"]
+    assert ours["exact_match_strict"] == pytest.approx(theirs["exact_match,strict-match"], abs=1e-12)
+    assert ours["exact_match_flexible"] == pytest.approx(theirs["exact_match,flexible-extract"], abs=1e-12)

@@ -11,7 +11,6 @@ import gc
 import json
 import shutil
 import threading
-import time
 import weakref
 from types import SimpleNamespace
 

@@ -227,7 +227,7 @@ def test_eval_run_json_shape_and_determinism(tiny_run, mc_file):
     assert list(doc["tasks"]) == [*ALL_TASKS.split(","), f"mc:{mc_file}"]
     mc = {"acc", "acc_norm", "acc_bytes"}
     expected = {"hellaswag": mc, "piqa": mc, "arc_easy": mc, "arc_challenge": mc, "lambada": {"acc", "perplexity"},
-                "sst2": {"acc"}, "wikitext2": {"ppl", "bpb", "loss"}, "alpaca_gen": {"bleu", "rouge_l", "exact_match"},
+                "sst2": {"acc"}, "wikitext2": {"ppl", "bpb", "loss"}, "alpaca_gen": {"bleu", "rouge_l", "meteor", "exact_match"},
                 f"mc:{mc_file}": mc}
     for name, result in doc["tasks"].items():
         assert set(result) == {"metrics", "n", "stderr"} and set(result["metrics"]) == expected[name], name

@@ -1,4 +1,4 @@
-"""Generation tasks on held-out instruction examples, scored with BLEU, ROUGE-L and exact match.
+"""Generation tasks on held-out instruction examples, scored with BLEU, ROUGE-L, METEOR and exact match.
 
 `gen:PATH` takes any instruction file data/instructions.py reads; `alpaca_gen` is the Code
 Alpaca 2k file in shared/data. The items are the conversations instruction tuning holds out
@@ -26,6 +26,7 @@ from hybridlm.eval.tasks.metrics import (
     bleu,
     bootstrap_stderr,
     exact_match,
+    meteor,
     require_eval_extra,
     rouge_l,
     summarise,
@@ -50,6 +51,7 @@ class GenerationTask:
         prompt_ids = [render_chat(tokenizer, messages, add_generation_prompt=True)[0] for messages in self.prompts]
         predictions = scorer.generate_ids_until(prompt_ids, self.max_new_tokens, [], tokenizer.special_ids["end"])
         metrics, stderr = summarise({"rouge_l": rouge_l(predictions, self.references),
+                                     "meteor": meteor(predictions, self.references),
                                      "exact_match": exact_match(predictions, self.references)})
         pairs = list(zip(predictions, self.references))
         metrics["bleu"] = bleu(predictions, self.references)

@@ -7,6 +7,7 @@
   two differ only on non-ASCII choices;
 - perplexity (LAMBADA): exp of minus the mean per-item log-likelihood of the target;
 - bleu: sacrebleu corpus BLEU (0-100); rouge_l: mean rouge-score ROUGE-L F-measure (0-1);
+  meteor: mean NLTK METEOR over items, exact and stem matches only (see meteor());
   exact_match: mean of prediction == reference after stripping surrounding whitespace;
 - mcc (Matthews correlation), f1 (of class 1) and f1_macro: over the (gold, argmax) pairs of a
   whole task, as lm-eval's corpus-level metrics; pearson and spearman for scores (STS-B).
@@ -151,6 +152,27 @@ def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
         raise UserError("ROUGE-L needs rouge-score: pip install 'hybridlm[eval]'") from None
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
+class _NoSynonyms:
+    """WordNet's place in NLTK's METEOR when its data is not installed (it cannot be downloaded at
+    run time here): no synsets, so the synonym stage matches nothing and exact and stem matches remain."""
+
+    @staticmethod
+    def synsets(word: str) -> list:
+        return []
+
+
+def meteor(predictions: list[str], references: list[str]) -> list[float]:
+    """Per-item METEOR (NLTK's meteor_score: alpha 0.9, beta 3, gamma 0.5), on lower-cased
+    whitespace tokens, with exact and Porter-stem matching and no WordNet synonyms (so it never
+    depends on data fetched from the web; scores can be lower than with synonyms)."""
+    try:
+        from nltk.translate.meteor_score import meteor_score
+    except ImportError:
+        raise UserError("METEOR needs nltk (it comes with rouge-score): pip install 'hybridlm[eval]'") from None
+    return [meteor_score([ref.split()], pred.split(), wordnet=_NoSynonyms()) if pred.split() and ref.split() else 0.0
+            for pred, ref in zip(predictions, references)]
 
 
 def exact_match(predictions: list[str], references: list[str]) -> list[float]:

@@ -22,6 +22,7 @@ from hybridlm.eval.tasks import (
     logiqa,
     multiple_choice,
     piqa,
+    squad,
     sst2,
     superglue,
     wikitext,
@@ -42,6 +43,7 @@ TASKS: dict[str, TaskFactory] = {
     "multirc": superglue.prepare_multirc,
     "logiqa": logiqa.prepare,
     "gsm8k": gsm8k.prepare,
+    **{name: partial(squad.prepare, name) for name in squad.FILES},
     "alpaca_gen": generation.prepare_alpaca,
 }
 GROUPS: dict[str, tuple[Callable[[EvalOptions], list[str]], Callable[[dict[str, dict]], dict]]] = {

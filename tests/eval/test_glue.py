@@ -6,14 +6,13 @@ definitions, pointed at the same items, give the metrics `hybridlm eval run` giv
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, shared_file
+from conftest import shared_file
+from lm_eval_local import offline_env, ours, write_local_task
 from scipy import stats
 from sklearn import metrics as sk
 
@@ -103,49 +102,29 @@ def test_the_group_averages_as_the_glue_paper():
         task_names("gleu")
 
 
-LOCAL_TASK = """include: {lm_eval}/tasks/glue/{task}/default.yaml
-task: {task}_local
-tag: null
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    validation: {data}
-    train: {data}
-"""
-
-
 def test_lm_evals_own_mrpc_and_cola_give_the_same_metrics(tiny_run, tmp_path):
     """lm-eval's task YAMLs (prompt, choices, metrics) with only the data source replaced by the
     first 40 dev items in Hugging Face's field names (its train split too: lm-eval opens one even
     at 0 shots); ours read GLUE's TSV for the same items."""
-    import lm_eval
-
-    root = Path(lm_eval.__file__).parent
     tasks = tmp_path / "tasks"
-    tasks.mkdir()
     rows = {"mrpc": [{"sentence1": r["#1 String"], "sentence2": r["#2 String"], "label": int(r["Quality"]), "idx": i}
                      for i, r in enumerate(glue.read_tsv(shared_file("glue/MRPC/dev.tsv"))[:40])],
             "cola": [{"sentence": r["sentence"], "label": int(r["label"]), "idx": i}
                      for i, r in enumerate(glue.read_tsv(shared_file("glue/CoLA/dev.tsv"), glue.COLA_COLUMNS)[:40])]}
     for task, records in rows.items():
-        (tmp_path / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        (tasks / f"{task}_local.yaml").write_text(LOCAL_TASK.format(lm_eval=root, task=task, data=tmp_path / f"{task}.jsonl"))
+        data = tmp_path / f"{task}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_local_task(tasks, f"glue/{task}/default.yaml", f"{task}_local", {"validation": data, "train": data})
     # lm-eval's own evaluator in a fresh interpreter; through its Python entry point because its
     # command line cannot turn off the 100,000-resample bootstrap of mcc / f1 (two minutes here).
     code = (f"import json, lm_eval; from lm_eval.tasks import TaskManager; print(json.dumps(lm_eval.simple_evaluate("
             f"model='hybridlm', model_args='path={tiny_run},dtype=fp32', tasks=['mrpc_local', 'cola_local'], "
             f"task_manager=TaskManager(include_path='{tasks}'), bootstrap_iters=0)['results']))")
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
-                            check=False)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=offline_env(tmp_path),
+                            timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = json.loads(result.stdout.strip().splitlines()[-1])
-    ours = subprocess.run([sys.executable, "-m", "hybridlm", "eval", "run", "--model", str(tiny_run), "--tasks",
-                           "mrpc,cola", "--limit", "40", "--dtype", "fp32", "--data-dir", str(SHARED_DATA), "--json"],
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert ours.returncode == 0, ours.stderr[-2000:]
-    doc = json.loads(ours.stdout)["tasks"]
+    doc = ours(tiny_run, "mrpc,cola", 40)
     assert doc["mrpc"]["metrics"]["acc"] == pytest.approx(theirs["mrpc_local"]["acc,none"], abs=1e-12)
     assert doc["mrpc"]["metrics"]["f1"] == pytest.approx(theirs["mrpc_local"]["f1,none"], abs=1e-12)
     assert doc["cola"]["metrics"]["mcc"] == pytest.approx(theirs["cola_local"]["mcc,none"], abs=1e-12)

@@ -6,13 +6,10 @@ and the same exact-match scores as ours."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import shared_file
+from lm_eval_local import lm_eval_cli, write_local_task
 
 from hybridlm.eval.scoring import Scorer
 from hybridlm.eval.tasks import gsm8k
@@ -40,15 +37,7 @@ def test_normalisation_as_lm_evals_exact_match():
     assert gsm8k.answer_matches("180", reference) == 0.0 and gsm8k.answer_matches("[invalid]", reference) == 0.0
 
 
-LOCAL_TASK = """include: {lm_eval}/tasks/gsm8k/gsm8k.yaml
-task: gsm8k_local
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    train: {train}
-    test: {test}
-generation_kwargs:
+GENERATION = """generation_kwargs:
   until: ["Question:", "</s>", "<|im_end|>"]
   do_sample: false
   temperature: 0.0
@@ -57,23 +46,12 @@ generation_kwargs:
 
 
 def test_lm_evals_own_gsm8k_gives_the_same_replies_answers_and_scores(tiny_run, tmp_path):
-    import lm_eval
-
     test, train, tasks, out = tmp_path / "test.jsonl", tmp_path / "train.jsonl", tmp_path / "tasks", tmp_path / "out"
     test.write_text("".join(shared_file(gsm8k.TEST).read_text().splitlines(keepends=True)[:6]))
     train.write_text("".join(shared_file(gsm8k.TRAIN).read_text().splitlines(keepends=True)[:50]))
-    tasks.mkdir()
-    (tasks / "gsm8k_local.yaml").write_text(LOCAL_TASK.format(lm_eval=Path(lm_eval.__file__).parent, train=train,
-                                                                 test=test))
-    script = Path(sys.executable).parent / "lm_eval"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "lm_eval"]
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run([*command, "--model", "hybridlm", "--model_args", f"path={tiny_run},dtype=fp32", "--tasks",
-                             "gsm8k_local", "--num_fewshot", "2", "--include_path", str(tasks), "--output_path", str(out),
-                             "--log_samples"], capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    [results_file] = out.rglob("results_*.json")
-    theirs = json.loads(results_file.read_text())["results"]["gsm8k_local"]
+    write_local_task(tasks, "gsm8k/gsm8k.yaml", "gsm8k_local", {"train": train, "test": test}, GENERATION)
+    theirs = lm_eval_cli(tiny_run, tasks, ["gsm8k_local"], out, tmp_path, "--num_fewshot", "2",
+                         "--log_samples")["gsm8k_local"]
     samples = {}
     for line in next(out.rglob("samples_gsm8k_local_*.jsonl")).read_text().splitlines():
         sample = json.loads(line)

@@ -5,13 +5,10 @@ choice format) task definitions, pointed at the same items, give the metrics `ev
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, shared_file
+from conftest import shared_file
+from lm_eval_local import lm_eval_cli, ours, write_local_task
 
 from hybridlm.eval.tasks import superglue
 from hybridlm.eval.tasks.metrics import f1_binary
@@ -59,48 +56,22 @@ def test_the_group_average():
     assert summary["metrics"]["score"] == pytest.approx(1.3 / 3) and "boolq" in summary["missing"]
 
 
-LOCAL_TASK = """include: {lm_eval}/tasks/super_glue/{task}/default.yaml
-task: {task}_local
-tag: null
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    validation: {data}
-    train: {data}
-"""
-
-
 def test_lm_evals_own_cb_and_copa_give_the_same_metrics(tiny_run, tmp_path):
     """lm-eval's YAMLs (prompts, choices, CB's cb_multi_fi aggregation) with only the data source
-    replaced by the first 40 validation items in Hugging Face's field names."""
-    import lm_eval
-
-    root, tasks = Path(lm_eval.__file__).parent, tmp_path / "tasks"
-    tasks.mkdir()
+    replaced by the first 40 validation items in Hugging Face's field names (its train split too:
+    lm-eval opens one even at 0 shots)."""
+    tasks = tmp_path / "tasks"
     cb_labels = {"entailment": 0, "contradiction": 1, "neutral": 2}
     rows = {"cb": [{"premise": r["premise"], "hypothesis": r["hypothesis"], "label": cb_labels[r["label"]], "idx": r["idx"]}
                    for r in map(json.loads, shared_file("superglue/CB/val.jsonl").read_text().splitlines()[:40])],
             "copa": [{k: r[k] for k in ("premise", "choice1", "choice2", "question", "label", "idx")}
                      for r in map(json.loads, shared_file("superglue/COPA/val.jsonl").read_text().splitlines()[:40])]}
     for task, records in rows.items():
-        (tmp_path / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        (tasks / f"{task}_local.yaml").write_text(LOCAL_TASK.format(lm_eval=root, task=task, data=tmp_path / f"{task}.jsonl"))
-    script = Path(sys.executable).parent / "lm_eval"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "lm_eval"]
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    out = tmp_path / "out"
-    result = subprocess.run([*command, "--model", "hybridlm", "--model_args", f"path={tiny_run},dtype=fp32", "--tasks",
-                             "cb_local,copa_local", "--include_path", str(tasks), "--output_path", str(out)],
-                            capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    [results_file] = out.rglob("results_*.json")
-    theirs = json.loads(results_file.read_text())["results"]
-    ours = subprocess.run([sys.executable, "-m", "hybridlm", "eval", "run", "--model", str(tiny_run), "--tasks", "cb,copa",
-                           "--limit", "40", "--dtype", "fp32", "--data-dir", str(SHARED_DATA), "--json"],
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert ours.returncode == 0, ours.stderr[-2000:]
-    doc = json.loads(ours.stdout)["tasks"]
+        data = tmp_path / f"{task}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_local_task(tasks, f"super_glue/{task}/default.yaml", f"{task}_local", {"validation": data, "train": data})
+    theirs = lm_eval_cli(tiny_run, tasks, ["cb_local", "copa_local"], tmp_path / "out", tmp_path)
+    doc = ours(tiny_run, "cb,copa", 40)
     assert doc["cb"]["metrics"]["acc"] == pytest.approx(theirs["cb_local"]["acc,none"], abs=1e-12)
     assert doc["cb"]["metrics"]["f1_macro"] == pytest.approx(theirs["cb_local"]["f1,none"], abs=1e-12)
     assert doc["copa"]["metrics"]["acc"] == pytest.approx(theirs["copa_local"]["acc,none"], abs=1e-12)

@@ -289,8 +289,10 @@ def eval_run_cmd(model_dir: Path, task_list: str, shots: int, limit: int | None,
         _check_tracked(model_dir)
     result = run_tasks(model_dir, task_names(task_list), options, batch_size=batch_size, dtype=dtype,
                        progress=lambda line: click.echo(line, err=True))
-    _track(model_dir, "eval", result, track)
-    _emit(result, as_json, format_results(result))
+    try:
+        _track(model_dir, "eval", result, track)
+    finally:  # results that took long to compute are printed even when logging them failed
+        _emit(result, as_json, format_results(result))
 
 
 def _check_tracked(model_dir: Path) -> None:
@@ -326,8 +328,10 @@ def eval_efficiency_cmd(model_dir: Path, prompt_tokens: int | None, new_tokens: 
         _check_tracked(model_dir)
     result = efficiency_report(model_dir, prompt_tokens=prompt_tokens, new_tokens=new_tokens, dtype=dtype,
                                repeats=repeats)
-    _track(model_dir, "efficiency", result, track)
-    _emit(result, as_json, format_table(result))
+    try:
+        _track(model_dir, "efficiency", result, track)
+    finally:
+        _emit(result, as_json, format_table(result))
 
 
 @eval_group.command("report")

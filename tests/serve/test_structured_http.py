@@ -120,3 +120,24 @@ def test_requests_the_server_cannot_honour_get_a_400_naming_the_part(live, extra
     assert caught.value.status_code == 400 and words in error["message"], error
     if param is not None:
         assert error["param"] == param
+
+
+def test_refs_in_tool_parameters_and_tools_named_like_modes(live):
+    booking = {"type": "function", "function": {"name": "auto", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["when"],
+        "properties": {"when": {"$ref": "#/$defs/Day"}}, "$defs": {"Day": {"enum": ["mon", "tue"]}}}}}
+    reply = chat(live, tools=[booking, PING], tool_choice={"type": "function", "function": {"name": "auto"}}, n=2)
+    for choice in reply.choices:  # a forced call of the tool called "auto", not the "auto" mode
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "auto" and json.loads(call.function.arguments)["when"] in ("mon", "tue")
+
+
+def test_only_a_whole_call_of_a_given_tool_becomes_tool_calls():
+    from hybridlm.serve.tools import as_tool_call
+
+    names = frozenset({"ping"})
+    assert as_tool_call(' {"name": "ping", "arguments": {}}', "stop", "auto", names)[1] is None  # text that starts with a space
+    assert as_tool_call('{"name": "pong", "arguments": {}}', "stop", "auto", names)[1] is None  # not a given tool
+    assert as_tool_call('{"name": "ping", "arguments": 3}', "stop", "auto", names)[1] is None
+    content, calls, finish = as_tool_call('{"name": "ping", "arguments": {}}', "stop", "auto", names)
+    assert content is None and calls[0].function.name == "ping" and finish == "tool_calls"

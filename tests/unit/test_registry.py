@@ -140,3 +140,12 @@ def test_the_cli_and_its_bad_input(world):
     assert unreachable.returncode == 2 and "cannot reach the registry" in unreachable.stderr
     assert [(m.action, m.to_version) for m in store.history("tiny", "production")] == [("set", 1)]  # nothing changed
     assert [v.version for v in store.versions("tiny")] == [1]
+
+
+def test_a_move_that_keeps_the_version_does_not_trap_rollback(world):
+    store, first, second, _, _ = world
+    register(store, first), register(store, second)
+    store.move("tiny", "production", 1, "set")
+    store.move("tiny", "production", 2, "set")
+    store.move("tiny", "production", 2, "set")  # promoted again: 2 -> 2
+    assert rollback(store, "tiny", "production").to_version == 1

@@ -100,3 +100,12 @@ def test_tracking_needs_a_reachable_store_and_a_tracked_run(tmp_path):
 
     with pytest.raises(UserError, match="was not trained with train.tracking"):
         tracked_run(tmp_path)
+
+
+def test_a_failing_tracking_store_warns_once_and_does_not_stop_training(tracked):
+    _, client = tracked
+    run = MlflowRun(client, "0" * 32)  # a run the store does not have: every write fails
+    with pytest.warns(UserWarning, match="MLflow tracking stopped at step 3"):
+        run.log_metrics({"step": 3, "loss": 1.0})
+    assert run.failed
+    run.log_metrics({"step": 4, "loss": 0.9})  # no second warning, no exception

@@ -135,11 +135,20 @@ class GrammarMatcher:
 
 def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
     """The JSON a tool call is written as, for a choice among `tools` (OpenAI function specs:
-    name, parameters): {"name": <one of them>, "arguments": <its parameters>}."""
-    calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-              "properties": {"name": {"const": tool["name"]},
-                             "arguments": tool.get("parameters") or {"type": "object"}}} for tool in tools]
-    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+    name, parameters): {"name": <one of them>, "arguments": <its parameters>}. Each tool's `$defs`
+    move to the root, where its "#/$defs/..." references point once the parameters are nested."""
+    calls, defs = [], {}
+    for tool in tools:
+        parameters = dict(tool.get("parameters") or {"type": "object"})
+        for name, definition in parameters.pop("$defs", {}).items():
+            if name in defs and defs[name] != definition:
+                raise GrammarError(f"two tools define $defs/{name} differently; give them distinct names",
+                                   "/$defs/" + name)
+            defs[name] = definition
+        calls.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                      "properties": {"name": {"const": tool["name"]}, "arguments": parameters}})
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return schema | ({"$defs": defs} if defs else {})
 
 
 def text_or_tool_call(tools: list[dict[str, Any]]) -> str:

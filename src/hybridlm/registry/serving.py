@@ -45,6 +45,11 @@ class AliasSource:
     def check(self, label: str, run_dir: Path) -> None:
         verify(self.registry.version(self.name, int(label.rsplit("/", 1)[1])))
 
-    def roll_back(self, reason: str) -> str:
-        move = rollback(self.registry, self.name, self.alias, reason=reason, action="auto-rollback")
+    def roll_back(self, label: str, reason: str) -> str:
+        """Move the alias back from `label`, unless it already left that version (an operator, or
+        another replica, moved it meanwhile): then nothing changes."""
+        current = self.registry.alias_version(self.name, self.alias)
+        if f"{self.name}/{current}" != label:
+            raise UserError(f"{self.name}@{self.alias} no longer points at {label} (it is at {current}); not rolled back")
+        move = rollback(self.registry, self.name, self.alias, reason=f"{label}: {reason}", action="auto-rollback")
         return f"{self.name}/{move.to_version}"

@@ -194,6 +194,8 @@ class Registry:
         (not itself a rollback) that brought it to where it is."""
         current = self.alias_version(name, alias)
         for entry in reversed(self.history(name, alias)):
+            if entry.from_version == current:
+                continue  # a move that left it where it was (setting or promoting the version it held)
             if entry.moved and entry.to_version == current and entry.action not in ("rollback", "auto-rollback"):
                 if entry.from_version is None:
                     break

@@ -55,9 +55,11 @@ class Job:
     echo: Echo | None = None
     """The prompt to put before every choice's text (completions with echo)."""
     tool_mode: str | None = None
-    """The chat request's tool choice ("none", "auto", "required", a function's name; None without tools)."""
+    """The chat request's tool choice ("none", "auto", "required", "function:NAME"; None without tools)."""
     service: Service | None = None
     """The version it runs on, from admission to its end (a hot swap does not move it)."""
+    tool_names: frozenset[str] = frozenset()
+    """The functions a reply may call (a call of any other stays text)."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,8 @@ async def admit(state: ServerState, service: Service, body: CompletionRequest | 
     return Job(kind="chat" if chat else "completion", id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                created=int(time.time()), model=state.model_name, key_id=key_id, gen=gen, stream=body.stream,
                include_usage=body.include_usage(), record=record, reserved=reserved, echo=echo,
-               tool_mode=body.tool_mode() if chat else None, service=service)
+               tool_mode=body.tool_mode() if chat else None, service=service,
+               tool_names=frozenset(t.function.name for t in (body.tools or [])) if chat else frozenset())
 
 
 async def _grammar(service: Service, body: CompletionRequest | ChatCompletionRequest) -> Grammar | None:

@@ -44,8 +44,9 @@ class ModelSource(Protocol):
     def check(self, label: str, run_dir: Path) -> None:
         """Refuse (UserError) a version whose files changed since it was recorded."""
 
-    def roll_back(self, reason: str) -> str:
-        """Point back at the previous version (the automated policy); returns its label."""
+    def roll_back(self, label: str, reason: str) -> str:
+        """Point back from version `label` to the one before it (the automated policy); returns
+        the label it now points at. UserError when it no longer points at `label`."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class FixedRun:
     def check(self, label: str, run_dir: Path) -> None:
         """Nothing beyond what loading does: load_run checks the manifest's hashes as it reads."""
 
-    def roll_back(self, reason: str) -> str:
+    def roll_back(self, label: str, reason: str) -> str:
         raise UserError("a run directory has no earlier version; serve a registry alias (models:/NAME@ALIAS)")
 
 
@@ -91,6 +92,7 @@ class Swapper:
         self._lock = asyncio.Lock()
         self._watch: _Watch | None = None
         self._retiring: dict[asyncio.Future, Service] = {}
+        self._background: set[asyncio.Future] = set()
         metrics.model_version.info({"version": service.version})
 
     async def refresh(self) -> dict:
@@ -151,7 +153,9 @@ class Swapper:
         reason = self._breach(watch)
         if reason:
             self._watch = None
-            asyncio.ensure_future(self._roll_back(watch.version, reason))
+            task = asyncio.ensure_future(self._roll_back(watch.version, reason))
+            self._background.add(task)  # referenced until it ends (a bare task may be collected mid-way)
+            task.add_done_callback(self._background.discard)
 
     def _breach(self, watch: _Watch) -> str:
         count, policy = len(watch.latencies), self.policy
@@ -169,15 +173,17 @@ class Swapper:
 
     async def _roll_back(self, version: str, reason: str) -> None:
         try:
-            back = await asyncio.to_thread(self.source.roll_back, f"{version}: {reason}")
+            back = await asyncio.to_thread(self.source.roll_back, version, reason)
             self.metrics.rollbacks.inc()
             log.warning("automated rollback of %s (%s) to %s", version, reason, back)
             await self.refresh()
-        except UserError as exc:
+        except Exception as exc:  # noqa: BLE001 - a registry that cannot be reached must not end silently
             log.error("automated rollback of %s failed: %s", version, exc)
 
     async def close(self, grace_s: float = 10.0) -> None:
         """At shutdown: retiring versions get `grace_s` for their requests, then close regardless."""
+        for task in self._background:
+            task.cancel()
         if self._retiring:
             _, late = await asyncio.wait(list(self._retiring), timeout=grace_s)
             for task in late:

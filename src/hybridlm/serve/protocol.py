@@ -247,9 +247,9 @@ class ChatCompletionRequest(SamplingFields):
         return self
 
     def tool_mode(self) -> str | None:
-        """"none", "auto", "required" or the forced function's name; None without tools."""
+        """"none", "auto", "required" or "function:NAME" (a forced call); None without tools."""
         if isinstance(self.tool_choice, NamedToolChoice):
-            return self.tool_choice.function.name
+            return f"function:{self.tool_choice.function.name}"
         return self.tool_choice or ("auto" if self.tools else None)
     max_tokens: int | None = Field(None, ge=1, description="New tokens per choice; default: the cap, or what fits.")
     max_completion_tokens: int | None = Field(None, ge=1, description="The newer name for max_tokens.")

@@ -177,7 +177,7 @@ async def _answer(request: Request, state: ServerState, service, body, key_id: s
     if job.kind == "chat":
         choices = []
         for i, text in result.texts.items():
-            content, calls, finish = as_tool_call(text, result.finish.get(i), job.tool_mode)
+            content, calls, finish = as_tool_call(text, result.finish.get(i), job.tool_mode, job.tool_names)
             choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls),
                                       finish_reason=finish,
                                       logprobs=chat_logprobs(tokenizer, result.logprobs.get(i, [])) if wants else None))
@@ -221,7 +221,7 @@ async def _events(state: ServerState, job: Job, stream, first) -> AsyncIterator[
             # With tools, a choice may turn out to be a call: its text is held and sent whole at its end.
             held[piece.index] += piece.text
             text = held[piece.index] if piece.finish else ""
-            content, calls, reason = as_tool_call(text, piece.finish, job.tool_mode)
+            content, calls, reason = as_tool_call(text, piece.finish, job.tool_mode, job.tool_names)
             finish[piece.index] = reason or finish.get(piece.index)
             yield event(_frame(job, [_choice(job, piece.index, content or "", reason, logprobs=logprobs,
                                              tool_calls=calls)]))

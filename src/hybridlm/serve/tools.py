@@ -61,9 +61,9 @@ def reply_grammar(body: ChatCompletionRequest, compiler: GrammarCompiler) -> Gra
             _compiled(lambda s=spec: compiler.json_schema(s.get("parameters") or {"type": "object"}),
                       f"tools[{i}].function.parameters", "tools")
         if mode == "auto":
-            return compiler.lark(text_or_tool_call(specs))
-        chosen = specs if mode == "required" else [s for s in specs if s["name"] == mode]
-        return compiler.json_schema(tool_call_schema(chosen))
+            return _compiled(lambda: compiler.lark(text_or_tool_call(specs)), "tools", "tools")
+        chosen = specs if mode == "required" else [s for s in specs if f"function:{s['name']}" == mode]
+        return _compiled(lambda: compiler.json_schema(tool_call_schema(chosen)), "tools", "tools")
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
         return None
@@ -81,14 +81,18 @@ def _compiled(compile_it, where: str, param: str) -> Grammar:
                        "simplify that part", param=param, code="invalid_schema") from None
 
 
-def as_tool_call(text: str, finish: str | None, mode: str | None) -> tuple[str | None, list[ToolCall] | None, str | None]:
-    """(content, tool_calls, finish_reason) of one finished choice: a complete call becomes
-    `tool_calls` with finish "tool_calls"; text, or a call cut short by max_tokens, stays content."""
-    if mode in (None, "none") or finish != "stop" or not text.lstrip().startswith("{"):
+def as_tool_call(text: str, finish: str | None, mode: str | None,
+                 names: frozenset[str] = frozenset()) -> tuple[str | None, list[ToolCall] | None, str | None]:
+    """(content, tool_calls, finish_reason) of one finished choice: a complete call of one of the
+    tools `names` (the grammar writes it from the reply's first character) becomes `tool_calls`
+    with finish "tool_calls"; anything else, a call cut short by max_tokens included, stays content."""
+    if mode in (None, "none") or finish != "stop" or not text.startswith("{"):
         return text, None, finish
     try:
         call = json.loads(text)
     except json.JSONDecodeError:
+        return text, None, finish
+    if not isinstance(call, dict) or call.get("name") not in names or not isinstance(call.get("arguments"), dict):
         return text, None, finish
     function = CalledFunction(name=call["name"], arguments=json.dumps(call["arguments"]))
     return None, [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", type="function", function=function)], "tool_calls"

@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,8 @@ class MlflowRun:
 
     def __init__(self, client, run_id: str) -> None:
         self.client, self.run_id = client, run_id
+        self.failed = ""
+        """Why step metrics stopped reaching MLflow, once they did (training goes on without them)."""
 
     @classmethod
     def open(cls, directory: Path, uri: str, experiment: str, *, parent: str | None = None) -> MlflowRun:
@@ -112,8 +115,15 @@ class MlflowRun:
         step = record.get("step", 0) if step is None else step
         values = [Metric(k, float(v), now, step) for k, v in flatten(record).items()
                   if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
-        for start in range(0, len(values), 1000):
-            self.client.log_batch(self.run_id, metrics=values[start : start + 1000])
+        if self.failed:
+            return
+        try:
+            for start in range(0, len(values), 1000):
+                self.client.log_batch(self.run_id, metrics=values[start : start + 1000])
+        except Exception as exc:  # noqa: BLE001 - a tracking server that goes away must not stop training
+            self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            warnings.warn(f"MLflow tracking stopped at step {step} ({self.failed}); training goes on and "
+                          "metrics.jsonl keeps every record", stacklevel=2)
 
     def log_file(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)

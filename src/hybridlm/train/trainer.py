@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -110,9 +111,10 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, tracki
         tracker.log_params(flatten(cfg.to_dict()))
     try:
         summary = _train(cfg, checkpoint, data, world, progress, tracker)
-    except BaseException:
+    except BaseException as exc:
         if tracker is not None:
-            tracker.finish("KILLED")
+            with contextlib.suppress(Exception):  # the training error is the one to report
+                tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     if tracker is not None:
         tracker.log_metrics({k: v for k, v in summary.items() if k.startswith("val_") or k in ("seconds", "train_tokens")},

@@ -124,9 +124,9 @@ class RollbackSettings:
     min_requests: int = 20
     """Requests to see before judging."""
     max_error_rate: float = 0.05
-    """Share of requests that failed with a server error; 0 turns the check off."""
+    """Share of requests that failed with a server error (503 queue-full excluded); 0 turns the check off."""
     max_block_rate: float = 0.0
-    """Share of requests the safety filter blocked (prompt or reply); 0 turns the check off."""
+    """Share of requests whose reply the output filter blocked; 0 turns the check off."""
     max_p99_s: float = 0.0
     """p99 of request duration in seconds; 0 turns the check off."""
 

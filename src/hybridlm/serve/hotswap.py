@@ -148,8 +148,10 @@ class Swapper:
             self._watch = None  # the window passed: the version stays
             return
         watch.latencies.append(record.duration_s or 0.0)
-        watch.errors += record.status >= 500 or record.error_code == "internal_error"
-        watch.blocked += any(hit.endswith(":block") for hit in record.filter_hits)
+        # What the version did: server errors (not 503, a full queue is load) and replies the output
+        # filter blocked (a blocked prompt says nothing about the model).
+        watch.errors += (record.status >= 500 and record.status != 503) or record.error_code == "internal_error"
+        watch.blocked += any(hit.startswith("output:") and hit.endswith(":block") for hit in record.filter_hits)
         reason = self._breach(watch)
         if reason:
             self._watch = None
@@ -177,6 +179,7 @@ class Swapper:
             self.metrics.rollbacks.inc()
             log.warning("automated rollback of %s (%s) to %s", version, reason, back)
             await self.refresh()
+            self._watch = None  # the version rolled back to served before: it is not on trial
         except Exception as exc:  # noqa: BLE001 - a registry that cannot be reached must not end silently
             log.error("automated rollback of %s failed: %s", version, exc)
 

@@ -1,16 +1,21 @@
 """SQuAD 1.1 / 2.0: the official normalisation, EM and F1 by hand, the no-answer threshold
 search of the official script by hand, the reader on small files in the official format (made up
-here: the real dev sets are not in shared/data and must be supplied), and the task end to end on
-the tiny run, its metrics recomputed from the model's own replies."""
+here: the real dev sets are not in shared/data and must be supplied), the task end to end on
+the tiny run, its metrics recomputed from the model's own replies, and lm-eval's own squadv2 on
+the same questions giving the same eight metrics."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from lm_eval_local import lm_eval_cli
 
 from hybridlm.errors import UserError
 from hybridlm.eval.scoring import Scorer
@@ -78,3 +83,33 @@ def test_missing_files_and_shots_are_refused_in_one_line(tiny_run, tmp_path):
         result = subprocess.run([sys.executable, "-m", "hybridlm", "eval", "run", "--model", str(tiny_run), "--data-dir",
                                  str(tmp_path), *args], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_lm_evals_own_squadv2_gives_the_same_metrics(tiny_run, tmp_path, monkeypatch):
+    """lm-eval's SQuAD2 task class on the same questions in Hugging Face's squad_v2 rows; its
+    metric comes from the official script's algorithm (lm_eval_squad_local.py says why)."""
+    paragraphs = [p for article in MADE_UP["data"] for p in article["paragraphs"]]
+    more = [{"context": f"Paragraph {k}: the value of x{k} is {k + 3}.", "qas": [
+        {"id": f"m{k}", "question": f"What is the value of x{k}?", "answers": [] if k % 3 == 0 else [{"text": str(k + 3)}],
+         "is_impossible": k % 3 == 0}]} for k in range(6, 12)]
+    document = {"version": "v2.0", "data": [{"title": "Paragraphs", "paragraphs": paragraphs + more}]}
+    rows = [{"id": qa["id"], "title": "Paragraphs", "context": p["context"], "question": qa["question"],
+             "answers": {"text": [a["text"] for a in qa["answers"]], "answer_start": [0] * len(qa["answers"])}}
+            for p in document["data"][0]["paragraphs"] for qa in p["qas"]]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    shutil.copy(Path(__file__).with_name("lm_eval_squad_local.py"), tasks)
+    (tasks / "squad_local.yaml").write_text("task: squad_local\nclass: !function lm_eval_squad_local.LocalSQuAD2\n")
+    monkeypatch.setenv("HYBRIDLM_SQUAD_ROWS", str(tmp_path / "rows.jsonl"))
+    theirs = lm_eval_cli(tiny_run, tasks, ["squad_local"], tmp_path / "out", tmp_path, "--gen_kwargs",
+                         "max_gen_toks=8")["squad_local"]
+    (tmp_path / "data" / "squad").mkdir(parents=True)
+    (tmp_path / "data" / "squad" / "dev-v2.0.json").write_text(json.dumps(document))
+    result = subprocess.run([sys.executable, "-m", "hybridlm", "eval", "run", "--model", str(tiny_run), "--tasks",
+                             "squadv2", "--max-new-tokens", "8", "--dtype", "fp32", "--data-dir", str(tmp_path / "data"),
+                             "--json"], capture_output=True, text=True, timeout=600, check=True, env=os.environ)
+    ours = json.loads(result.stdout)["tasks"]["squadv2"]
+    assert ours["n"] == len(rows) == 9
+    for metric, value in ours["metrics"].items():
+        assert value == pytest.approx(theirs[f"{metric},none"], abs=1e-9), metric

@@ -17,7 +17,7 @@ correct) indexes the choices, so a correct answer's target is the "... no" conti
 that, for parity. `em` (every answer of a question judged right) and `f1a` (F1 over all answers,
 "yes" meaning correct) are SuperGLUE's own MultiRC metrics, with the model's choice read the
 natural way. lm-eval scores WSC on Hugging Face's `wsc.fixed`; SuperGLUE's own val file is read
-here (its few known span errors included). ReCoRD is not in shared/data and not implemented.
+here (its few known span errors included). ReCoRD is in record.py (its file must be supplied).
 """
 
 from __future__ import annotations
@@ -165,13 +165,13 @@ def prepare_multirc(options: EvalOptions) -> MultircTask:
 
 # ---- the group -------------------------------------------------------------------------------
 
-GROUP = ("boolq", "cb", "copa", "multirc", "sglue_rte", "wic", "wsc")
-_MAIN = {"cb": ("acc", "f1_macro"), "multirc": ("em", "f1a")}
+GROUP = ("boolq", "cb", "copa", "multirc", "record", "sglue_rte", "wic", "wsc")
+_MAIN = {"cb": ("acc", "f1_macro"), "multirc": ("em", "f1a"), "record": ("f1", "em")}
 
 
 def superglue_average(results: dict[str, dict]) -> dict:
     """The SuperGLUE score over the tasks scored: each task's metrics averaged (CB: acc and F1,
-    MultiRC: EM and F1a, as SuperGLUE's leaderboard), then the tasks averaged."""
+    MultiRC: EM and F1a, ReCoRD: F1 and EM, as SuperGLUE's leaderboard), then the tasks averaged."""
     scores = {name: mean([results[name]["metrics"][k] for k in _MAIN.get(name, ("acc",))])
               for name in GROUP if name in results}
     return {"metrics": {"score": mean(list(scores.values()))}, "n": len(scores), "stderr": {}, "tasks": scores,
@@ -179,5 +179,5 @@ def superglue_average(results: dict[str, dict]) -> dict:
 
 
 def available(options: EvalOptions) -> list[str]:
-    folders = {name: spec.folder for name, spec in SPECS.items()} | {"multirc": "MultiRC"}
+    folders = {name: spec.folder for name, spec in SPECS.items()} | {"multirc": "MultiRC", "record": "ReCoRD"}
     return [name for name in GROUP if (Path(options.data_dir) / f"superglue/{folders[name]}/val.jsonl").is_file()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,13 @@ from hybridlm.tokenizer import train_tokenizer
 from hybridlm.train.config import RunConfig, TrainConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 just now, for a server a test starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def shared_file(relative: str) -> Path:

@@ -259,8 +259,8 @@ def eval_perplexity_cmd(model_dir: Path, data_path: Path, stride: int | None, as
 @eval_group.command("run")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="Run directory.")
 @click.option("--tasks", "task_list", required=True,
-              help="Comma-separated: hellaswag, piqa, arc_easy, arc_challenge, lambada, wikitext2, sst2, alpaca_gen, "
-                   "mc:PATH (JSONL of context/choices/label), gen:PATH (instruction file).")
+              help="Comma-separated task and group names (glue, superglue, race, gsm8k, ...; an unknown name lists "
+                   "them all), mc:PATH (JSONL of context/choices/label), gen:PATH (instruction file).")
 @click.option("--shots", type=int, default=0, show_default=True, help="Few-shot examples per prompt.")
 @click.option("--limit", type=int, default=None, help="Score only the first N items of each task.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Scoring requests per forward.")
@@ -276,8 +276,8 @@ def eval_perplexity_cmd(model_dir: Path, data_path: Path, stride: int | None, as
 def eval_run_cmd(model_dir: Path, task_list: str, shots: int, limit: int | None, batch_size: int, seed: int,
                  data_dir: Path | None, stride: int | None, max_new_tokens: int, dtype: str, track: bool,
                  as_json: bool) -> None:
-    """Benchmark tasks (multiple choice, LAMBADA, WikiText-2, SST-2, generation) the way
-    lm-evaluation-harness scores them."""
+    """Benchmark tasks (multiple choice, GLUE, SuperGLUE, reading, reasoning, perplexity,
+    generation) the way lm-evaluation-harness scores them."""
     from hybridlm.eval.tasks import format_results, run_tasks, task_names
     from hybridlm.eval.tasks.base import DEFAULT_DATA_DIR, EvalOptions
 
@@ -344,6 +344,65 @@ def eval_report_cmd(results: tuple[Path, ...], out: Path, as_json: bool) -> None
 
     result = write_eval_report(list(results), out)
     _emit(result, as_json, f"wrote {', '.join(result['files'].values())} ({len(result['models'])} columns)")
+
+
+@eval_group.group("human")
+def eval_human() -> None:
+    """Blind human ratings of two runs' replies: build a study, serve its page, report."""
+
+
+@eval_human.command("build")
+@click.option("--model-a", "model_a", type=click.Path(path_type=Path), required=True, help="Run directory A.")
+@click.option("--model-b", "model_b", type=click.Path(path_type=Path), required=True, help="Run directory B.")
+@click.option("--prompts", "prompts_spec", required=True,
+              help="Instruction file (.json/.jsonl) whose conversations, cut before the last reply, are the prompts.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The study file to create (SQLite).")
+@click.option("--mode", type=click.Choice(["pairwise", "rating"]), default="pairwise", show_default=True,
+              help="pairwise: which of two replies is better; rating: each reply 1-5.")
+@click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the blind shuffle.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
+@json_option
+def eval_human_build_cmd(model_a: Path, model_b: Path, prompts_spec: str, out: Path, mode: str, limit: int | None,
+                         max_new_tokens: int, seed: int, dtype: str, as_json: bool) -> None:
+    """Both runs reply to the same prompts; the replies become blind cards in OUT."""
+    from hybridlm.eval.human.build import build_study
+
+    study = build_study(model_a, model_b, prompts_spec, out, mode=mode, limit=limit, max_new_tokens=max_new_tokens,
+                        seed=seed, dtype=dtype)
+    cards = len(study.cards())
+    _emit({"study": str(study.path), "mode": study.mode, "cards": cards}, as_json,
+          f"wrote {study.path}: {cards} {study.mode} cards; rate them with `hybridlm eval human serve {study.path}`")
+
+
+@eval_human.command("serve")
+@click.argument("study_path", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8600, show_default=True)
+def eval_human_serve_cmd(study_path: Path, host: str, port: int) -> None:
+    """The rating page for a study, until interrupted."""
+    from hybridlm.eval.human.store import Study
+
+    study = Study(study_path)
+    _need_serve_extra()
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be 1-65535 (got {port})")
+    from hybridlm.eval.human.page import serve_study
+
+    serve_study(study, host, port)
+
+
+@eval_human.command("report")
+@click.argument("study_path", type=click.Path(path_type=Path))
+@json_option
+def eval_human_report_cmd(study_path: Path, as_json: bool) -> None:
+    """Win rates (pairwise) or mean ratings, per criterion, with 95% confidence intervals."""
+    from hybridlm.eval.human.report import format_report, report
+    from hybridlm.eval.human.store import Study
+
+    document = report(Study(study_path))
+    _emit(document, as_json, format_report(document))
 
 
 @app.command("report")

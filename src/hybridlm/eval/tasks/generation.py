@@ -40,6 +40,13 @@ PREFIX = "gen:"
 ALPACA_FILE = "instruct/codealpaca/code_alpaca_2k.json"
 
 
+def chat_replies(scorer: Scorer, conversations: list[Conversation], max_new_tokens: int) -> list[str]:
+    """Greedy replies to conversations rendered with the chat template, each until its end-of-turn."""
+    tokenizer = scorer.tokenizer
+    prompt_ids = [render_chat(tokenizer, messages, add_generation_prompt=True)[0] for messages in conversations]
+    return scorer.generate_ids_until(prompt_ids, max_new_tokens, [], tokenizer.special_ids["end"])
+
+
 @dataclass
 class GenerationTask:
     prompts: list[Conversation]
@@ -47,9 +54,7 @@ class GenerationTask:
     max_new_tokens: int
 
     def score(self, scorer: Scorer) -> dict:
-        tokenizer = scorer.tokenizer
-        prompt_ids = [render_chat(tokenizer, messages, add_generation_prompt=True)[0] for messages in self.prompts]
-        predictions = scorer.generate_ids_until(prompt_ids, self.max_new_tokens, [], tokenizer.special_ids["end"])
+        predictions = chat_replies(scorer, self.prompts, self.max_new_tokens)
         metrics, stderr = summarise({"rouge_l": rouge_l(predictions, self.references),
                                      "meteor": meteor(predictions, self.references),
                                      "exact_match": exact_match(predictions, self.references)})

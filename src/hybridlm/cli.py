@@ -405,6 +405,31 @@ def eval_human_report_cmd(study_path: Path, as_json: bool) -> None:
     _emit(document, as_json, format_report(document))
 
 
+@app.group()
+def analyze() -> None:
+    """Analyses of trained runs."""
+
+
+@analyze.command("heads")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--data", "source", default="stdlib-docs", show_default=True,
+              help="Text source: a file, a directory, or stdlib-docs[:docstrings|reference|qa].")
+@click.option("--tokens", type=int, default=None, help="Tokens of text to analyse (default: 512, or the context).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random tokens for induction scores.")
+@click.option("--clusters", type=int, default=4, show_default=True, help="Clusters of heads by Jensen-Shannon distance.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Also write heads.md, heads.json and PNGs (heatmaps per layer, clusters) here.")
+@json_option
+def analyze_heads_cmd(run_dir: Path, source: str, tokens: int | None, seed: int, clusters: int, out: Path | None,
+                      as_json: bool) -> None:
+    """Per layer and head: previous-token, self, first-token (sink) attention, distance, entropy,
+    positional offset, induction score, sparse layers' window / strided / global mass, clusters."""
+    from hybridlm.analysis.heads import analyze_heads, heads_markdown
+
+    document = analyze_heads(run_dir, source=source, tokens=tokens, seed=seed, clusters=clusters, out=out)
+    _emit(document, as_json, heads_markdown(document))
+
+
 @app.command("report")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: RUN/report).")

@@ -35,6 +35,13 @@ def escape_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def markdown_table(header: list[str], rows: list[list[str]], left: int) -> list[str]:
+    """Lines of a markdown table: the first `left` columns left-aligned, the rest right-aligned (figures)."""
+    return ["| " + " | ".join(escape_cell(h) for h in header) + " |",
+            "|" + "|".join(["---"] * left + ["---:"] * (len(header) - left)) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 
 def json_safe(value: object) -> object:
     """NaN and infinity (a diverged loss) become null, so --json stays one valid JSON document."""

@@ -261,7 +261,13 @@ def _bad(result: subprocess.CompletedProcess, *needles: str) -> None:
 
 def test_eval_run_bad_input_is_one_line_and_exit_2(tiny_run, mc_file, tmp_path):
     run = str(tiny_run)
-    _bad(hybridlm("eval", "run", "--model", run, "--tasks", "piqa,nope"), "unknown task 'nope'", "arc_challenge")
+    _bad(hybridlm("eval", "run", "--model", run, "--tasks", "piqa,nope"), "unknown task 'nope'", "arc_challenge",
+         "minerva_math500", "race", "groups: glue, superglue")
+    _bad(hybridlm("eval", "run", "--model", run, "--tasks", "gsm8k", "--limit", "0"), "--limit must be > 0")
+    _bad(hybridlm("eval", "run", "--model", run, "--tasks", "minerva_math500", "--shots", "5"),
+         "--shots 5 is more than the 4 fixed Minerva examples")
+    _bad(hybridlm("eval", "run", "--model", run, "--tasks", "race,record", "--data-dir", str(tmp_path)),
+         "race/test/high", "RACE.tar.gz")
     _bad(hybridlm("eval", "run", "--model", run, "--tasks", "piqa", "--data-dir", str(tmp_path)),
          str(tmp_path / piqa.ITEMS), "--data-dir")
     _bad(hybridlm("eval", "run", "--model", run, "--tasks", f"mc:{mc_file}", "--shots", "4"),

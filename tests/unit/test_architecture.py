@@ -14,7 +14,7 @@ LAYERS = [
     {"model"},
     {"tokenizer", "data", "run"},
     {"train", "inference"},
-    {"eval", "bench"},
+    {"eval", "bench", "analysis"},
     {"serve", "interop", "quickstart", "registry"},
     {"cli", "__main__"},
 ]

@@ -20,6 +20,7 @@ from hybridlm.report_format import (
     escape_cell,
     figure_png,
     format_figure,
+    markdown_table,
     series_colour,
 )
 
@@ -105,12 +106,6 @@ def column_names(results: list[Result]) -> list[str]:
     return names
 
 
-def _table(header: list[str], rows: list[list[str]], left: int) -> list[str]:
-    return ["| " + " | ".join(escape_cell(h) for h in header) + " |",
-            "|" + "|".join(["---"] * left + ["---:"] * (len(header) - left)) + "|",
-            *("| " + " | ".join(row) + " |" for row in rows)]
-
-
 def _metric_cell(task: dict, metric: str) -> str:
     value, stderr = task["metrics"].get(metric), task.get("stderr", {}).get(metric)
     return MISSING if value is None else format_figure(value) + (f" ± {format_figure(stderr)}" if stderr is not None else "")
@@ -129,7 +124,7 @@ def tasks_markdown(results: list[Result], names: list[str]) -> list[str]:
         rows.append([escape_cell(task), "items", *(format_figure(r.doc["tasks"].get(task, {}).get("n")) for r in results)])
     settings = [f"- {escape_cell(name)}: " + ", ".join(f"{k} {escape_cell(str(r.doc.get(k)).lower())}"  # limit None -> none
                                                  for k in ("shots", "seed", "limit")) for name, r in zip(names, results)]
-    return ["## Tasks", "", *_table(["task", "metric", *names], rows, 2), "", *settings]
+    return ["## Tasks", "", *markdown_table(["task", "metric", *names], rows, 2), "", *settings]
 
 
 def efficiency_keys(results: list[Result]) -> list[str]:
@@ -158,7 +153,7 @@ def efficiency_markdown(results: list[Result], names: list[str]) -> list[str]:
     rows = [[escape_cell(FIELDS.get(k, k)), *(_efficiency_cell(r, k) for r in results)] for k in keys]
     methods = [_method_line(k, {n: r.doc["efficiency"][k].get("method") for n, r in zip(names, results)
                                 if k in r.doc["efficiency"]}) for k in keys]
-    return ["## Efficiency", "", *_table(["field", *names], rows, 1), "", "How each figure was obtained:", "",
+    return ["## Efficiency", "", *markdown_table(["field", *names], rows, 1), "", "How each figure was obtained:", "",
             *(m for m in methods if m)]
 
 

@@ -1,0 +1,1 @@
+"""Analyses of trained runs: what the attention heads do (`hybridlm analyze heads`)."""

@@ -430,6 +430,39 @@ def analyze_heads_cmd(run_dir: Path, source: str, tokens: int | None, seed: int,
     _emit(document, as_json, heads_markdown(document))
 
 
+@app.group()
+def scaling() -> None:
+    """Scaling laws: train a grid of runs, fit laws to them."""
+
+
+@scaling.command("sweep")
+@click.argument("grid_path", type=click.Path(path_type=Path))
+@json_option
+def scaling_sweep_cmd(grid_path: Path, as_json: bool) -> None:
+    """Train every point of a grid (model sizes x token budgets, or an IsoFLOP grid); resumable, and
+    several sweeps may share one grid."""
+    from hybridlm.analysis.scaling_sweep import run_sweep
+
+    results = run_sweep(grid_path, progress=not as_json)
+    _emit({"points": results}, as_json, "\n".join(f"{r['point']:<28} {r['status']}" for r in results))
+
+
+@scaling.command("fit")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--form", type=click.Choice(["kaplan", "chinchilla"]), default="kaplan", show_default=True,
+              help="kaplan: L(N) = (N_c/N)^alpha and E + A/N^alpha; chinchilla: E + A/N^alpha + B/D^beta.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap over runs.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write scaling.json and the plots here.")
+@json_option
+def scaling_fit_cmd(run_dirs: tuple[Path, ...], form: str, seed: int, out: Path | None, as_json: bool) -> None:
+    """Fit a scaling law to finished runs (final validation loss vs parameters, and tokens), with
+    bootstrap intervals, for all and for non-embedding parameters."""
+    from hybridlm.analysis.scaling_runs import fit_runs, format_fit
+
+    document = fit_runs(list(run_dirs), form, seed=seed, out=out)
+    _emit(document, as_json, format_fit(document))
+
+
 @app.command("report")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: RUN/report).")

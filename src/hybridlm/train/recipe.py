@@ -136,21 +136,21 @@ def run_recipe(stages: list[Stage], *, only: str | None = None, progress: bool =
         raise UserError(f"no stage named {only!r}; the recipe has {', '.join(s.name for s in stages)}")
     chosen = [s for s in stages if only is None or s.name == only]
     for stage in chosen:
-        if not _finished(Path(stage.run.train.out)) or only is not None:
+        if not run_finished(Path(stage.run.train.out)) or only is not None:
             check_sources(stage.run)
     parent = _recipe_tracking(chosen)
     summaries = []
     for stage in chosen:
         out = Path(stage.run.train.out)
         if only is not None:
-            if stage.run.train.init_from and not _finished(Path(stage.run.train.init_from)):
+            if stage.run.train.init_from and not run_finished(Path(stage.run.train.init_from)):
                 raise UserError(f"stage {only!r} starts from {stage.run.train.init_from}, which has not finished; "
                                 "run the recipe up to it first")
             world = init_world()
             if world.is_main:
                 shutil.rmtree(out, ignore_errors=True)
             barrier(world)
-        if _finished(out):
+        if run_finished(out):
             summaries.append({"stage": stage.name, "skipped": True, **_last_summary(out)})
             continue
         result = train(stage.run, resume=bool(checkpoint_dirs(out)), progress=progress,
@@ -170,7 +170,8 @@ def _recipe_tracking(stages: list[Stage]) -> MlflowRun | None:
     return MlflowRun.open(Path(first.out).parent, first.tracking_uri, first.experiment)
 
 
-def _finished(run_dir: Path) -> bool:
+def run_finished(run_dir: Path) -> bool:
+    """A finished run: its model written and its files matching the manifest."""
     if not (run_dir / "model.safetensors").is_file():
         return False
     try:

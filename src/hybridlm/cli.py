@@ -430,6 +430,34 @@ def analyze_heads_cmd(run_dir: Path, source: str, tokens: int | None, seed: int,
     _emit(document, as_json, heads_markdown(document))
 
 
+@analyze.command("tokenizer")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--vocab-sizes", default="1024,4096", show_default=True, help="Comma-separated vocabulary sizes.")
+@click.option("--kinds", default="bpe,unigram", show_default=True, help="Comma-separated: bpe, unigram.")
+@click.option("--train", "train_models", is_flag=True,
+              help="Also train the same model on each tokenizer (equal steps and length) and score held-out bits/byte.")
+@click.option("--preset", default="tiny", show_default=True, help="With --train: the model preset.")
+@click.option("--train-steps", type=int, default=100, show_default=True, help="With --train: steps per model.")
+@json_option
+def analyze_tokenizer_cmd(sources: tuple[str, ...], vocab_sizes: str, kinds: str, train_models: bool, preset: str,
+                          train_steps: int, as_json: bool) -> None:
+    """BPE vs Unigram at several vocabulary sizes: bytes per token, tokens per word, vocabulary
+    used and encode MB/s on held-out documents (and, with --train, bits per byte of a model)."""
+    from hybridlm.analysis.tokenizers import compare_tokenizers, format_comparison
+
+    try:
+        sizes = [int(v) for v in vocab_sizes.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--vocab-sizes must be comma-separated integers (got {vocab_sizes!r})") from None
+    if train_steps <= 0:
+        raise UserError(f"--train-steps must be > 0 (got {train_steps})")
+    overrides = [f'model.preset="{preset}"', f"train.steps={train_steps}", "data.seq_len=256", "data.batch_size=8",
+                 "eval.every=0"] if train_models else None
+    document = compare_tokenizers(list(sources), sizes, tuple(k.strip() for k in kinds.split(",") if k.strip()),
+                                  train_overrides=overrides)
+    _emit(document, as_json, format_comparison(document))
+
+
 @app.group()
 def scaling() -> None:
     """Scaling laws: train a grid of runs, fit laws to them."""

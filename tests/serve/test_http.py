@@ -345,6 +345,7 @@ def test_penalties_and_logit_bias_take_effect_as_the_engine_computes_them(live):
 
 
 @pytest.mark.parametrize("bias, needle", [({"999999": 1.0}, "not a token id"), ({"abc": 1.0}, "not a token id"),
+                                          ({"²": 1.0}, "not a token id"),
                                           ({"5": 150.0}, "less than or equal to 100")])
 def test_bad_logit_bias_names_the_parameter(live, bias, needle):
     body = json.dumps({"model": live.model, "prompt": "hi", "max_tokens": 2, "logit_bias": bias}).encode()

@@ -240,7 +240,7 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
     """OpenAI's {"token id": value} as ids, each checked against the vocabulary."""
     ids = {}
     for key, value in (bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab_size:
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:  # "²".isdigit() is True
             raise ApiError(400, f"logit_bias key {key!r} is not a token id of this model (0..{vocab_size - 1})",
                            param="logit_bias")
         ids[int(key)] = value

@@ -6,7 +6,7 @@ twice at T=1024 with identical data order and settings: once hybrid (DDSSSS), on
 window, each token scored once) after the same number of tokens, and, from the training curves,
 validation bits per byte at the wall-clock time the hybrid run finished.
 
-Usage: .venv/bin/python benchmarks/quality_wikitext2.py --out runs/quality [--steps 200]
+Usage: .venv/bin/python benchmarks/quality_wikitext2.py --out runs/quality [--steps 200] [--all-sparse]
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--all-sparse", action="store_true", help="Also train the all-sparse ablation (SSSSSS).")
     args = parser.parse_args()
     out = args.out
     data = prepared_wikitext2(out)
     results = {}
-    for name, pattern in (("hybrid", "DDSSSS"), ("dense", "DDDDDD")):
+    patterns = [("hybrid", "DDSSSS"), ("dense", "DDDDDD")] + ([("sparse", "SSSSSS")] if args.all_sparse else [])
+    for name, pattern in patterns:
         run_dir = out / name
         if not (run_dir / "model.safetensors").exists():
             cfg = run_config_from_dict({

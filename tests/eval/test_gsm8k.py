@@ -1,7 +1,8 @@
 """GSM8K: the reader counts the README's problems, the answer extraction and normalisation by
 hand, and lm-evaluation-harness's own gsm8k task definition on the same problems (2 shots, a
 short generation) produces the same prompts, the same greedy replies, the same extracted answers
-and the same exact-match scores as ours."""
+and the same exact-match scores as ours; likewise its gsm8k_cot (the fixed chain-of-thought
+exemplars) on 3 shots."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from conftest import shared_file
 from lm_eval_local import lm_eval_cli, write_local_task
 
+from hybridlm.errors import UserError
 from hybridlm.eval.scoring import Scorer
 from hybridlm.eval.tasks import gsm8k
 from hybridlm.eval.tasks.base import EvalOptions
@@ -72,3 +74,30 @@ def test_lm_evals_own_gsm8k_gives_the_same_replies_answers_and_scores(tiny_run, 
     ours = task.score(scorer)["metrics"]
     assert ours["exact_match_strict"] == pytest.approx(theirs["exact_match,strict-match"], abs=1e-12)
     assert ours["exact_match_flexible"] == pytest.approx(theirs["exact_match,flexible-extract"], abs=1e-12)
+
+
+def test_lm_evals_own_gsm8k_cot_gives_the_same_prompts_and_scores(tiny_run, tmp_path):
+    test, tasks, out = tmp_path / "test.jsonl", tmp_path / "tasks", tmp_path / "out"
+    test.write_text("".join(shared_file(gsm8k.TEST).read_text().splitlines(keepends=True)[:5]))
+    write_local_task(tasks, "gsm8k/gsm8k-cot.yaml", "gsm8k_cot_local", {"test": test},
+                     GENERATION.replace('"Question:"', '"Q:"'))
+    theirs = lm_eval_cli(tiny_run, tasks, ["gsm8k_cot_local"], out, tmp_path, "--num_fewshot", "3",
+                         "--log_samples")["gsm8k_cot_local"]
+    data = tmp_path / "data"
+    (data / "gsm8k").mkdir(parents=True)
+    (data / gsm8k.TEST).write_text(test.read_text())
+    task = gsm8k.prepare_cot(EvalOptions(data_dir=data, shots=3, max_new_tokens=24))
+    prompts = {json.loads(line)["doc_id"]: json.loads(line)["arguments"]["gen_args_0"]["arg_0"]
+               for line in next(out.rglob("samples_gsm8k_cot_local_*.jsonl")).read_text().splitlines()}
+    assert [prompts[i] for i in range(5)] == task.prompts
+    assert task.prompts[0].startswith("Q: There are 15 trees") and task.prompts[0].endswith("\nA:")
+    ours = task.score(Scorer.from_path(tiny_run, batch_size=4, dtype="fp32"))["metrics"]
+    assert ours["exact_match_strict"] == pytest.approx(theirs["exact_match,strict-match"], abs=1e-12)
+    assert ours["exact_match_flexible"] == pytest.approx(theirs["exact_match,flexible-extract"], abs=1e-12)
+
+
+def test_cot_extraction_and_shot_limit():
+    assert gsm8k.strict_answer("so 3 + 4 = 7. The answer is 7.", gsm8k.COT_STRICT) == "7"
+    assert gsm8k.strict_answer("#### 7", gsm8k.COT_STRICT) == gsm8k.INVALID
+    with pytest.raises(UserError, match="use --shots 8 or fewer"):
+        gsm8k.prepare_cot(EvalOptions(shots=9))

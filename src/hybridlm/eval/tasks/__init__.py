@@ -47,6 +47,7 @@ TASKS: dict[str, TaskFactory] = {
     "record": record.prepare,
     "logiqa": logiqa.prepare,
     "gsm8k": gsm8k.prepare,
+    "gsm8k_cot": gsm8k.prepare_cot,
     "minerva_math500": math500.prepare,
     "race": race.prepare,
     **{name: partial(squad.prepare, name) for name in squad.FILES},

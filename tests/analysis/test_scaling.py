@@ -117,7 +117,10 @@ def test_a_killed_sweep_resumes_and_its_runs_fit(tiny_shards, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(tokenizer))
     mixed = hybridlm("scaling", "fit", runs[0], runs[1], str(other))
     assert mixed.returncode == 2 and "different tokenizers" in mixed.stderr
-    for result in (one_size, chinchilla, mixed):
+    (other / "tokenizer.json").unlink()
+    missing = hybridlm("scaling", "fit", runs[0], runs[1], str(other))
+    assert missing.returncode == 2 and "tokenizer.json needed" in missing.stderr
+    for result in (one_size, chinchilla, mixed, missing):
         assert len(result.stderr.strip().splitlines()) == 1
 
 

@@ -38,9 +38,10 @@ class RunPoint:
 
 def read_point(run_dir: Path) -> RunPoint:
     run_dir = Path(run_dir)
-    config, metrics = run_dir / "config.json", run_dir / "metrics.jsonl"
-    if not config.is_file() or not metrics.is_file():
-        raise UserError(f"{run_dir} is not a finished hybridlm run directory (config.json and metrics.jsonl needed)")
+    config, metrics, tokenizer = run_dir / "config.json", run_dir / "metrics.jsonl", run_dir / "tokenizer.json"
+    if not config.is_file() or not metrics.is_file() or not tokenizer.is_file():
+        raise UserError(f"{run_dir} is not a finished hybridlm run directory (config.json, metrics.jsonl and "
+                        "tokenizer.json needed)")
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     tokens = [r["tokens"] for r in records if "tokens" in r]
     losses = [r["val_loss"] for r in records if "val_loss" in r]
@@ -49,7 +50,7 @@ def read_point(run_dir: Path) -> RunPoint:
                         "the run evaluates")
     params, non_embedding = count_params(run_config_from_dict(read_json(config, "run config")).model)
     return RunPoint(str(run_dir), params, non_embedding, int(tokens[-1]), float(losses[-1]),
-                    sha256_file(run_dir / "tokenizer.json"))
+                    sha256_file(tokenizer))
 
 
 def check_points(points: list[RunPoint], form: str) -> None:

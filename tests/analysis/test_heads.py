@@ -6,16 +6,25 @@ on known groups, and the command end to end with its bad input."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from e2e.test_cli import hybridlm
 
 from hybridlm.analysis import head_stats
-from hybridlm.analysis.attention_maps import LayerMap, _probabilities, layer_outputs, visible_mask
-from hybridlm.analysis.head_clusters import average_linkage, folded_rows, js_distances, mds_2d
+from hybridlm.analysis.attention_maps import (
+    LayerMap,
+    _probabilities,
+    layer_outputs,
+    visible_mask,
+)
+from hybridlm.analysis.head_clusters import (
+    average_linkage,
+    folded_rows,
+    js_distances,
+    mds_2d,
+)
 from hybridlm.config import ModelConfig
 from hybridlm.model import HybridLM
 from hybridlm.model.layout import LayerSpec
@@ -114,10 +123,6 @@ def test_clusters_of_known_groups():
     embedded = mds_2d(exact)
     assert np.allclose(np.linalg.norm(embedded[:, None] - embedded[None], axis=-1), exact, atol=1e-8)
 
-
-def hybridlm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hybridlm", *args], capture_output=True, text=True, timeout=300,
-                          check=False)
 
 
 def test_analyze_heads_end_to_end(tiny_run, tmp_path):

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 from conftest import TINY_MODEL
+from e2e.test_cli import hybridlm
 
 from hybridlm.analysis.scaling_fit import huber_fit, optimal_frontier, power_law_fit
 
@@ -67,10 +68,6 @@ def losses(run_dir) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
-
-def hybridlm(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hybridlm", *args], capture_output=True, text=True, timeout=timeout,
-                          check=False)
 
 
 def test_a_killed_sweep_resumes_and_its_runs_fit(tiny_shards, tmp_path):

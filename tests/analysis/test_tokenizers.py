@@ -5,10 +5,9 @@ per tokenizer, and bad input."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from e2e.test_cli import hybridlm
 
 from hybridlm.analysis.tokenizers import compare_tokenizers, split_corpus
 from hybridlm.tokenizer import train_tokenizer
@@ -40,10 +39,6 @@ def test_figures_follow_the_tokenizers(corpus):
     bpe_small, bpe_large = document["rows"][:2]
     assert bpe_large["bytes_per_token"] > bpe_small["bytes_per_token"]
 
-
-def hybridlm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hybridlm", *args], capture_output=True, text=True, timeout=600,
-                          check=False)
 
 
 def test_train_scores_each_tokenizer_in_bits_per_byte(corpus):

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 from conftest import free_port
+from e2e.test_cli import hybridlm
 
 from hybridlm.errors import UserError
 from hybridlm.eval.human.build import prompts_of
@@ -26,10 +27,6 @@ from hybridlm.eval.tasks.generation import chat_replies
 
 PROMPTS = [{"instruction": f"Write paragraph {k}.", "output": f"Paragraph {k}: x{k} is {k}."} for k in range(1, 6)]
 
-
-def hybridlm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hybridlm", *args], capture_output=True, text=True, timeout=300,
-                          check=False)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from hybridlm.errors import UserError
 POSITIONS = ("rope", "learned", "sinusoidal")
 NORMS = ("layernorm", "rmsnorm")
 FFNS = ("gelu", "swiglu")
+HEADS = ("lm", "reward")
 
 
 @dataclass(kw_only=True)
@@ -60,6 +61,9 @@ class ModelConfig:
     """Share the input embedding with the output projection."""
     dropout: float = 0.0
     """Dropout on attention output and FFN output during training."""
+    head: str = "lm"
+    """lm (next-token logits), or lm plus reward: one scalar per sequence, read at its last token
+    (reward models; the `rm` objective sets it)."""
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "window", "stride")
@@ -79,6 +83,7 @@ class ModelConfig:
         _check_choice("position", self.position, POSITIONS)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("ffn", self.ffn, FFNS)
+        _check_choice("head", self.head, HEADS)
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1) (got {self.dropout})")
         if self.d_ff == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import gzip
 import json
 import os
 import tempfile
@@ -59,8 +60,10 @@ def read_json(path: Path, what: str) -> Any:
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed value) for each non-empty line of a JSON Lines file, streamed; a line
-    that is not JSON is a UserError naming the file and line."""
-    with open(path, encoding="utf-8") as f:
+    that is not JSON is a UserError naming the file and line. A `.gz` file is read through gzip
+    (hh-rlhf is published compressed)."""
+    opener = gzip.open if Path(path).suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

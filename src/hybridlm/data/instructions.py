@@ -104,8 +104,8 @@ HELD_OUT_PERIOD = 20
 validates on them and `eval run`'s generation tasks score them."""
 
 
-def held_out_split(items: list) -> tuple[list, list]:
-    """(held out, the rest) by the HELD_OUT_PERIOD rule, order kept."""
-    held = [c for i, c in enumerate(items) if i % HELD_OUT_PERIOD == HELD_OUT_PERIOD - 1]
-    rest = [c for i, c in enumerate(items) if i % HELD_OUT_PERIOD != HELD_OUT_PERIOD - 1]
+def held_out_split(items: list, period: int = HELD_OUT_PERIOD) -> tuple[list, list]:
+    """(held out, the rest): every period-th item is held out, order kept."""
+    held = [c for i, c in enumerate(items) if i % period == period - 1]
+    rest = [c for i, c in enumerate(items) if i % period != period - 1]
     return held, rest

@@ -22,8 +22,9 @@ from hybridlm.model.loss import IGNORE_INDEX
 
 
 class RowSource(Protocol):
-    def draw(self, rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """One (input, target) row of seq_len tokens each."""
+    def draw(self, rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, ...]:
+        """One row: (input, target) of seq_len tokens each, and any further parts an objective
+        needs (a preference pair's two sides and their reference log-probs)."""
 
 
 class WindowSource:
@@ -94,14 +95,14 @@ class Mixture:
         self.sources, self.seed = sources, seed
         self._drawing, self._counting = RowAssigner(shares / shares.sum()), RowAssigner(shares / shares.sum())
 
-    def rows(self, first: int, count: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global rows first .. first + count - 1 as (input, target) tensors of seq_len columns."""
+    def rows(self, first: int, count: int, seq_len: int) -> tuple[torch.Tensor, ...]:
+        """Global rows first .. first + count - 1, one tensor per part of a row (input and target
+        first, seq_len columns each)."""
         self._drawing.advance_to(first)
         rows = [self.sources[self.names[self._drawing.take()]].draw(np.random.default_rng([self.seed, first + i]),
                                                                       seq_len)
                 for i in range(count)]
-        x, y = (torch.from_numpy(np.stack(part)) for part in zip(*rows))
-        return x, y
+        return tuple(torch.from_numpy(np.stack(part)) for part in zip(*rows))
 
     def rows_drawn(self, total_rows: int) -> dict[str, int]:
         """Rows per source among the first `total_rows` global rows."""

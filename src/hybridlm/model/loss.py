@@ -67,3 +67,12 @@ def chunked_cross_entropy(hidden_NC: torch.Tensor, weight_VC: torch.Tensor, targ
         hidden_NC, weight_VC = hidden_NC.to(dtype), weight_VC.to(dtype)
     with torch.autocast(device_type, enabled=False):
         return ChunkedCrossEntropy.apply(hidden_NC, weight_VC, targets_N)
+
+
+def target_log_probs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each position (B, T) in fp32, 0 where the target is IGNORE_INDEX: the
+    per-token terms that DPO and RL sum over a reply."""
+    valid_BT = targets_BT != IGNORE_INDEX
+    logp_BTV = torch.log_softmax(logits_BTV.float(), dim=-1)
+    picked_BT = logp_BTV.gather(-1, targets_BT.clamp(min=0)[..., None])[..., 0]
+    return picked_BT * valid_BT

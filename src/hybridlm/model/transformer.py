@@ -23,7 +23,7 @@ from hybridlm.model.attention import (
 )
 from hybridlm.model.kv_cache import DenseKVCache, SparseKVCache
 from hybridlm.model.layout import LayerSpec, resolve_layers
-from hybridlm.model.loss import chunked_cross_entropy
+from hybridlm.model.loss import chunked_cross_entropy, target_log_probs
 from hybridlm.model.positions import Rotary, sinusoidal_table
 
 LayerCache = DenseKVCache | SparseKVCache
@@ -158,6 +158,7 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.reward_head = nn.Linear(cfg.d_model, 1, bias=False) if cfg.head == "reward" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -195,11 +196,30 @@ class HybridLM(nn.Module):
         targets_BT: torch.Tensor | None = None,
         *,
         causal: bool = True,
+        per_token: bool = False,
+        reward_at_B: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab); with `targets_BT`, the mean cross-entropy instead (targets equal to
-        IGNORE_INDEX add nothing), computed without materialising the logits. With a cache, ids
-        continue the sequence the cache has seen. causal=False lets every position see later ones
-        too (masked language modelling); the sparse layers' pattern is then symmetric."""
+        IGNORE_INDEX add nothing), computed without materialising the logits, or with per_token the
+        log-probability of each target (B, T), 0 where ignored (DPO and RL sum them per reply). With
+        `reward_at_B`, the reward head's scalar (B,) at position reward_at_B[b] of row b. With a
+        cache, ids continue the sequence the cache has seen. causal=False lets every position see
+        later ones too (masked language modelling); the sparse layers' pattern is then symmetric.
+        Every output goes through forward, so DDP and FSDP see each use of the weights."""
+        x_BTC = self.hidden_states(ids_BT, cache, causal)
+        if reward_at_B is not None:
+            if self.reward_head is None:
+                raise ValueError("this model has no reward head (model.head = \"lm\")")
+            picked_BC = x_BTC[torch.arange(x_BTC.shape[0], device=x_BTC.device), reward_at_B]
+            return self.reward_head(picked_BC)[:, 0].float()
+        if targets_BT is not None and per_token:
+            return target_log_probs(self.lm_head(x_BTC), targets_BT)
+        if targets_BT is not None:
+            return chunked_cross_entropy(x_BTC.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
+        return self.lm_head(x_BTC)
+
+    def hidden_states(self, ids_BT: torch.Tensor, cache: list[LayerCache] | None, causal: bool) -> torch.Tensor:
+        """The final-norm hidden states (B, T, C) that every head reads."""
         if cache is not None and not causal:
             raise ValueError("causal=False cannot use a KV cache: cached decoding is causal")
         start = 0 if cache is None else cache[0].length
@@ -209,10 +229,7 @@ class HybridLM(nn.Module):
         x_BTC = self.embed(ids_BT, torch.arange(start, start + T, device=ids_BT.device))
         for i, block in enumerate(self.blocks):
             x_BTC = block(x_BTC, start, None if cache is None else cache[i], causal)
-        x_BTC = self.norm_f(x_BTC)
-        if targets_BT is not None:
-            return chunked_cross_entropy(x_BTC.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
-        return self.lm_head(x_BTC)
+        return self.norm_f(x_BTC)
 
     def decode_rows(self, tokens: list[int], caches: list[list[LayerCache]]) -> torch.Tensor:
         """Logits (B, vocab) after feeding token b to sequence b, for B sequences that sit at

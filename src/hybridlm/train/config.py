@@ -10,6 +10,7 @@
 [eval]         # validation: every, tokens
 [checkpoint]   # every, keep
 [parallel]     # strategy under torchrun: ddp or fsdp
+[rm] [dpo]     # settings of the rm and dpo objectives (only in a run of that objective)
 ```
 
 Overrides on the command line name the section: `optim.lr=3e-4 data.seq_len=512`. Why sections
@@ -54,8 +55,9 @@ class TrainConfig:
     out: str = "runs/run"
     """Run directory to write."""
     objective: str = "clm"
-    """clm (next-token prediction on text), mlm (masked tokens, bidirectional attention) or sft
-    (instruction tuning: loss on assistant replies)."""
+    """clm (next-token prediction on text), mlm (masked tokens, bidirectional attention), sft
+    (instruction tuning: loss on assistant replies), rm (a reward model on preference pairs) or
+    dpo (direct preference optimisation against a reference policy)."""
     steps: int = 200
     """Optimizer steps."""
     init_from: str = ""
@@ -96,7 +98,8 @@ class DataConfig:
     path: str = ""
     """Prepared data directory (from `hybridlm prepare`); shorthand for a mixture of one source."""
     mixture: dict = field(default_factory=dict)
-    """{source: weight}: prepared directories (clm, mlm) or instruction files / stdlib-docs:qa (sft)."""
+    """{source: weight}: prepared directories (clm, mlm), instruction files / stdlib-docs:qa (sft), or
+    preference files / stdlib-docs:prefs (rm, dpo)."""
     tokenizer: str = ""
     """tokenizer.json to use; default: the first prepared source's, or that of train.init_from."""
     seq_len: int = 256
@@ -105,9 +108,13 @@ class DataConfig:
     """Sequences per micro-batch, over all ranks together (each of N ranks takes batch_size / N)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    unshared_pairs: str = "error"
+    """hh-rlhf pairs whose two dialogues do not share a prompt: error (refuse the file, naming the
+    lines) or skip (leave them out; lineage.json lists their lines)."""
 
     def __post_init__(self) -> None:
         check_positive("data", seq_len=self.seq_len, batch_size=self.batch_size, grad_accum=self.grad_accum)
+        _one_of("data", "unshared_pairs", self.unshared_pairs, ("error", "skip"))
         weights = self.mixture.values() if isinstance(self.mixture, dict) else [None]
         if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights) or (
             self.mixture and sum(weights) <= 0
@@ -222,12 +229,58 @@ class ParallelConfig:
         _one_of("parallel", "strategy", self.strategy, PARALLEL)
 
 
+@dataclass(kw_only=True)
+class RewardConfig:
+    """Reward modelling (train.objective = "rm"): loss -log sigmoid(r_chosen - r_rejected - margin)."""
+
+    margin: float = 0.0
+    """A pair counts as won only by this much reward; 0 is the plain Bradley-Terry loss."""
+    center_rewards: float = 0.0
+    """Weight of mean((r_chosen + r_rejected)^2) added to the loss (TRL's center_rewards_coefficient):
+    keeps rewards centred on 0; 0 is off."""
+
+    def __post_init__(self) -> None:
+        if self.margin < 0 or self.center_rewards < 0:
+            raise UserError("rm.margin and rm.center_rewards must be >= 0")
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+@dataclass(kw_only=True)
+class DPOConfig:
+    """Direct preference optimisation (train.objective = "dpo") against cached reference log-probs."""
+
+    beta: float = 0.1
+    """Strength of the pull towards the reference (sigmoid: temperature of the implicit reward; ipo: tau)."""
+    loss: str = "sigmoid"
+    """sigmoid (DPO) or ipo (identity preference optimisation, per-token averaged log-ratios as in TRL)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the assumed share of flipped labels, in [0, 0.5); sigmoid only."""
+    reference: str = ""
+    """Run directory of the reference policy; default train.init_from (the SFT parent)."""
+    reference_cache: str = ""
+    """Directory of the cached reference log-probabilities; default $HYBRIDLM_CACHE/reference-logps
+    (HYBRIDLM_CACHE defaults to ~/.cache/hybridlm)."""
+
+    def __post_init__(self) -> None:
+        check_positive("dpo", beta=self.beta)
+        _one_of("dpo", "loss", self.loss, DPO_LOSSES)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"dpo.label_smoothing must be in [0, 0.5) (got {self.label_smoothing})")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise UserError("dpo.label_smoothing (conservative DPO) applies to dpo.loss = \"sigmoid\" only")
+
+
 SECTIONS: dict[str, type] = {
     "train": TrainConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
     "progressive": ProgressiveConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig,
-    "parallel": ParallelConfig,
+    "parallel": ParallelConfig, "rm": RewardConfig, "dpo": DPOConfig,
 }
 """Every section of a run config besides [model], in the order --help-config prints them."""
+OBJECTIVE_SECTIONS = {"rm": "rm", "dpo": "dpo"}
+"""Sections that only one objective reads: {section: objective}; set in a run of another objective,
+they are refused rather than ignored."""
 
 
 @dataclass(kw_only=True)
@@ -243,11 +296,19 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rm: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:
             raise UserError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         self.progressive.check(self.data)
+        for section, objective in OBJECTIVE_SECTIONS.items():
+            changed = [f.name for f in dataclasses.fields(getattr(self, section))
+                       if getattr(getattr(self, section), f.name) != f.default]
+            if changed and self.train.objective != objective:
+                raise UserError(f"{section}.{changed[0]} is set but train.objective is {self.train.objective}; "
+                                f"[{section}] applies to {objective} runs only (in a recipe, set it in that stage)")
 
     def to_dict(self) -> dict:
         return {"model": self.model.to_dict(),

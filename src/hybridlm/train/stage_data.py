@@ -43,7 +43,7 @@ def check_sources(cfg: RunConfig) -> None:
     trains any."""
     objective = OBJECTIVES[cfg.train.objective]
     for spec in cfg.data.weights():
-        objective.check_source(spec)
+        objective.check_source(spec, cfg)
 
 
 def build_stage_data(cfg: RunConfig, tokenizer: TextTokenizer) -> StageData:
@@ -56,7 +56,7 @@ def build_stage_data(cfg: RunConfig, tokenizer: TextTokenizer) -> StageData:
         per_source = {name: fn(model, dtype) for name, fn in found.evaluators.items()}
         total = sum(weights.values())
         merged = {k: sum(weights[n] * r[k] for n, r in per_source.items()) / total
-                  for k in next(iter(per_source.values())) if k in ("loss", "bpb", "accuracy")}
+                  for k in next(iter(per_source.values())) if k in objective.merged_metrics}
         return {**merged, "by_source": per_source}
 
     return StageData(objective, mixture, tokenizer, evaluate, found.lineage)

@@ -20,7 +20,6 @@ from hybridlm.errors import TrainingStopped, UserError
 from hybridlm.fileio import atomic_write_json, read_json
 from hybridlm.lineage import lineage_record
 from hybridlm.model import HybridLM
-from hybridlm.model.loss import IGNORE_INDEX
 from hybridlm.run import load_run, save_final
 from hybridlm.tensors import full_tensor
 from hybridlm.tokenizer import TextTokenizer
@@ -45,6 +44,7 @@ from hybridlm.train.metrics import MetricsLog
 from hybridlm.train.tracking import MlflowRun, flatten
 from hybridlm.train.optim import build_optimizer, lr_at
 from hybridlm.train.schedule import BatchSchedule, batch_schedule
+from hybridlm.train.objectives import OBJECTIVES, Rows
 from hybridlm.train.stage_data import StageData, build_stage_data, stage_tokenizer
 
 
@@ -66,9 +66,10 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, world: World) -> tuple[RunConf
         return saved, checkpoint, build_stage_data(saved, TextTokenizer.load(run_dir / "tokenizer.json"))
     if checkpoint_dirs(run_dir) or (run_dir / "model.safetensors").exists():
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or set another train.out")
+    head = data_head(cfg)
     tokenizer = stage_tokenizer(cfg)
     data = build_stage_data(cfg, tokenizer)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size, head=head))
     barrier(world)  # every rank has checked before the main rank writes
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,13 +78,28 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, world: World) -> tuple[RunConf
     return cfg, None, data
 
 
+def data_head(cfg: RunConfig) -> str:
+    """The model.head the objective trains; a config that asks for another one is refused."""
+    head = OBJECTIVES[cfg.train.objective].head
+    if cfg.model.head not in ("lm", head):
+        raise UserError(f"model.head = {cfg.model.head!r} does not fit train.objective = {cfg.train.objective!r}, "
+                        f"which trains a {head!r} head; leave model.head unset")
+    return head
+
+
 def _load_initial_weights(model: HybridLM, init_from: str) -> None:
-    """Start from train.init_from's final weights (the previous stage of a recipe)."""
+    """Start from train.init_from's final weights (the previous stage of a recipe). A reward model
+    starts from a language model (its reward head fresh); a policy never from a reward model."""
     parent = load_run(Path(init_from))
-    if parent.model.cfg != model.cfg:
+    if dataclasses.replace(parent.model.cfg, head=model.cfg.head) != model.cfg:
         raise UserError(f"train.init_from {init_from} has another model config than this run; "
                         "use the same [model] settings")
-    model.load_state_dict(parent.model.state_dict())
+    if parent.model.cfg.head == "reward" and model.cfg.head != "reward":
+        raise UserError(f"train.init_from {init_from} is a reward model; a {model.cfg.head} run starts from a "
+                        "language model (the SFT stage)")
+    missing, _ = model.load_state_dict(parent.model.state_dict(), strict=False)
+    if any(not name.startswith("reward_head.") for name in missing):
+        raise UserError(f"train.init_from {init_from} lacks weights this model needs: {missing[:3]}")
 
 
 def _load_initial_moments(model: HybridLM, optimizer: torch.optim.Optimizer, init_from: str) -> None:
@@ -231,13 +247,13 @@ class RankBatches:
     cfg: RunConfig
     device: torch.device
 
-    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, step: int, micro: int) -> Rows:
         rows = self.schedule.batch_at(step)
         per_rank = rows // self.world.size
         first = self.schedule.rows_before(step) + micro * rows + self.world.rank * per_rank
-        x, y = self.data.mixture.rows(first, per_rank, self.schedule.seq_len_at(step))
-        x, y = self.data.objective.batch(x, y, first, self.cfg, self.data.tokenizer)
-        return x.to(self.device), y.to(self.device)
+        drawn = self.data.mixture.rows(first, per_rank, self.schedule.seq_len_at(step))
+        drawn = self.data.objective.batch(drawn, first, self.cfg, self.data.tokenizer)
+        return tuple(part.to(self.device) for part in drawn)
 
 
 def train_step(stepper, optimizer, batches: RankBatches, step: int, cfg: RunConfig, dtype: str,
@@ -246,23 +262,24 @@ def train_step(stepper, optimizer, batches: RankBatches, step: int, cfg: RunConf
     the whole step, over every rank. A non-finite loss or gradient norm skips the update (every rank
     sees the same reduced values).
 
-    Each micro-batch's mean loss is weighted by its share of the step's scored tokens (times the
-    world size, which DDP and FSDP divide gradients by), so the gradient is the mean over all scored
-    tokens however they fall into micro-batches and ranks. Averaging the micro-batch means instead
-    would over-weight the tokens of short replies (sft) and of sparsely masked rows (mlm).
+    Each micro-batch's mean loss is weighted by its share of the step's scored units (tokens, or
+    pairs: the objective's `units`; times the world size, which DDP and FSDP divide gradients by),
+    so the gradient is the mean over all scored units however they fall into micro-batches and
+    ranks. Averaging the micro-batch means instead would over-weight the tokens of short replies
+    (sft) and of sparsely masked rows (mlm).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     grad_accum = cfg.data.grad_accum
+    objective = batches.data.objective
     micro_batches = [batches.get(step, micro) for micro in range(grad_accum)]
-    scored = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]
+    scored = [objective.units(rows) for rows in micro_batches]
     step_scored = max(sum_across(sum(scored), world), 1.0)
     total = 0.0
-    causal = batches.data.objective.causal
-    for micro, (x, y) in enumerate(micro_batches):
+    for micro, rows in enumerate(micro_batches):
         with gradient_sync(stepper, micro == grad_accum - 1):
-            with autocast(dtype, x.device):
-                loss = stepper(x, targets_BT=y, causal=causal) * (world.size * scored[micro] / step_scored)
+            with autocast(dtype, rows[0].device):
+                loss = objective.loss(stepper, rows, cfg) * (world.size * scored[micro] / step_scored)
             loss.backward()
         total += loss.item()
     total = mean_across(total, world)

@@ -1,5 +1,5 @@
 """What a training objective is: the data it reads, how a batch becomes a loss, how it is
-validated, whether attention is causal. The trainer and the stage data ask the objective and
+validated, whether attention is causal, which output head the model carries. The trainer and the stage data ask the objective and
 never branch on its name, so a new objective (reward model, DPO, RL) is one new object."""
 
 from __future__ import annotations
@@ -11,12 +11,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from hybridlm.model import HybridLM
+from hybridlm.model.loss import IGNORE_INDEX
 from hybridlm.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:
     from hybridlm.data.mixture import RowSource
     from hybridlm.train.config import RunConfig
 
+Rows = tuple[torch.Tensor, ...]
+"""A micro-batch as the mixture draws it: one tensor per part of a row, batch first."""
 Evaluator = Callable[[HybridLM, str], dict]
 """(model, dtype) -> validation figures of one source: loss, and bpb or accuracy where they exist."""
 
@@ -38,8 +41,13 @@ class Objective:
     """Whether the model attends causally (False: every position sees the whole sequence)."""
     reads_prepared: bool = True
     """Sources are `hybridlm prepare` directories (and carry the tokenizer); else instruction files."""
+    head: str = "lm"
+    """The model.head this objective trains (rm: "reward"); a parent with another head loads
+    without the head it lacks, which starts fresh."""
+    merged_metrics: tuple[str, ...] = ("loss", "bpb", "accuracy")
+    """Validation figures averaged over sources by their weights (every figure stays in by_source)."""
 
-    def check_source(self, spec: str) -> None:
+    def check_source(self, spec: str, cfg: RunConfig) -> None:
         """Fail now if `spec` is missing or malformed (a recipe checks every stage before training)."""
         raise NotImplementedError
 
@@ -47,8 +55,17 @@ class Objective:
         """Rows, evaluators and lineage for every source of cfg.data's mixture."""
         raise NotImplementedError
 
-    def batch(self, x_BT: torch.Tensor, y_BT: torch.Tensor, first_row: int, cfg: RunConfig,
-              tokenizer: TextTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets of the rows numbered first_row.. as the model sees them; the rows
-        the mixture gives are the targets' source (the default passes them through)."""
-        return x_BT, y_BT
+    def batch(self, rows: Rows, first_row: int, cfg: RunConfig, tokenizer: TextTokenizer) -> Rows:
+        """The rows numbered first_row.. as the model sees them (the default passes them through;
+        rows[0] is the input ids, rows[1] the targets, IGNORE_INDEX where nothing is scored)."""
+        return rows
+
+    def units(self, rows: Rows) -> int:
+        """What the loss is a mean over (scored tokens; preference pairs), so micro-batches and
+        ranks weigh their losses by their share of the step."""
+        return int((rows[1] != IGNORE_INDEX).sum())
+
+    def loss(self, model: Callable, rows: Rows, cfg: RunConfig) -> torch.Tensor:
+        """The mean loss of a micro-batch, through `model` (the wrapped model: DDP and FSDP must see
+        every forward)."""
+        return model(rows[0], targets_BT=rows[1], causal=self.causal)

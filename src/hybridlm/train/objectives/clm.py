@@ -41,7 +41,7 @@ def split_evaluator(data_dir: Path, cfg: RunConfig, tokenizer: TextTokenizer) ->
 class CausalLM(Objective):
     name = "clm"
 
-    def check_source(self, spec: str) -> None:
+    def check_source(self, spec: str, cfg: RunConfig) -> None:
         load_meta(Path(spec))
 
     def sources(self, cfg: RunConfig, tokenizer: TextTokenizer) -> SourceSet:

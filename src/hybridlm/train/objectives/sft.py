@@ -23,7 +23,7 @@ class InstructionTuning(Objective):
     name = "sft"
     reads_prepared = False
 
-    def check_source(self, spec: str) -> None:
+    def check_source(self, spec: str, cfg: RunConfig) -> None:
         if spec != BUILTIN_QA:  # built-in question/answer pairs are generated, not read
             read_conversations(spec)
 

@@ -833,6 +833,23 @@ def review_resolve_cmd(item_id: int, decision: str, note: str, db: Path, as_json
     _emit(item.to_dict(), as_json, format_item(item, full=True))
 
 
+@app.group()
+def lora() -> None:
+    """LoRA adapters: fold a LoRA run into a plain one."""
+
+
+@lora.command("merge")
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The plain run directory to write.")
+@json_option
+def lora_merge_cmd(run_dir: Path, out: Path, as_json: bool) -> None:
+    """Add a LoRA run's adapters into its base weights and write the result as a plain run."""
+    from hybridlm.interop.lora_merge import merge_lora_run
+
+    result = merge_lora_run(run_dir, out)
+    _emit(result, as_json, f"merged {result['merged_from']} (base {result['base']}) into {result['run_dir']}")
+
+
 def main() -> None:
     """Entry point: map bad input to exit 2 and failures to exit 1, each with one line."""
     try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -25,19 +25,34 @@ from hybridlm.fileio import (
     sha256_file,
 )
 from hybridlm.model import HybridLM
+from hybridlm.model.converters.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    LoraSettings,
+    adapter_state,
+    attach_lora,
+    has_lora,
+    load_adapter_state,
+    write_adapter_config,
+)
 from hybridlm.tensors import full_tensor
 from hybridlm.tokenizer import TextTokenizer
 
 MANIFEST = "manifest.json"
 
 
-def weights_bytes(model: HybridLM) -> bytes:
-    """The model's tensors as safetensors bytes; a tied output projection is stored once. Sharded
-    (FSDP2) parameters are gathered, so every rank must call this."""
-    state = model.state_dict()
-    if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight")
-    return st_save({k: full_tensor(v).detach().contiguous().cpu() for k, v in state.items()})
+def weights_bytes(model: HybridLM, metadata: dict[str, str] | None = None) -> bytes:
+    """The model's tensors as safetensors bytes; a tied output projection is stored once; of a
+    model with LoRA adapters, only what trains (the base stays in its own run). Sharded (FSDP2)
+    parameters are gathered, so every rank must call this."""
+    if has_lora(model):
+        state = adapter_state(model)
+    else:
+        state = model.state_dict()
+        if model.cfg.tie_embeddings:
+            state.pop("lm_head.weight")
+    return st_save({k: full_tensor(v).detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
 
 
 def load_weights_bytes(model: HybridLM, data: bytes, where: Path) -> None:
@@ -45,6 +60,9 @@ def load_weights_bytes(model: HybridLM, data: bytes, where: Path) -> None:
         state = st_load(data)
     except SafetensorError as exc:
         raise UserError(f"{where} is not a readable safetensors file ({exc}); it may be truncated") from None
+    if has_lora(model):
+        load_adapter_state(model, state, where)
+        return
     if model.cfg.tie_embeddings:
         state["lm_head.weight"] = state.get("tok_emb.weight")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -75,14 +93,47 @@ class LoadedRun:
     path: Path
 
 
-def save_final(run_dir: Path, model: HybridLM, write: bool = True) -> None:
-    """Write model.safetensors atomically and record it (with config and tokenizer) in the manifest.
-    Every rank calls this (to gather sharded weights); only the one with `write` writes."""
-    data = weights_bytes(model)
-    if not write:
+def save_final(run_dir: Path, model: HybridLM, write: bool = True, lora: LoraSettings | None = None,
+               base: Path | None = None) -> None:
+    """Write model.safetensors atomically and record it (with config and tokenizer) in the manifest;
+    with LoRA, the adapters in peft's format instead, stamped with the base weights' hash. Every
+    rank calls this (to gather sharded weights); only the one with `write` writes."""
+    if lora is None:
+        data = weights_bytes(model)
+        if write:
+            atomic_write_bytes(run_dir / "model.safetensors", data)
+            write_manifest(run_dir, ["model.safetensors", "config.json", "tokenizer.json"])
         return
-    atomic_write_bytes(run_dir / "model.safetensors", data)
-    write_manifest(run_dir, ["model.safetensors", "config.json", "tokenizer.json"])
+    stamp = {"format": "pt", "base_weights_sha256": weights_sha256(base)}
+    data = st_save({PEFT_PREFIX + k: full_tensor(v).detach().contiguous().cpu() for k, v in adapter_state(model).items()},
+                   metadata=stamp)
+    if write:
+        atomic_write_bytes(run_dir / ADAPTER_WEIGHTS, data)
+        write_adapter_config(run_dir, lora, str(base))
+        write_manifest(run_dir, [ADAPTER_WEIGHTS, ADAPTER_CONFIG, "config.json", "tokenizer.json"])
+
+
+def final_weights(run_dir: Path) -> Path | None:
+    """The finished weights of a run: model.safetensors, or a LoRA run's adapters; None if unfinished."""
+    for name in ("model.safetensors", ADAPTER_WEIGHTS):
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    return None
+
+
+def weights_sha256(run_dir: Path) -> str:
+    """The recorded hash of a finished run's weights (a LoRA run: of its adapters and its base's)."""
+    manifest = read_json(Path(run_dir) / MANIFEST, "manifest")
+    if "model.safetensors" in manifest:
+        return manifest["model.safetensors"]
+    if ADAPTER_WEIGHTS in manifest:
+        return manifest[ADAPTER_WEIGHTS] + "+" + _adapter_base_sha(Path(run_dir) / ADAPTER_WEIGHTS)
+    raise UserError(f"{run_dir} has no finished weights (model.safetensors); finish or retrain it")
+
+
+def _adapter_base_sha(path: Path) -> str:
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("base_weights_sha256", "")
 
 
 def load_run(path: Path, dtype: str = "fp32") -> LoadedRun:
@@ -94,12 +145,42 @@ def load_run(path: Path, dtype: str = "fp32") -> LoadedRun:
     run_dir = path if (path / "config.json").is_file() else path.parent.parent
     verify_manifest(path)
     config = read_json(run_dir / "config.json", "run config")
-    model = HybridLM(ModelConfig(**config["model"]))
-    load_weights_bytes(model, (path / "model.safetensors").read_bytes(), path / "model.safetensors")
+    lora = config.get("lora", {}).get("r", 0)
+    model = _lora_model(run_dir, config) if lora else HybridLM(ModelConfig(**config["model"]))
+    weights = path / ("model.safetensors" if not lora or path != run_dir else ADAPTER_WEIGHTS)
+    load_weights_bytes(model, weights.read_bytes(), weights)
     model.eval()
     if dtype == "bf16":
         model.to(torch.bfloat16)
     return LoadedRun(model=model, tokenizer=TextTokenizer.load(run_dir / "tokenizer.json"), config=config, path=run_dir)
+
+
+def _lora_model(run_dir: Path, config: dict) -> HybridLM:
+    """The base run's model (its hash checked against the one the adapters were trained on) with
+    this run's adapters attached, still untrained."""
+    base_dir = Path(config["train"]["init_from"])
+    adapters = run_dir / ADAPTER_WEIGHTS
+    if adapters.is_file():
+        trained_on, found = _adapter_base_sha(adapters), weights_sha256(base_dir)
+        if trained_on != found:
+            raise UserError(f"the LoRA adapters of {run_dir} were trained on other base weights than {base_dir} "
+                            f"holds now (sha256 {trained_on[:12]} vs {found[:12]}); restore that base or retrain")
+    base = load_run(base_dir).model
+    if has_lora(base):
+        raise UserError(f"{base_dir}, the base of {run_dir}, has adapters itself; `hybridlm lora merge` it first")
+    model = HybridLM(ModelConfig(**config["model"]))
+    missing, _ = model.load_state_dict(base.state_dict(), strict=False)
+    if any(not name.startswith("reward_head.") for name in missing):
+        raise UserError(f"{base_dir} does not match the model of {run_dir}")
+    return attach_lora(model, lora_settings(config))
+
+
+def lora_settings(config: dict) -> LoraSettings:
+    """The adapters a run config's [lora] section asks for (a reward model trains its head whole)."""
+    section = config["lora"]
+    extra = ["reward_head"] if config["model"].get("head") == "reward" else []
+    return LoraSettings(r=section["r"], alpha=section["alpha"], dropout=section["dropout"],
+                        targets=list(section["targets"]), extra_trained=extra)
 
 
 def load_run_on_device(path: Path, dtype: str = "auto") -> tuple[LoadedRun, str]:

@@ -10,6 +10,7 @@
 [eval]         # validation: every, tokens
 [checkpoint]   # every, keep
 [parallel]     # strategy under torchrun: ddp or fsdp
+[lora]         # LoRA adapters: r, alpha, dropout, targets
 [rm] [dpo]     # settings of the rm and dpo objectives (only in a run of that objective)
 ```
 
@@ -272,10 +273,34 @@ class DPOConfig:
             raise UserError("dpo.label_smoothing (conservative DPO) applies to dpo.loss = \"sigmoid\" only")
 
 
+@dataclass(kw_only=True)
+class LoRAConfig:
+    """LoRA adapters (peft) on a stage: only they train and are saved; the base stays train.init_from."""
+
+    r: int = 0
+    """Adapter rank; 0 trains every weight instead (no LoRA)."""
+    alpha: float = 16.0
+    """Scale of the adapters' output: alpha / r times B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training."""
+    targets: list = field(default_factory=lambda: ["attn.qkv", "attn.proj"])
+    """Linear layers to adapt, by name or dotted name end (attn.qkv, attn.proj, ffn.up, ffn.down, lm_head)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 0 or not 0 <= self.dropout < 1:
+            raise UserError(f"lora.r must be >= 0 and lora.dropout in [0, 1) (got {self.r}, {self.dropout})")
+        if not isinstance(self.targets, list) or not self.targets or not all(isinstance(t, str) for t in self.targets):
+            raise UserError('lora.targets must be a non-empty list of layer names, e.g. ["attn.qkv", "attn.proj"]')
+        changed = [f.name for f in dataclasses.fields(self) if f.name != "r" and getattr(self, f.name) != (
+            f.default_factory() if f.default is dataclasses.MISSING else f.default)]
+        if changed and not self.r:
+            raise UserError(f"lora.{changed[0]} is set but lora.r is 0 (LoRA off); set lora.r to the adapter rank")
+
+
 SECTIONS: dict[str, type] = {
     "train": TrainConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
     "progressive": ProgressiveConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig,
-    "parallel": ParallelConfig, "rm": RewardConfig, "dpo": DPOConfig,
+    "parallel": ParallelConfig, "lora": LoRAConfig, "rm": RewardConfig, "dpo": DPOConfig,
 }
 """Every section of a run config besides [model], in the order --help-config prints them."""
 OBJECTIVE_SECTIONS = {"rm": "rm", "dpo": "dpo"}
@@ -296,6 +321,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     rm: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
@@ -303,6 +329,8 @@ class RunConfig:
         if self.data.seq_len > self.model.max_seq_len:
             raise UserError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         self.progressive.check(self.data)
+        if self.lora.r and not self.train.init_from:
+            raise UserError("lora.r is set but there is no base to adapt: set train.init_from to a finished run")
         for section, objective in OBJECTIVE_SECTIONS.items():
             changed = [f.name for f in dataclasses.fields(getattr(self, section))
                        if getattr(getattr(self, section), f.name) != f.default]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hybridlm.errors import UserError
 from hybridlm.fileio import atomic_write_text, read_json
+from hybridlm.run import final_weights
 
 STAGE_DIR = re.compile(r"^(\d+)-(.+)$")
 
@@ -84,7 +85,7 @@ def load_stage(name: str, run_dir: Path) -> StageMetrics:
     config = read_json(run_dir / "config.json", "run config") if (run_dir / "config.json").is_file() else {}
     train_cfg = config.get("train", {}) if isinstance(config, dict) else {}
     records = read_metrics(run_dir / "metrics.jsonl")
-    finished = (run_dir / "model.safetensors").is_file()
+    finished = final_weights(run_dir) is not None
     train = [r for r in records if is_number(r.get("loss"))]
     val = [r for r in records if any(k.startswith("val_") for k in r)]
     if finished and not train:

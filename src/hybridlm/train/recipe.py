@@ -34,7 +34,7 @@ from pathlib import Path
 
 from hybridlm.errors import UserError
 from hybridlm.fileio import read_json
-from hybridlm.run import verify_manifest
+from hybridlm.run import final_weights, verify_manifest
 from hybridlm.settings import apply_overrides, load_toml
 from hybridlm.train.config import MOVED, SECTIONS, RunConfig, run_config_from_dict
 from hybridlm.train.checkpoint import checkpoint_dirs
@@ -172,7 +172,7 @@ def _recipe_tracking(stages: list[Stage]) -> MlflowRun | None:
 
 def run_finished(run_dir: Path) -> bool:
     """A finished run: its model written and its files matching the manifest."""
-    if not (run_dir / "model.safetensors").is_file():
+    if final_weights(run_dir) is None:
         return False
     try:
         verify_manifest(run_dir)

@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save
 from hybridlm.data.pair_rows import EncodedPair, pair_batches
 from hybridlm.device import autocast, default_device
 from hybridlm.errors import UserError
-from hybridlm.fileio import atomic_write_bytes, read_json
+from hybridlm.fileio import atomic_write_bytes
 from hybridlm.model import HybridLM
-from hybridlm.run import load_run
+from hybridlm.run import load_run, weights_sha256
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.train.validation import EVAL_BATCH
 
@@ -51,9 +51,7 @@ def pair_logps(model: HybridLM, pairs: list[EncodedPair], seq_len: int, pad_id: 
 
 
 def cache_key(reference: Path, tokenizer: TextTokenizer, pairs: list[EncodedPair], seq_len: int, dtype: str) -> dict:
-    weights = read_json(reference / "manifest.json", "reference run manifest").get("model.safetensors")
-    if weights is None:
-        raise UserError(f"{reference} has no finished model.safetensors to use as the DPO reference")
+    weights = weights_sha256(reference)
     data = hashlib.sha256(json.dumps([[p.prompt, p.chosen, p.rejected] for p in pairs]).encode()).hexdigest()
     return {"reference_weights_sha256": weights, "tokenizer_sha256": tokenizer.sha256(), "pairs_sha256": data,
             "pairs": len(pairs), "seq_len": seq_len, "dtype": dtype}

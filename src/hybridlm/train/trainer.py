@@ -20,7 +20,8 @@ from hybridlm.errors import TrainingStopped, UserError
 from hybridlm.fileio import atomic_write_json, read_json
 from hybridlm.lineage import lineage_record
 from hybridlm.model import HybridLM
-from hybridlm.run import load_run, save_final
+from hybridlm.model.converters.lora import attach_lora
+from hybridlm.run import final_weights, load_run, lora_settings, save_final
 from hybridlm.tensors import full_tensor
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.train.config import RunConfig, saved_run_config
@@ -64,7 +65,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, world: World) -> tuple[RunConf
         saved = saved.replace(train={"steps": cfg.train.steps}, parallel={"strategy": cfg.parallel.strategy})
         batch_schedule(saved, world.size)
         return saved, checkpoint, build_stage_data(saved, TextTokenizer.load(run_dir / "tokenizer.json"))
-    if checkpoint_dirs(run_dir) or (run_dir / "model.safetensors").exists():
+    if checkpoint_dirs(run_dir) or final_weights(run_dir):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or set another train.out")
     head = data_head(cfg)
     tokenizer = stage_tokenizer(cfg)
@@ -149,9 +150,11 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
     schedule = batch_schedule(cfg, world.size)
     torch.manual_seed(tcfg.seed)
     model = HybridLM(cfg.model).to(device)
-    start_step = load_checkpoint_weights(checkpoint, model)["step"] if checkpoint else 0
-    if checkpoint is None and tcfg.init_from:
+    if tcfg.init_from and (checkpoint is None or cfg.lora.r):  # a LoRA checkpoint holds only the adapters
         _load_initial_weights(model, tcfg.init_from)
+    if cfg.lora.r:
+        attach_lora(model, lora_settings(cfg.to_dict()))
+    start_step = load_checkpoint_weights(checkpoint, model)["step"] if checkpoint else 0
     stepper = wrap_model(model, cfg.parallel.strategy, world)
     optimizer = build_optimizer(model, cfg)
     if checkpoint is not None:
@@ -196,7 +199,8 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
         atomic_write_json(run_dir / "lineage.json", lineage_record(
             [{**src, "tokens_drawn": totals[src["spec"]]} for src in data.lineage],
             data.tokenizer.sha256(), parent_run=tcfg.init_from or None))
-    save_final(run_dir, model, write=world.is_main)
+    lora = lora_settings(cfg.to_dict()) if cfg.lora.r else None
+    save_final(run_dir, model, write=world.is_main, lora=lora, base=Path(tcfg.init_from) if lora else None)
     barrier(world)
     return {"run_dir": str(run_dir), "steps": tcfg.steps, "dtype": dtype, "world_size": world.size,
             "train_tokens": schedule.tokens_before(tcfg.steps), "seconds": time.perf_counter() - t0,

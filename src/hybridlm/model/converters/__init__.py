@@ -1,0 +1,1 @@
+"""Model converters: the one mechanism that rewrites Linear layers (LoRA adapters; quantization)."""

@@ -17,7 +17,7 @@ from hybridlm.interop.hf_export import export_hf, gpt2_names
 from hybridlm.run import load_run, save_final
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.train.config import DataConfig, DPOConfig, RunConfig, TrainConfig
-from hybridlm.train.objectives import OBJECTIVES
+from hybridlm.train.objectives import OBJECTIVES, StepContext
 from hybridlm.train.reference_logps import pair_logps, reference_logps
 
 trl = pytest.importorskip("trl")
@@ -94,7 +94,7 @@ def test_dpo_loss_rewards_and_gradients_equal_trl(runs, loss, tmp_path):
                     dpo=DPOConfig(beta=0.3, loss=loss))
     model = load_run(policy).model.train()
     ids, targets, last = next(pair_batches(pairs, SEQ_LEN, pad, len(pairs)))
-    ours = OBJECTIVES["dpo"].loss(model, (ids, targets, last, ref_N2), cfg)
+    ours = OBJECTIVES["dpo"].loss(model, (ids, targets, last, ref_N2), StepContext(cfg, tokenizer, model, {}))
     ours.backward()
 
     theirs, metrics, grads = _trl_side(root / "policy_hf", root / "reference_hf", pairs, 0.3, loss,

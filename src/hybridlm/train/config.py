@@ -11,7 +11,7 @@
 [checkpoint]   # every, keep
 [parallel]     # strategy under torchrun: ddp or fsdp
 [lora]         # LoRA adapters: r, alpha, dropout, targets
-[rm] [dpo]     # settings of the rm and dpo objectives (only in a run of that objective)
+[rm] [dpo] [rl]  # settings of the rm, dpo and rl objectives (only in a run of that objective)
 ```
 
 Overrides on the command line name the section: `optim.lr=3e-4 data.seq_len=512`. Why sections
@@ -58,7 +58,8 @@ class TrainConfig:
     objective: str = "clm"
     """clm (next-token prediction on text), mlm (masked tokens, bidirectional attention), sft
     (instruction tuning: loss on assistant replies), rm (a reward model on preference pairs) or
-    dpo (direct preference optimisation against a reference policy)."""
+    dpo (direct preference optimisation against a reference policy) or rl (online reinforcement
+    learning from a reward model and/or a reward function)."""
     steps: int = 200
     """Optimizer steps."""
     init_from: str = ""
@@ -297,13 +298,60 @@ class LoRAConfig:
             raise UserError(f"lora.{changed[0]} is set but lora.r is 0 (LoRA off); set lora.r to the adapter rank")
 
 
+ADVANTAGES = ("grpo", "rloo")
+
+
+@dataclass(kw_only=True)
+class RLConfig:
+    """Online RL (train.objective = "rl"): samples from the policy, group-normalised advantages."""
+
+    group_size: int = 4
+    """Samples G per prompt; each one's advantage is relative to its group."""
+    max_new_tokens: int = 32
+    """Tokens sampled per completion at most (it ends earlier at the end-of-turn marker)."""
+    temperature: float = 1.0
+    """Sampling temperature of the completions."""
+    advantage: str = "grpo"
+    """grpo: (r - group mean) / (group std + 1e-4); rloo: r - the mean of the other G - 1 rewards."""
+    updates_per_batch: int = 1
+    """Optimizer steps on each generated batch; from the second on, the policy has moved and the clip acts."""
+    clip: float = 0.2
+    """PPO clip: the probability ratio's advantage counts only within [1 - clip, 1 + clip]."""
+    beta: float = 0.0
+    """Weight of the KL penalty to the reference (k3 estimator): train.init_from, or under LoRA the base
+    with its adapters off; 0 keeps no reference."""
+    reward_model: str = ""
+    """A reward-model run (train.objective = "rm") that scores each completion."""
+    reward_function: str = ""
+    """module:function on the Python path, called as f(prompts, completions) -> list[float]."""
+    reward_model_weight: float = 1.0
+    """The reward is reward_model_weight x the model's score + reward_function_weight x the function's."""
+    reward_function_weight: float = 1.0
+    """See reward_model_weight."""
+
+    def __post_init__(self) -> None:
+        check_positive("rl", max_new_tokens=self.max_new_tokens, updates_per_batch=self.updates_per_batch,
+                       clip=self.clip, temperature=self.temperature)
+        _one_of("rl", "advantage", self.advantage, ADVANTAGES)
+        if self.group_size < 2:
+            raise UserError(f"rl.group_size must be >= 2: advantages compare samples of one prompt (got {self.group_size})")
+        if self.beta < 0:
+            raise UserError(f"rl.beta must be >= 0 (got {self.beta})")
+        for source in ("reward_model", "reward_function"):
+            if getattr(self, f"{source}_weight") != 1.0 and not getattr(self, source):
+                raise UserError(f"rl.{source}_weight is set but rl.{source} is empty")
+        if self.clip != 0.2 and self.updates_per_batch == 1:
+            raise UserError("rl.clip acts only when rl.updates_per_batch > 1 (with one update the ratio is 1)")
+
+
 SECTIONS: dict[str, type] = {
     "train": TrainConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
     "progressive": ProgressiveConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig,
     "parallel": ParallelConfig, "lora": LoRAConfig, "rm": RewardConfig, "dpo": DPOConfig,
+    "rl": RLConfig,
 }
 """Every section of a run config besides [model], in the order --help-config prints them."""
-OBJECTIVE_SECTIONS = {"rm": "rm", "dpo": "dpo"}
+OBJECTIVE_SECTIONS = {"rm": "rm", "dpo": "dpo", "rl": "rl"}
 """Sections that only one objective reads: {section: objective}; set in a run of another objective,
 they are refused rather than ignored."""
 
@@ -324,11 +372,14 @@ class RunConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     rm: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:
             raise UserError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         self.progressive.check(self.data)
+        if self.train.objective == "rl":
+            self._check_rl()
         if self.lora.r and not self.train.init_from:
             raise UserError("lora.r is set but there is no base to adapt: set train.init_from to a finished run")
         for section, objective in OBJECTIVE_SECTIONS.items():
@@ -337,6 +388,16 @@ class RunConfig:
             if changed and self.train.objective != objective:
                 raise UserError(f"{section}.{changed[0]} is set but train.objective is {self.train.objective}; "
                                 f"[{section}] applies to {objective} runs only (in a recipe, set it in that stage)")
+
+    def _check_rl(self) -> None:
+        if not (self.rl.reward_model or self.rl.reward_function):
+            raise UserError("an rl run needs a reward: set rl.reward_model (an rm run) and/or rl.reward_function")
+        if self.checkpoint.every % self.rl.updates_per_batch:
+            raise UserError(f"checkpoint.every ({self.checkpoint.every}) must be a multiple of rl.updates_per_batch "
+                            f"({self.rl.updates_per_batch}), so a resumed run starts on a fresh batch of samples")
+        if self.data.seq_len < self.rl.max_new_tokens + 8:
+            raise UserError(f"data.seq_len ({self.data.seq_len}) must leave room for a prompt besides "
+                            f"rl.max_new_tokens ({self.rl.max_new_tokens})")
 
     def to_dict(self) -> dict:
         return {"model": self.model.to_dict(),

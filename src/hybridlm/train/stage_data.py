@@ -23,6 +23,7 @@ class StageData:
     tokenizer: TextTokenizer
     evaluate: Callable[[HybridLM, str], dict]
     lineage: list[dict]  # one record per source: spec, weight, hashes
+    state: dict  # the objective's own, for the run (SourceSet.state)
 
 
 def stage_tokenizer(cfg: RunConfig) -> TextTokenizer:
@@ -59,4 +60,4 @@ def build_stage_data(cfg: RunConfig, tokenizer: TextTokenizer) -> StageData:
                   for k in next(iter(per_source.values())) if k in objective.merged_metrics}
         return {**merged, "by_source": per_source}
 
-    return StageData(objective, mixture, tokenizer, evaluate, found.lineage)
+    return StageData(objective, mixture, tokenizer, evaluate, found.lineage, found.state)

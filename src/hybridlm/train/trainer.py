@@ -45,7 +45,7 @@ from hybridlm.train.metrics import MetricsLog
 from hybridlm.train.tracking import MlflowRun, flatten
 from hybridlm.train.optim import build_optimizer, lr_at
 from hybridlm.train.schedule import BatchSchedule, batch_schedule
-from hybridlm.train.objectives import OBJECTIVES, Rows
+from hybridlm.train.objectives import OBJECTIVES, Rows, StepContext, step_figures
 from hybridlm.train.stage_data import StageData, build_stage_data, stage_tokenizer
 
 
@@ -165,11 +165,13 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
     bar = tqdm(total=tcfg.steps, initial=start_step, file=sys.stderr, disable=not (progress and world.is_main),
                unit="step", desc=f"train {run_dir.name}", dynamic_ncols=True, mininterval=1.0)
     stepper = torch.compile(stepper) if tcfg.compile else stepper  # same parameters; eval and saving use model
-    batches = RankBatches(data, schedule, world, cfg, device)
+    batches = RankBatches(data, schedule, world, StepContext(cfg, data.tokenizer, model, data.state), device)
     drawn = SourceTokens(data.mixture, schedule)
     t0, eval_s, last_eval, bad_in_row = time.perf_counter(), 0.0, {}, 0
     for step in range(start_step, tcfg.steps):
+        step_start = time.perf_counter()
         loss = train_step(stepper, optimizer, batches, step, cfg, dtype, world)
+        step_s = time.perf_counter() - step_start
         done = step + 1
         elapsed = time.perf_counter() - t0
         tok_s = (schedule.tokens_before(done) - schedule.tokens_before(start_step)) / (elapsed - eval_s)
@@ -179,11 +181,12 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
             _skip_warning(run_dir, done, loss, bad_in_row, tcfg.max_bad_steps, metrics)
         else:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        objective_figures = step_figures(data.state)
         if not bad_in_row and (done % tcfg.log_every == 0 or done == tcfg.steps):
             metrics.write({"step": done, "loss": loss, "lr": lr_at(step, cfg), "tokens": schedule.tokens_before(done),
                            "seq_len": schedule.seq_len_at(step), "batch_size": schedule.batch_at(step),
                            "tok_s": tok_s, "elapsed_s": elapsed, "train_s": elapsed - eval_s,
-                           "tokens_by_source": drawn.at(done)})
+                           "tokens_by_source": drawn.at(done), "step_s": step_s, **objective_figures})
         if (cfg.eval.every and done % cfg.eval.every == 0) or done == tcfg.steps:
             eval_start = time.perf_counter()
             last_eval = data.evaluate(model, dtype)
@@ -248,7 +251,7 @@ class RankBatches:
     data: StageData
     schedule: BatchSchedule
     world: World
-    cfg: RunConfig
+    ctx: StepContext
     device: torch.device
 
     def get(self, step: int, micro: int) -> Rows:
@@ -256,7 +259,8 @@ class RankBatches:
         per_rank = rows // self.world.size
         first = self.schedule.rows_before(step) + micro * rows + self.world.rank * per_rank
         drawn = self.data.mixture.rows(first, per_rank, self.schedule.seq_len_at(step))
-        drawn = self.data.objective.batch(drawn, first, self.cfg, self.data.tokenizer)
+        self.ctx.step = step
+        drawn = self.data.objective.batch(drawn, first, self.ctx)
         return tuple(part.to(self.device) for part in drawn)
 
 
@@ -283,7 +287,7 @@ def train_step(stepper, optimizer, batches: RankBatches, step: int, cfg: RunConf
     for micro, rows in enumerate(micro_batches):
         with gradient_sync(stepper, micro == grad_accum - 1):
             with autocast(dtype, rows[0].device):
-                loss = objective.loss(stepper, rows, cfg) * (world.size * scored[micro] / step_scored)
+                loss = objective.loss(stepper, rows, batches.ctx) * (world.size * scored[micro] / step_scored)
             loss.backward()
         total += loss.item()
     total = mean_across(total, world)

@@ -26,11 +26,39 @@ Evaluator = Callable[[HybridLM, str], dict]
 
 @dataclass
 class SourceSet:
-    """An objective's view of a run's sources: rows to draw, how to validate each, their lineage."""
+    """An objective's view of a run's sources: rows to draw, how to validate each, their lineage,
+    and what the objective keeps for the run (a reward model, samples reused over steps)."""
 
     rows: dict[str, RowSource] = field(default_factory=dict)
     evaluators: dict[str, Evaluator] = field(default_factory=dict)
     lineage: list[dict] = field(default_factory=list)
+    state: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """What an objective sees when it turns drawn rows into a batch and a batch into a loss."""
+
+    cfg: RunConfig
+    tokenizer: TextTokenizer
+    model: HybridLM
+    """The unwrapped model (generation in the loop); the loss goes through the wrapped one."""
+    state: dict
+    """The run's SourceSet.state; figures given to `record` go into the step's training record."""
+    step: int = 0
+
+
+def record(state: dict, **figures: float) -> None:
+    """Add one micro-batch's figures to the step's training record: the record keeps their mean,
+    or their sum for names ending in _s or _tokens (times and counts)."""
+    for name, value in figures.items():
+        state.setdefault("metrics", {}).setdefault(name, []).append(value)
+
+
+def step_figures(state: dict) -> dict:
+    """The figures recorded during the step just taken, reduced; none are kept for the next."""
+    parts = state.pop("metrics", {})
+    return {k: sum(v) if k.endswith(("_s", "_tokens")) else sum(v) / len(v) for k, v in parts.items()}
 
 
 class Objective:
@@ -55,7 +83,7 @@ class Objective:
         """Rows, evaluators and lineage for every source of cfg.data's mixture."""
         raise NotImplementedError
 
-    def batch(self, rows: Rows, first_row: int, cfg: RunConfig, tokenizer: TextTokenizer) -> Rows:
+    def batch(self, rows: Rows, first_row: int, ctx: StepContext) -> Rows:
         """The rows numbered first_row.. as the model sees them (the default passes them through;
         rows[0] is the input ids, rows[1] the targets, IGNORE_INDEX where nothing is scored)."""
         return rows
@@ -65,7 +93,7 @@ class Objective:
         ranks weigh their losses by their share of the step."""
         return int((rows[1] != IGNORE_INDEX).sum())
 
-    def loss(self, model: Callable, rows: Rows, cfg: RunConfig) -> torch.Tensor:
+    def loss(self, model: Callable, rows: Rows, ctx: StepContext) -> torch.Tensor:
         """The mean loss of a micro-batch, through `model` (the wrapped model: DDP and FSDP must see
         every forward)."""
         return model(rows[0], targets_BT=rows[1], causal=self.causal)

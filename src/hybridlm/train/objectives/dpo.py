@@ -21,7 +21,7 @@ from hybridlm.errors import UserError
 from hybridlm.model import HybridLM
 from hybridlm.model.loss import IGNORE_INDEX
 from hybridlm.tokenizer import TextTokenizer
-from hybridlm.train.objectives.base import Evaluator, Rows, SourceSet
+from hybridlm.train.objectives.base import Evaluator, Rows, SourceSet, StepContext
 from hybridlm.train.objectives.rm import PairObjective, preference_sources
 from hybridlm.train.reference_logps import pair_logps, reference_logps
 
@@ -91,9 +91,9 @@ class DirectPreference(PairObjective):
             record.update(reference=str(reference), reference_logps=cache)
         return found
 
-    def loss(self, model: Callable, rows: Rows, cfg: RunConfig) -> torch.Tensor:
+    def loss(self, model: Callable, rows: Rows, ctx: StepContext) -> torch.Tensor:
         ids_B2T, targets_B2T, _, reference_B2 = rows
         logp_NT = model(ids_B2T.flatten(0, 1), targets_BT=targets_B2T.flatten(0, 1), per_token=True)
         policy_B2 = logp_NT.sum(-1).view(-1, 2).double()
         tokens_B2 = (targets_B2T != IGNORE_INDEX).sum(-1)
-        return dpo_losses(policy_B2, reference_B2, tokens_B2, cfg.dpo)[0].mean()
+        return dpo_losses(policy_B2, reference_B2, tokens_B2, ctx.cfg.dpo)[0].mean()

@@ -12,7 +12,7 @@ from hybridlm.data.loader import TokenStream, eval_windows
 from hybridlm.data.masking import mask_tokens
 from hybridlm.errors import UserError
 from hybridlm.tokenizer import TextTokenizer
-from hybridlm.train.objectives.base import Evaluator, Rows, SourceSet
+from hybridlm.train.objectives.base import Evaluator, Rows, SourceSet, StepContext
 from hybridlm.train.objectives.clm import CausalLM, prepared_sources
 from hybridlm.train.validation import masked_loss_and_accuracy
 
@@ -51,5 +51,5 @@ class MaskedLM(CausalLM):
     def sources(self, cfg: RunConfig, tokenizer: TextTokenizer) -> SourceSet:
         return prepared_sources(cfg, tokenizer, masked_evaluator)
 
-    def batch(self, rows: Rows, first_row: int, cfg: RunConfig, tokenizer: TextTokenizer) -> Rows:
-        return mask_rows(rows[0], first_row, cfg.train.seed, tokenizer)
+    def batch(self, rows: Rows, first_row: int, ctx: StepContext) -> Rows:
+        return mask_rows(rows[0], first_row, ctx.cfg.train.seed, ctx.tokenizer)

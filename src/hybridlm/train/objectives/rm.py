@@ -19,7 +19,7 @@ from hybridlm.device import autocast
 from hybridlm.fileio import sha256_file
 from hybridlm.model import HybridLM
 from hybridlm.tokenizer import TextTokenizer
-from hybridlm.train.objectives.base import Evaluator, Objective, Rows, SourceSet
+from hybridlm.train.objectives.base import Evaluator, Objective, Rows, SourceSet, StepContext
 from hybridlm.train.validation import EVAL_BATCH
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class RewardModelling(PairObjective):
 
         return preference_sources(cfg, tokenizer, evaluator)
 
-    def loss(self, model: Callable, rows: Rows, cfg: RunConfig) -> torch.Tensor:
+    def loss(self, model: Callable, rows: Rows, ctx: StepContext) -> torch.Tensor:
         ids_B2T, _, last_B2 = rows[:3]
         rewards_B2 = model(ids_B2T.flatten(0, 1), reward_at_B=last_B2.flatten()).view(-1, 2)
-        return bradley_terry_loss(rewards_B2[:, 0], rewards_B2[:, 1], cfg.rm.margin, cfg.rm.center_rewards)
+        return bradley_terry_loss(rewards_B2[:, 0], rewards_B2[:, 1], ctx.cfg.rm.margin, ctx.cfg.rm.center_rewards)

@@ -90,6 +90,8 @@ class RewardJudge:
     def __init__(self, cfg: RLConfig, tokenizer: TextTokenizer, seq_len: int) -> None:
         self.cfg, self.seq_len, self.pad = cfg, seq_len, tokenizer.special_ids["pad"]
         self.function = load_reward_function(cfg.reward_function) if cfg.reward_function else None
+        if self.function is not None:
+            self._check_values(self.function(["a prompt", "another"], ["a reply", "another reply"]), 2)
         self.model = None
         if cfg.reward_model:
             run = load_run(Path(cfg.reward_model))
@@ -107,13 +109,22 @@ class RewardJudge:
         if self.model is not None:
             total += self.cfg.reward_model_weight * self._scores(prompts, completions, dtype)
         if self.function is not None:
-            values = self.function(prompt_texts, texts)
-            if not isinstance(values, (list, tuple)) or len(values) != len(texts):
-                got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
-                raise UserError(f"rl.reward_function {self.cfg.reward_function} returned {got} values for "
-                                f"{len(texts)} completions; return one float per completion")
-            total += self.cfg.reward_function_weight * torch.tensor([float(v) for v in values], dtype=torch.float64)
+            values = self._check_values(self.function(prompt_texts, texts), len(texts))
+            total += self.cfg.reward_function_weight * torch.tensor(values, dtype=torch.float64)
         return total
+
+    def _check_values(self, values: object, expected: int) -> list[float]:
+        """The function's values as floats; anything but one number per completion is refused (it is
+        called once on two probe completions before training starts)."""
+        if not isinstance(values, (list, tuple)) or len(values) != expected:
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(values).__name__}"
+            raise UserError(f"rl.reward_function {self.cfg.reward_function} returned {got} for {expected} "
+                            "completions; return a list with one float per completion")
+        try:
+            return [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise UserError(f"rl.reward_function {self.cfg.reward_function} returned a value that is not a "
+                            "number; return floats") from None
 
     def _scores(self, prompts: list[list[int]], completions: list[list[int]], dtype: str) -> torch.Tensor:
         device = next(self.model.parameters()).device

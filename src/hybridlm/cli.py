@@ -833,6 +833,35 @@ def review_resolve_cmd(item_id: int, decision: str, note: str, db: Path, as_json
     _emit(item.to_dict(), as_json, format_item(item, full=True))
 
 
+@app.group("rm")
+def rm_group() -> None:
+    """Reward models: score replies."""
+
+
+@rm_group.command("score")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="A reward-model run.")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
+              help="JSONL of {prompt, response} or {prompt, chosen, rejected}.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write the scored lines here (default: print them on stdout).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
+@json_option
+def rm_score_cmd(model_dir: Path, data_path: Path, out: Path | None, dtype: str, as_json: bool) -> None:
+    """Score every reply of a JSONL file with a reward model (adds "reward", or "reward_chosen" and
+    "reward_rejected")."""
+    from hybridlm.eval.reward_scores import score_file
+
+    result = score_file(model_dir, data_path, out, dtype)
+    scored = result.pop("scored")
+    if as_json:
+        _emit(result, True, "")
+        return
+    if out is None:
+        click.echo(scored, nl=False)
+    accuracy = f", pairwise accuracy {result['accuracy']:.3f}" if result["pairs"] else ""
+    click.echo(f"scored {result['lines']} lines, mean reward {result['mean']:.4f}{accuracy}", err=out is None)
+
+
 @app.group()
 def lora() -> None:
     """LoRA adapters: fold a LoRA run into a plain one."""

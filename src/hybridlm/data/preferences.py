@@ -103,8 +103,8 @@ def _pair(record: object, where: str) -> PreferencePair | None:
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "prompt" in record:
-        return PreferencePair(_prompt(record["prompt"], where), _reply(record, "chosen", where),
-                              _reply(record, "rejected", where))
+        return PreferencePair(parse_prompt(record["prompt"], where), parse_reply(record, "chosen", where),
+                              parse_reply(record, "rejected", where))
     if not all(isinstance(record.get(k), str) for k in ("chosen", "rejected")):
         raise UserError(f"{where}: a preference line needs string 'chosen' and 'rejected' "
                         "(hh-rlhf dialogues), plus 'prompt' for the prompt/chosen/rejected form")
@@ -115,7 +115,7 @@ def _pair(record: object, where: str) -> PreferencePair | None:
     return PreferencePair(prompt, chosen, rejected)
 
 
-def _prompt(value: object, where: str) -> tuple[Message, ...]:
+def parse_prompt(value: object, where: str) -> tuple[Message, ...]:
     if isinstance(value, str) and value.strip():
         return (Message("user", value),)
     if isinstance(value, list) and value:
@@ -123,7 +123,7 @@ def _prompt(value: object, where: str) -> tuple[Message, ...]:
     raise UserError(f"{where}: 'prompt' must be a non-empty string or a list of {{role, content}} messages")
 
 
-def _reply(record: dict, key: str, where: str) -> str:
+def parse_reply(record: dict, key: str, where: str) -> str:
     """A reply string, or the content of the last (assistant) message of a list."""
     value = record.get(key)
     if isinstance(value, list) and value:

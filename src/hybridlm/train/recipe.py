@@ -8,6 +8,7 @@ stage shares, plus [recipe] and one [[stage]] table per stage with its own secti
     [recipe]
     out = "runs/paper-3stage"    # stage i writes its run directory to out/<i>-<name>
     total_tokens = 1_000_000     # what stage fractions are fractions of
+    init_from = ""               # a finished run the first stage starts from (default: fresh weights)
     [data]                       # any section of the run config (train/config.py), shared by all stages
     batch_size = 16
     [[stage]]
@@ -17,6 +18,8 @@ stage shares, plus [recipe] and one [[stage]] table per stage with its own secti
     data.mixture = { "data/docs" = 1.0 }
     optim.lr = 3e-4              # any other section.key; it overrides the shared value
     fresh_optimizer = true       # false: carry AdamW moments over from the previous stage
+    parent = "sft"               # start from this earlier stage instead of the previous one
+    rl.reward_model = "stage:rm" # any "stage:NAME" value is that stage's run directory
 
 A stage whose final model exists is skipped, one with checkpoints resumes, so rerunning a killed
 recipe continues where it stopped; `only` reruns one stage from scratch. Built-in recipes (package
@@ -45,7 +48,8 @@ from hybridlm.train.stage_data import check_sources
 from hybridlm.train.tracking import MlflowRun
 from hybridlm.train.trainer import train
 
-STAGE_KEYS = ("name", "fraction", "tokens", "fresh_optimizer")
+STAGE_KEYS = ("name", "fraction", "tokens", "fresh_optimizer", "parent")
+STAGE_REF = "stage:"
 BUILTIN = files("hybridlm") / "recipes"
 
 
@@ -89,17 +93,35 @@ def plan_stages(doc: dict) -> list[Stage]:
     names = [s.get("name") for s in stages]
     if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
         raise UserError("every [[stage]] needs a unique, non-empty name")
-    planned, previous = [], ""
+    planned, previous, outs = [], recipe.get("init_from", ""), {}
+    if previous and not isinstance(previous, str):
+        raise UserError("[recipe] init_from must be the path of a finished run directory")
     for index, raw in enumerate(stages, start=1):
         stage_out = out / f"{index}-{raw['name']}"
-        sections = _stage_sections(doc, raw)
-        sections["train"].update(out=str(stage_out), init_from=previous)
+        sections = _resolve_stage_refs(_stage_sections(doc, raw), outs, raw["name"])
+        parent = raw.get("parent")
+        if parent is not None and parent not in outs:
+            raise UserError(f"stage {raw['name']!r}: parent {parent!r} is not an earlier stage "
+                            f"({', '.join(outs) or 'there is none'})")
+        sections["train"].update(out=str(stage_out), init_from=outs[parent] if parent else previous)
         if not raw.get("fresh_optimizer", True):
             sections["train"]["init_optimizer"] = True
         run = run_config_from_dict({"model": doc.get("model", {}), **sections})
         planned.append(Stage(raw["name"], run.replace(train={"steps": _steps(raw, total, run)})))
-        previous = str(stage_out)
+        previous = outs[raw["name"]] = str(stage_out)
     return planned
+
+
+def _resolve_stage_refs(sections: dict[str, dict], outs: dict[str, str], stage: str) -> dict[str, dict]:
+    """Every "stage:NAME" value replaced by that earlier stage's run directory."""
+    for section in sections.values():
+        for key, value in section.items():
+            if isinstance(value, str) and value.startswith(STAGE_REF):
+                name = value[len(STAGE_REF):]
+                if name not in outs:
+                    raise UserError(f"stage {stage!r}: {value!r} names no earlier stage ({', '.join(outs) or 'none'})")
+                section[key] = outs[name]
+    return sections
 
 
 def _stage_sections(doc: dict, raw: dict) -> dict[str, dict]:

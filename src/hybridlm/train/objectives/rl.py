@@ -34,8 +34,8 @@ from hybridlm.model.loss import IGNORE_INDEX
 from hybridlm.run import load_run
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.tokenizer.chat import render_chat
+from hybridlm.train.objectives.rm import reply_rewards
 from hybridlm.train.objectives.base import Evaluator, Objective, Rows, SourceSet, StepContext, record
-from hybridlm.train.validation import EVAL_BATCH
 
 if TYPE_CHECKING:
     from hybridlm.train.config import RLConfig, RunConfig
@@ -127,16 +127,7 @@ class RewardJudge:
                             "number; return floats") from None
 
     def _scores(self, prompts: list[list[int]], completions: list[list[int]], dtype: str) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        found = []
-        for start in range(0, len(prompts), EVAL_BATCH):
-            rows = [side_row(p, c, self.seq_len, self.pad) for p, c in
-                    zip(prompts[start : start + EVAL_BATCH], completions[start : start + EVAL_BATCH])]
-            ids = torch.from_numpy(np.stack([r[0] for r in rows])).to(device)
-            last = torch.tensor([r[2] for r in rows], device=device)
-            with autocast(dtype, device):
-                found.append(self.model(ids, reward_at_B=last).double().cpu())
-        return torch.cat(found)
+        return reply_rewards(self.model, prompts, completions, self.seq_len, self.pad, dtype)  # eval mode: load_run
 
 
 class PromptSource:

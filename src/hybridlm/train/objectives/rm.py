@@ -9,11 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hybridlm.data.instructions import held_out_split
-from hybridlm.data.pair_rows import EncodedPair, PairSource, encode_pairs, pair_batches
+from hybridlm.data.pair_rows import EncodedPair, PairSource, encode_pairs, pair_batches, side_row
 from hybridlm.data.preferences import BUILTIN_PREFS, PAIRS_HELD_OUT_PERIOD, read_preferences
 from hybridlm.device import autocast
 from hybridlm.fileio import sha256_file
@@ -56,6 +57,22 @@ def pair_rewards(model: HybridLM, pairs: list[EncodedPair], seq_len: int, pad_id
             found.append(model(ids.flatten(0, 1).to(device), reward_at_B=last.flatten().to(device)).view(-1, 2))
     model.train(was_training)
     return torch.cat(found).float().cpu()
+
+
+@torch.no_grad()
+def reply_rewards(model: HybridLM, prompts: list[list[int]], replies: list[list[int]], seq_len: int, pad_id: int,
+                  dtype: str) -> torch.Tensor:
+    """The reward (N,) of each reply token list after its rendered prompt, read at its last token."""
+    device = next(model.parameters()).device
+    found = []
+    for start in range(0, len(prompts), EVAL_BATCH):
+        rows = [side_row(p, r, seq_len, pad_id) for p, r in
+                zip(prompts[start : start + EVAL_BATCH], replies[start : start + EVAL_BATCH])]
+        ids = torch.from_numpy(np.stack([row[0] for row in rows])).to(device)
+        last = torch.tensor([row[2] for row in rows], device=device)
+        with autocast(dtype, device):
+            found.append(model(ids, reward_at_B=last).double().cpu())
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.float64)
 
 
 def preference_sources(cfg: RunConfig, tokenizer: TextTokenizer,

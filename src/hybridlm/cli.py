@@ -627,9 +627,11 @@ def _need_serve_extra() -> None:
 @registry_option
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="Server TOML ([server], [limits], [safety], [audit], [rollback]).")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="Serve LoRA run PATH on the shared base as model NAME (repeatable; server.adapters).")
 @click.argument("overrides", nargs=-1)
 def serve_cmd(model_ref: str, host: str, port: int, keys_file: Path | None, admin_keys_file: Path | None,
-              registry_uri: str | None, config_path: Path | None, overrides) -> None:
+              registry_uri: str | None, config_path: Path | None, adapters: tuple[str, ...], overrides) -> None:
     """OpenAI-compatible HTTP server for a run: /v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics. Overrides: section.key=value (e.g. limits.requests_per_minute=30)."""
     _need_serve_extra()
@@ -640,8 +642,20 @@ def serve_cmd(model_ref: str, host: str, port: int, keys_file: Path | None, admi
     if not 0 <= port < 65536:
         raise UserError(f"--port must be in 0..65535 (got {port})")
     config = load_serve_config(config_path, list(overrides))
+    if adapters:
+        config = config.with_adapters(_adapter_options(adapters))
     admin = load_keys(admin_keys_file, variable="HYBRIDLM_ADMIN_KEYS")
     serve(_model_source(model_ref, registry_uri), config, load_keys(keys_file), host, port, admin)
+
+
+def _adapter_options(options: tuple[str, ...]) -> dict[str, str]:
+    found = {}
+    for option in options:
+        name, sep, path = option.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--adapter {option!r} must be NAME=PATH (a model name and a LoRA run directory)")
+        found[name] = path
+    return found
 
 
 def _model_source(ref: str, registry_uri: str | None):

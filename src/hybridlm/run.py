@@ -33,6 +33,7 @@ from hybridlm.model.converters.lora import (
     adapter_state,
     attach_lora,
     has_lora,
+    inject_saved_adapter,
     load_adapter_state,
     write_adapter_config,
 )
@@ -181,6 +182,25 @@ def lora_settings(config: dict) -> LoraSettings:
     extra = ["reward_head"] if config["model"].get("head") == "reward" else []
     return LoraSettings(r=section["r"], alpha=section["alpha"], dropout=section["dropout"],
                         targets=list(section["targets"]), extra_trained=extra)
+
+
+def attach_served_adapter(model: HybridLM, served: Path, adapter_run: Path, name: str,
+                          tokenizer: TextTokenizer) -> None:
+    """Put the adapters of LoRA run `adapter_run` on the served base `model` (run `served`) under
+    `name`; refused unless they were trained on exactly these base weights and this tokenizer."""
+    weights = Path(adapter_run) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"adapter {name}: {adapter_run} is not a LoRA run (no {ADAPTER_WEIGHTS}); train one with lora.r > 0")
+    verify_manifest(Path(adapter_run))
+    trained_on, served_sha = _adapter_base_sha(weights), weights_sha256(served)
+    if trained_on != served_sha:
+        raise UserError(f"adapter {name}: {adapter_run} was trained on other base weights (sha256 {trained_on[:12]}) "
+                        f"than the served model {served} ({served_sha[:12]}); serve its own base")
+    if TextTokenizer.load(Path(adapter_run) / "tokenizer.json").sha256() != tokenizer.sha256():
+        raise UserError(f"adapter {name}: {adapter_run} uses another tokenizer than the served model")
+    dtype = next(model.parameters()).dtype
+    inject_saved_adapter(model, Path(adapter_run), name, st_load(weights.read_bytes()))
+    model.to(dtype)
 
 
 def load_run_on_device(path: Path, dtype: str = "auto") -> tuple[LoadedRun, str]:

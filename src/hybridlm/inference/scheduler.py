@@ -28,6 +28,7 @@ from hybridlm.inference.grammar import GrammarMatcher
 from hybridlm.inference.prefix_cache import PrefixCache
 from hybridlm.inference.sampling import SamplingParams, choose_token, token_logprobs
 from hybridlm.model import HybridLM
+from hybridlm.model.converters.lora import tuner_layers, use_adapter
 from hybridlm.model.transformer import LayerCache
 
 _NO_IDS = torch.empty(0, dtype=torch.long)  # no penalty: no history tensor per step
@@ -59,9 +60,9 @@ class Request:
     """Handle of a submitted request: its n choices' tokens arrive on `events`."""
 
     def __init__(self, scheduler: Scheduler, prompt_ids: list[int], params: list[SamplingParams],
-                 stop_ids: frozenset[int], loop: asyncio.AbstractEventLoop) -> None:
+                 stop_ids: frozenset[int], loop: asyncio.AbstractEventLoop, adapter: str | None = None) -> None:
         self.scheduler, self.prompt_ids, self.params, self.stop_ids = scheduler, prompt_ids, params, stop_ids
-        self.loop = loop
+        self.loop, self.adapter = loop, adapter
         self.events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         self.cancelled: set[int] = set()
         """Choice indices whose consumer is gone; written under the scheduler's lock."""
@@ -154,6 +155,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._last_batch = 0
         self._tokens = 0
+        self._adapter_layers = tuner_layers(model)
+        self.adapters = frozenset(name for layer in self._adapter_layers for name in getattr(layer, "lora_A", {}))
+        """Adapter names a request may ask for (model/converters/lora.py); None is the base model."""
 
     # ---- the asyncio side -------------------------------------------------------------------
 
@@ -172,11 +176,14 @@ class Scheduler:
             self._thread.join()
 
     def submit(self, prompt_ids: list[int], params: list[SamplingParams],
-               stop_ids: frozenset[int] = frozenset()) -> Request:
-        """Queue a request of len(params) choices; call from the event loop that will consume it.
-        Raises PromptTooLong / UserError for bad input and QueueFull when the queue is full."""
+               stop_ids: frozenset[int] = frozenset(), adapter: str | None = None) -> Request:
+        """Queue a request of len(params) choices, decoded with LoRA adapter `adapter` (None: the base
+        model); call from the event loop that will consume it. Raises PromptTooLong / UserError for
+        bad input and QueueFull when the queue is full."""
         self._check(prompt_ids, params)
-        request = Request(self, list(prompt_ids), list(params), frozenset(stop_ids), asyncio.get_running_loop())
+        if adapter is not None and adapter not in self.adapters:
+            raise UserError(f"no adapter named {adapter!r} is loaded (loaded: {', '.join(sorted(self.adapters)) or 'none'})")
+        request = Request(self, list(prompt_ids), list(params), frozenset(stop_ids), asyncio.get_running_loop(), adapter)
         with self._cond:
             if self._thread is None or self._closing:
                 raise RuntimeError("the scheduler is not running; call start() first")
@@ -194,14 +201,15 @@ class Scheduler:
                 self._waiting.remove(request)
             self._cond.notify()
 
-    def call(self, fn) -> concurrent.futures.Future:
-        """Run `fn(model)` on the scheduler thread between decode passes (the model is only ever
-        used from that thread: the fused kernels keep per-thread buffers); a future of its result."""
+    def call(self, fn, adapter: str | None = None) -> concurrent.futures.Future:
+        """Run `fn(model)` on the scheduler thread between decode passes, with LoRA adapter `adapter`
+        applied (the model is only ever used from that thread: the fused kernels keep per-thread
+        buffers); a future of its result."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if self._thread is None or self._closing:
                 raise RuntimeError("the scheduler is not running; call start() first")
-            self._calls.append((fn, future))
+            self._calls.append((fn, future, adapter))
             self._cond.notify()
         return future
 
@@ -267,9 +275,10 @@ class Scheduler:
         """Work that needs the model but is not decoding (scoring a prompt), run between passes."""
         with self._cond:
             calls, self._calls = list(self._calls), deque()
-        for fn, future in calls:
+        for fn, future, adapter in calls:
             if future.set_running_or_notify_cancel():
                 try:
+                    self._use(adapter)
                     future.set_result(fn(self.model))
                 except Exception as exc:  # noqa: BLE001 - the caller gets it
                     future.set_exception(exc)
@@ -282,7 +291,8 @@ class Scheduler:
             if budget <= 0:
                 return
             try:
-                budget -= job.step(self.model, self.prefill_chunk, self.prefix)
+                self._use(job.request.adapter)  # the prefix cache holds base-model blocks only
+                budget -= job.step(self.model, self.prefill_chunk, None if job.request.adapter else self.prefix)
                 sequences = self._start_choices(job, events) if job.complete else None
             except Exception as exc:  # noqa: BLE001 - one bad request must not take the server down
                 events.append((job.request, exc))
@@ -313,7 +323,7 @@ class Scheduler:
         if not batch:
             return
         try:
-            logits_BV = self.model.decode_rows([s.last for s in batch], [s.cache for s in batch]).cpu()
+            logits_BV = self._decode_rows(batch)
         except Exception as exc:  # noqa: BLE001 - the consumers get the error; the scheduler keeps serving
             events += [(request, exc) for request in {s.request: None for s in batch}]
             for s in batch:
@@ -328,6 +338,26 @@ class Scheduler:
         with self._cond:
             self._last_batch = len(batch)
             self._running = [s for s in self._running if not s.finished]
+
+    def _decode_rows(self, batch: list[_Sequence]) -> torch.Tensor:
+        """Next-token logits (B, vocab) of the batch: one decode_rows call per adapter in it, so a
+        batch mixing k adapters costs k weight passes (the base model's requests share one)."""
+        groups: dict[str | None, list[int]] = defaultdict(list)
+        for row, sequence in enumerate(batch):
+            groups[sequence.request.adapter].append(row)
+        if len(groups) == 1:
+            self._use(batch[0].request.adapter)
+            return self.model.decode_rows([s.last for s in batch], [s.cache for s in batch]).cpu()
+        logits_BV = torch.empty(len(batch), self.model.cfg.vocab_size)
+        for adapter, rows in groups.items():
+            self._use(adapter)
+            logits_BV[rows] = self.model.decode_rows([batch[r].last for r in rows],
+                                                     [batch[r].cache for r in rows]).cpu().float()
+        return logits_BV
+
+    def _use(self, adapter: str | None) -> None:
+        if self._adapter_layers:
+            use_adapter(self._adapter_layers, adapter)
 
     def _sample(self, sequence: _Sequence, logits_V: torch.Tensor) -> TokenEvent:
         params = sequence.request.params[sequence.index]

@@ -28,6 +28,7 @@ the fix, and the field docstrings say what each key does.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,8 +58,14 @@ class ServerSettings:
     alias_poll_s: float = 10.0
     """Serving a registry alias (models:/NAME@ALIAS): seconds between checks that it moved; 0: only
     POST /admin/reload swaps."""
+    adapters: dict = field(default_factory=dict)
+    """{NAME: LoRA run directory} served on the shared base: a request for model NAME decodes with
+    that adapter (`--adapter NAME=PATH`); each must have been trained on the served weights."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.adapters, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.adapters.items()):
+            raise UserError('server.adapters must map adapter names to LoRA run directories, e.g. {docs = "runs/lora"}')
         check_positive("server", max_batch=self.max_batch, max_queue=self.max_queue, max_tokens_cap=self.max_tokens_cap,
                   max_n=self.max_n, max_body_bytes=self.max_body_bytes)
         if self.alias_poll_s < 0:
@@ -146,6 +153,11 @@ class ServeConfig:
     safety: SafetySettings = field(default_factory=SafetySettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     rollback: RollbackSettings = field(default_factory=RollbackSettings)
+
+    def with_adapters(self, adapters: dict[str, str]) -> ServeConfig:
+        """This config with more adapters served (`--adapter` on top of server.adapters)."""
+        merged = {**self.server.adapters, **adapters}
+        return dataclasses.replace(self, server=dataclasses.replace(self.server, adapters=merged))
 
 
 _RULE_LISTS = ("patterns", "words", "applies_to")

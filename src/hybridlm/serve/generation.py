@@ -113,10 +113,11 @@ class Result:
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
 
 
-def _check_common(state: ServerState, body: SamplingFields) -> None:
-    if body.model != state.model_name:
-        raise ApiError(404, f"model {body.model!r} is not served here; this server serves {state.model_name!r} "
-                       "(see GET /v1/models)", param="model", code="model_not_found")
+def _check_common(state: ServerState, service: Service, body: SamplingFields) -> None:
+    served = [state.model_name, *service.adapter_names]
+    if body.model not in served:
+        raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
+                       f"{', '.join(map(repr, served))} (see GET /v1/models)", param="model", code="model_not_found")
     max_n = min(state.config.server.max_n, state.config.server.max_batch)
     if body.n > max_n:
         raise ApiError(400, f"n is {body.n} but this server allows at most {max_n}", param="n")
@@ -157,7 +158,7 @@ async def admit(state: ServerState, service: Service, body: CompletionRequest | 
                 record: RequestRecord, key_id: str) -> Job:
     """Every check that can refuse the request, in the order a client would want to hear about them;
     `service` is the version it runs on (the caller holds it)."""
-    _check_common(state, body)
+    _check_common(state, service, body)
     chat = isinstance(body, ChatCompletionRequest)
     asked = body.requested_max_tokens() if chat else body.max_tokens
     record.stream, record.n, record.max_tokens = body.stream, body.n, asked
@@ -185,7 +186,8 @@ async def admit(state: ServerState, service: Service, body: CompletionRequest | 
                             top_k=max(body.top_k, 0), min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                             logit_bias=_logit_bias(body.logit_bias, service.vocab_size),
-                            top_logprobs=body.requested_top_logprobs(), grammar=await _grammar(service, body))
+                            top_logprobs=body.requested_top_logprobs(), grammar=await _grammar(service, body),
+                            adapter=None if body.model == state.model_name else body.model)
     reserved = len(prompt_ids) + max_tokens * body.n
     state.charge_tokens(key_id, reserved)
     echo = Echo(prompt, framed) if not chat and body.echo else None
@@ -232,7 +234,7 @@ async def echoed(state: ServerState, job: Job) -> list[TokenLogprob] | None:
     text prompt), or None when the request asked for none."""
     if job.echo is None or job.gen.top_logprobs is None:
         return None
-    entries = await job.service.prompt_logprobs(job.gen.prompt_ids, job.gen.top_logprobs)
+    entries = await job.service.prompt_logprobs(job.gen.prompt_ids, job.gen.top_logprobs, job.gen.adapter)
     return entries[1:] if job.echo.framed else entries
 
 

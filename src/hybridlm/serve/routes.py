@@ -112,8 +112,10 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def models(request: Request, key_id: KeyId) -> ModelList:
     state = server(request)
-    return ModelList(data=[ModelCard(id=state.model_name, created=int(time.time()), context_length=state.service.context,
-                                     max_tokens=state.service.max_tokens_cap, version=state.service.version)])
+    service, created = state.service, int(time.time())
+    return ModelList(data=[ModelCard(id=name, created=created, context_length=service.context,
+                                     max_tokens=service.max_tokens_cap, version=service.version)
+                           for name in (state.model_name, *service.adapter_names)])
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses={**ERROR_RESPONSES, **_STREAM_DOC})

@@ -21,7 +21,8 @@ from hybridlm.inference.grammar import Grammar, GrammarCompiler
 from hybridlm.inference.sampling import SamplingParams, token_logprobs
 from hybridlm.inference.text import TextStream
 from hybridlm.inference.scheduler import PromptTooLong, QueueFull, Request, Scheduler, TokenEvent
-from hybridlm.run import load_run_on_device
+from hybridlm.model.converters.lora import has_lora
+from hybridlm.run import attach_served_adapter, load_run_on_device
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.tokenizer.chat import Message, render_chat
 
@@ -52,6 +53,8 @@ class GenerationRequest:
     """Log-probabilities of each token and this many alternatives (None: none)."""
     grammar: Grammar | None = None
     """The reply must match it (a JSON schema, a tool call)."""
+    adapter: str | None = None
+    """The LoRA adapter to decode with (None: the base model)."""
 
 
 @dataclass(frozen=True)
@@ -111,11 +114,16 @@ class Service:
     """One loaded run behind a continuous-batching scheduler."""
 
     def __init__(self, run_dir: Path, *, max_batch: int = 16, max_queue: int = 64, max_tokens_cap: int = 512,
-                 dtype: str = "auto", prefix_cache_mb: int = 256) -> None:
+                 dtype: str = "auto", prefix_cache_mb: int = 256, adapters: dict[str, str] | None = None) -> None:
         if dtype not in ("auto", "fp32", "bf16"):
             raise UserError(f"dtype must be auto, fp32 or bf16 (got {dtype!r})")
         run, _ = load_run_on_device(Path(run_dir), dtype)
         model = run.model
+        if adapters and has_lora(model):
+            raise UserError(f"{run_dir} is a LoRA run; serve a plain base (`hybridlm lora merge` it) to add adapters")
+        for name, adapter_dir in (adapters or {}).items():
+            attach_served_adapter(model, Path(run_dir), Path(adapter_dir), name, run.tokenizer)
+        self.adapter_names: list[str] = sorted(adapters or {})
         self.tokenizer = run.tokenizer
         self.model_id: str = run.path.name
         self.context: int = model.cfg.max_seq_len
@@ -137,7 +145,8 @@ class Service:
         """The service the [server] section describes: the one place its batch, queue, token cap,
         dtype and prefix cache reach the scheduler (`hybridlm serve`, create_app)."""
         return cls(run_dir, max_batch=server.max_batch, max_queue=server.max_queue,
-                   max_tokens_cap=server.max_tokens_cap, dtype=server.dtype, prefix_cache_mb=server.prefix_cache_mb)
+                   max_tokens_cap=server.max_tokens_cap, dtype=server.dtype, prefix_cache_mb=server.prefix_cache_mb,
+                   adapters=server.adapters)
 
     def grammars(self) -> GrammarCompiler:
         """The grammar compiler for this tokenizer, built at the first constrained request."""
@@ -190,7 +199,7 @@ class Service:
         """Chunks of all n choices, interleaved as they are produced (see ReplyStream)."""
         return ReplyStream(self, req)
 
-    async def prompt_logprobs(self, ids: list[int], top: int) -> list[TokenLogprob]:
+    async def prompt_logprobs(self, ids: list[int], top: int, adapter: str | None = None) -> list[TokenLogprob]:
         """Each prompt token's log-probability given the ones before it (None for the first, which
         nothing predicts) and the `top` alternatives: what `echo` with `logprobs` reports. Runs on
         the scheduler's thread, between decode steps."""
@@ -203,7 +212,7 @@ class Service:
                 entries.append(TokenLogprob(token, logprob, alternatives))
             return entries
 
-        return await asyncio.wrap_future(self._scheduler.call(score))
+        return await asyncio.wrap_future(self._scheduler.call(score, adapter))
 
     def stats(self) -> dict:
         """{"queue_depth", "active_sequences", "batch_size" (of the last decode step), "tokens_generated",
@@ -211,7 +220,7 @@ class Service:
         return self._scheduler.stats()
 
     def submit(self, req: GenerationRequest) -> Request:
-        return self._scheduler.submit(req.prompt_ids, self._params(req), self._stop_ids)
+        return self._scheduler.submit(req.prompt_ids, self._params(req), self._stop_ids, req.adapter)
 
     def _params(self, req: GenerationRequest) -> list[SamplingParams]:
         if req.n < 1:

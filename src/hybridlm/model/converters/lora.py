@@ -72,6 +72,36 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     return model
 
 
+def inject_saved_adapter(model: nn.Module, directory: Path, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Attach the adapters saved in `directory` under `name`, beside any already there (serving
+    several on one base); `state` is its adapter_model.safetensors."""
+    peft = _peft()
+    config = peft.LoraConfig.from_pretrained(str(directory))
+    peft.inject_adapter_in_model(config, model, adapter_name=name)
+    result = peft.set_peft_model_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()},
+                                            adapter_name=name)
+    if getattr(result, "unexpected_keys", None):
+        raise UserError(f"{directory} holds tensors for modules this model lacks: {result.unexpected_keys[:3]}")
+
+
+def tuner_layers(model: nn.Module) -> list:
+    """The layers that carry adapters (empty for a plain model)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def use_adapter(layers: list, name: str | None) -> None:
+    """Make `name` the one adapter these layers apply (None: the base model alone). A layer without
+    that adapter (another adapter's targets) applies none."""
+    for layer in layers:
+        layer.enable_adapters(name is not None)
+        if name is not None:
+            layer.set_adapter(name)
+
+
 def has_lora(model: nn.Module) -> bool:
     return any(".lora_A." in name for name, _ in model.named_parameters())
 

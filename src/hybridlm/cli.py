@@ -847,6 +847,28 @@ def review_resolve_cmd(item_id: int, decision: str, note: str, db: Path, as_json
     _emit(item.to_dict(), as_json, format_item(item, full=True))
 
 
+@app.group()
+def feedback() -> None:
+    """Human preferences the chat page collected (POST /v1/feedback): export them as pairs."""
+
+
+@feedback.command("export")
+@click.option("--db", type=click.Path(path_type=Path), default=Path("feedback.sqlite"), show_default=True,
+              help="The server's feedback database (server.feedback_db).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="JSONL of {prompt, chosen, rejected}: a data source for an rm or dpo stage.")
+@click.option("--model", "model_name", default=None, help="Only feedback on this model (default: all).")
+@json_option
+def feedback_export_cmd(db: Path, out: Path, model_name: str | None, as_json: bool) -> None:
+    """Write every comparison, and every up-rated reply paired with each down-rated reply to the
+    same conversation, as preference pairs."""
+    from hybridlm.serve.feedback import export_feedback
+
+    result = export_feedback(db, out, model_name)
+    _emit(result, as_json, f"wrote {result['pairs']} pairs to {result['out']} (from {result['comparisons']} "
+          f"comparisons and {result['ratings']} ratings)")
+
+
 @app.group("rm")
 def rm_group() -> None:
     """Reward models: score replies."""

@@ -30,9 +30,9 @@ def keys(*plain: str) -> KeyStore:
 
 
 def config(tmp: Path, *overrides: str):
-    """A server config writing its review queue and audit log under `tmp`."""
+    """A server config writing its review queue, feedback and audit log under `tmp`."""
     return load_serve_config(None, [f'safety.review_db="{tmp / "review.sqlite"}"', f'audit.log="{tmp / "audit.jsonl"}"',
-                                    *overrides])
+                                    f'server.feedback_db="{tmp / "feedback.sqlite"}"', *overrides])
 
 
 @contextmanager

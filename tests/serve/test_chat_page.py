@@ -9,6 +9,8 @@ without a browser fails here with what to install (scripts/test installs it wher
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import shutil
@@ -18,6 +20,8 @@ from urllib.parse import urlparse
 
 import openai
 import pytest
+from hybridlm.data.preferences import read_preferences
+from hybridlm.serve.feedback import FeedbackStore, export_feedback
 from httpserver import (
     KEY,
     NO_LIMITS,
@@ -198,3 +202,71 @@ def test_stop_ends_the_reply_and_frees_the_slot(chatty_run, page, tmp_path):
         wait_until(lambda: health(live.url)["active_sequences"] == 0, what="the slot freeing")
         assert health(live.url)["tokens_generated"] < LONG  # the server closed the stream long before max_tokens
         assert page.get_by_role("button", name="Send").is_enabled()
+
+
+def _open_with_key(page, live) -> None:
+    page.goto(live.url + "/")
+    page.get_by_label("API key").fill(KEY)
+    page.get_by_label("API key").press("Tab")
+    page.wait_for_function(f"() => document.getElementById('model').value === {live.model!r}")
+
+
+def test_thumbs_and_comparisons_reach_the_feedback_store_and_export_as_pairs(live, page, tmp_path):
+    question = "Paragraph 5:"
+    _open_with_key(page, live)
+    page.get_by_label("Max tokens").fill("12")
+    page.get_by_label("Temperature").fill("0")
+    greedy = ask(page, question)
+    greedy_text = greedy.locator(".text").text_content()
+    greedy.get_by_role("button", name="Good reply").click()
+    page.wait_for_function("() => document.querySelector('.message.assistant').dataset.feedback === 'up'")
+    page.get_by_role("button", name="New chat").click()
+    page.get_by_label("Temperature").fill("1.5")
+    sampled = ask(page, question)  # the same conversation, another reply: rated down
+    sampled.get_by_role("button", name="Bad reply").click()
+    page.wait_for_function("() => document.querySelector('.message.assistant').dataset.feedback === 'down'")
+
+    page.get_by_role("button", name="New chat").click()
+    page.get_by_label("Compare two replies").check()
+    page.get_by_label("Message").fill("Paragraph 9:")
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function("() => document.querySelectorAll('[data-state=\"choosing\"]').length === 2")
+    first, second = (page.locator("#messages .message.assistant").nth(i).locator(".text").text_content()
+                     for i in range(2))
+    page.get_by_role("button", name="Pick reply 2").click()
+    page.wait_for_function("() => document.querySelectorAll('[data-picked]').length === 2")
+    page.screenshot(path=str(tmp_path / "chat_compare.png"))
+
+    rows = FeedbackStore(live.tmp / "feedback.sqlite", create=False).rows()
+    assert [(r["kind"], r["rating"]) for r in rows] == [("rating", "up"), ("rating", "down"), ("comparison", None)]
+    asked = [{"role": "user", "content": question}]
+    assert json.loads(rows[0]["messages"]) == asked == json.loads(rows[1]["messages"])
+    assert rows[0]["reply"] == greedy_text and rows[0]["reply"] != rows[1]["reply"]
+    assert (rows[2]["chosen"], rows[2]["rejected"]) == (second, first)
+    assert all(r["model"] == live.model and r["key_id"] not in ("", "anonymous", KEY) for r in rows)
+
+    exported = tmp_path / "prefs.jsonl"
+    assert export_feedback(live.tmp / "feedback.sqlite", exported)["pairs"] == 2
+    pairs = read_preferences(str(exported)).pairs  # the format rm and dpo stages read
+    assert [(p.chosen, p.rejected) for p in pairs] == [(second, first), (rows[0]["reply"], rows[1]["reply"])]
+    assert pairs[1].prompt[0].content == question
+
+
+def test_feedback_endpoint_rejects_bad_input_by_name(live):
+    url = urlparse(live.url)
+    for body, status, needle in [
+        ({"model": live.model, "messages": [{"role": "user", "content": "x"}], "reply": "y"}, 400, "rating"),
+        ({"model": live.model, "messages": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "a"}, 400,
+         "the same text"),
+        ({"model": "other", "messages": [{"role": "user", "content": "x"}], "reply": "y", "rating": "up"}, 404,
+         "not served here"),
+        ({"model": live.model, "messages": [{"role": "user", "content": "x"}], "reply": "y", "rating": "up",
+          "score": 3}, 400, "score"),
+    ]:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        conn.request("POST", "/v1/feedback", body=json.dumps(body),
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        error = json.loads(response.read())["error"]
+        conn.close()
+        assert response.status == status and needle in error["message"], (body, error)

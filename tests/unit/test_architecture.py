@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "hybridlm"
 
 LAYERS = [
-    {"errors", "fileio", "config", "settings", "device", "lineage", "tensors", "timing", "report_format"},
+    {"errors", "fileio", "config", "settings", "device", "lineage", "tensors", "timing", "report_format", "sqlitedb"},
     {"model"},
     {"tokenizer", "data", "run"},
     {"train", "inference"},

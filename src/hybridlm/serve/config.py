@@ -58,6 +58,9 @@ class ServerSettings:
     alias_poll_s: float = 10.0
     """Serving a registry alias (models:/NAME@ALIAS): seconds between checks that it moved; 0: only
     POST /admin/reload swaps."""
+    feedback_db: str = "feedback.sqlite"
+    """SQLite file of the ratings and comparisons POST /v1/feedback receives (the chat page's
+    thumbs); `hybridlm feedback export --db FILE` turns them into preference pairs."""
     adapters: dict = field(default_factory=dict)
     """{NAME: LoRA run directory} served on the shared base: a request for model NAME decodes with
     that adapter (`--adapter NAME=PATH`); each must have been trained on the served weights."""

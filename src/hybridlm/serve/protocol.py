@@ -326,6 +326,42 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FeedbackMessage(_Request):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+
+
+class FeedbackRequest(_Request):
+    """A person's judgement of replies (the chat page's thumbs and comparisons): a rating of one
+    reply, or the reply picked of two; stored with the key id for `hybridlm feedback export`."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: str
+    messages: list[FeedbackMessage] = Field(min_length=1, max_length=512, description="The conversation the "
+                                            "reply answered, exactly as sent to /v1/chat/completions.")
+    reply: str | None = Field(None, max_length=100_000, description="The rated reply (with rating).")
+    rating: Literal["up", "down"] | None = None
+    chosen: str | None = Field(None, max_length=100_000, description="The reply picked (with rejected).")
+    rejected: str | None = Field(None, max_length=100_000, description="The reply not picked.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> FeedbackRequest:
+        rating = self.reply is not None and self.rating is not None
+        comparison = self.chosen is not None and self.rejected is not None
+        if rating == comparison or (rating and (self.chosen or self.rejected)) or (
+                comparison and (self.reply or self.rating)):
+            raise ValueError("give either reply and rating (up or down), or chosen and rejected")
+        if comparison and self.chosen == self.rejected:
+            raise ValueError("chosen and rejected are the same text; a comparison needs two different replies")
+        return self
+
+
+class FeedbackResponse(BaseModel):
+    id: int
+    object: Literal["feedback"] = "feedback"
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hybridlm.errors import UserError
+from hybridlm.sqlitedb import connect
+from hybridlm.sqlitedb import create as create_db
 
 EXCERPT_CHARS = 160
 STATUSES = ("open", "resolved")
@@ -76,19 +78,10 @@ class ReviewQueue:
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise UserError(f"review database not found: {self.path} (the server writes it; pass --db)")
-        if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db, db:
-            try:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute(_SCHEMA)
-            except sqlite3.DatabaseError as exc:
-                raise UserError(f"{self.path} is not a review database ({exc})") from None
+        create_db(self.path, _SCHEMA, "review database")
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=10)
-        db.row_factory = sqlite3.Row
-        return db
+        return connect(self.path)
 
     def add(self, items: list[dict]) -> list[int]:
         """Store items (request_id, key_id, direction, rule, action, excerpt); return their ids."""

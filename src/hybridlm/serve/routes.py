@@ -10,6 +10,7 @@ or as `tool_calls` with finish_reason "tool_calls").
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -32,6 +33,8 @@ from hybridlm.serve.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    FeedbackRequest,
+    FeedbackResponse,
     ModelCard,
     ModelList,
     ToolCall,
@@ -116,6 +119,22 @@ async def models(request: Request, key_id: KeyId) -> ModelList:
     return ModelList(data=[ModelCard(id=name, created=created, context_length=service.context,
                                      max_tokens=service.max_tokens_cap, version=service.version)
                            for name in (state.model_name, *service.adapter_names)])
+
+
+@router.post("/v1/feedback", response_model=FeedbackResponse, responses=ERROR_RESPONSES)
+async def feedback(body: FeedbackRequest, request: Request, key_id: KeyId) -> FeedbackResponse:
+    """A rating (thumbs up/down) of one reply, or the reply picked of two, kept with the exact
+    conversation, the model and the key id for `hybridlm feedback export`."""
+    state = server(request)
+    service = state.service
+    if body.model not in (state.model_name, *service.adapter_names):
+        raise ApiError(404, f"model {body.model!r} is not served here (see GET /v1/models)", param="model",
+                       code="model_not_found")
+    stored = await asyncio.to_thread(
+        state.feedback.add, key_id=key_id, model=body.model, version=service.version,
+        messages=[m.model_dump() for m in body.messages], reply=body.reply, rating=body.rating, chosen=body.chosen,
+        rejected=body.rejected)
+    return FeedbackResponse(id=stored)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses={**ERROR_RESPONSES, **_STREAM_DOC})

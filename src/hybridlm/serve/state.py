@@ -21,6 +21,7 @@ from hybridlm.serve.hotswap import ModelSource, Swapper
 from hybridlm.serve.monitoring import AuditLog, Metrics, RequestRecord
 from hybridlm.serve.protocol import ApiError
 from hybridlm.serve.ratelimit import Limited, RateLimiter
+from hybridlm.serve.feedback import FeedbackStore
 from hybridlm.serve.review import ReviewQueue, items_for
 from hybridlm.serve.safety import Hit, SafetyChain, build_chain
 
@@ -41,6 +42,7 @@ class ServerState:
     limiter: RateLimiter
     safety: SafetyChain | None
     review: ReviewQueue | None
+    feedback: FeedbackStore
     metrics: Metrics
     audit: AuditLog
     model_name: str
@@ -95,5 +97,6 @@ def build_state(service: Service, config: ServeConfig, keys: KeyStore, source: M
         limiter=RateLimiter(config.limits.requests_per_minute, config.limits.tokens_per_minute),
         safety=chain if chain is not None and chain.filters else None,
         review=ReviewQueue(Path(safety.review_db)) if safety.enabled else None,
+        feedback=FeedbackStore(Path(config.server.feedback_db)),
         metrics=metrics, audit=AuditLog(config.audit.log, config.audit.include_text),
         model_name=config.server.model_name or source.name)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybridlm.errors import UserError
+from hybridlm.sqlitedb import connect
 
 CRITERIA = ("fluency", "coherence", "helpfulness")
 MODES = ("pairwise", "rating")
@@ -76,9 +77,7 @@ class Study:
         self.mode, self.label_a, self.label_b = settings["mode"], settings["label_a"], settings["label_b"]
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=10)
-        db.row_factory = sqlite3.Row
-        return db
+        return connect(self.path)
 
     def cards(self) -> list[Card]:
         with closing(self._connect()) as db:

@@ -1,6 +1,8 @@
 // The chat page: talks to the same OpenAI-compatible API as any client (GET /v1/models,
 // POST /v1/chat/completions with stream: true), so it needs nothing the server does not already
-// offer and loads nothing from the network but this server. The API key lives in sessionStorage:
+// offer and loads nothing from the network but this server. Each reply can be rated (thumbs up
+// or down) and, with "Compare two replies", two samples are shown and the one picked is kept:
+// both go to POST /v1/feedback with the exact conversation, for `hybridlm feedback export`. The API key lives in sessionStorage:
 // it survives a reload but not the end of the browser session, and is never written to the page.
 "use strict";
 
@@ -127,6 +129,72 @@ async function streamReply(item, signal) {
   return reply;
 }
 
+// POST /v1/feedback; returns an error message, or "" when stored.
+async function sendFeedback(body) {
+  try {
+    const response = await fetch("v1/feedback", {method: "POST", headers: headers(),
+                                                 body: JSON.stringify({model: $("model").value, ...body})});
+    return response.ok ? "" : await describeError(response);
+  } catch (err) {
+    return err.message;
+  }
+}
+
+function button(label, text, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = text;
+  b.setAttribute("aria-label", label);
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+// Thumbs up / down under a finished reply; data-feedback ends as "up" or "down" once stored.
+function addRating(item, messages, reply) {
+  const bar = document.createElement("div");
+  bar.className = "feedback";
+  const rate = async (rating) => {
+    bar.querySelectorAll("button").forEach((b) => { b.disabled = true; });
+    const error = await sendFeedback({messages, reply, rating});
+    if (error) {
+      bar.querySelectorAll("button").forEach((b) => { b.disabled = false; });
+      notice(`Could not send feedback: ${error}`);
+      return;
+    }
+    item.dataset.feedback = rating;
+    bar.append(" thanks");
+  };
+  bar.append(button("Good reply", "\u{1F44D}", () => rate("up")), button("Bad reply", "\u{1F44E}", () => rate("down")));
+  item.append(bar);
+}
+
+// Compare mode: two samples of the reply; the one picked joins the conversation and the pair
+// goes to /v1/feedback. Resolves once a reply is picked.
+async function compareReplies(messages) {
+  const response = await fetch("v1/chat/completions", {method: "POST", headers: headers(),
+                                                       body: JSON.stringify({...requestBody(), stream: false, n: 2})});
+  if (!response.ok) throw new Error(await describeError(response));
+  const texts = (await response.json()).choices.map((c) => c.message.content || "");
+  if (texts[0] === texts[1]) {
+    addMessage("error", "Both replies are the same text (raise the temperature to compare); the reply is kept.");
+    addMessage("assistant", texts[0]).dataset.state = "done";
+    return texts[0];
+  }
+  const items = texts.map((t) => addMessage("assistant", t));
+  return new Promise((resolve) => {
+    items.forEach((item, i) => {
+      item.dataset.state = "choosing";
+      item.append(button(`Pick reply ${i + 1}`, "Pick this reply", async () => {
+        items.forEach((other) => other.querySelectorAll("button").forEach((b) => { b.disabled = true; }));
+        const error = await sendFeedback({messages, chosen: texts[i], rejected: texts[1 - i]});
+        if (error) notice(`Could not send feedback: ${error}`);
+        items.forEach((other, j) => { other.dataset.picked = String(i === j); other.dataset.state = "done"; });
+        resolve(texts[i]);
+      }));
+    });
+  });
+}
+
 async function send(event) {
   event.preventDefault();
   const input = $("input");
@@ -136,14 +204,18 @@ async function send(event) {
   addMessage("user", content);
   const turn = {role: "user", content};
   history.push(turn);
+  if ($("compare").checked) return compareTurn(turn, content);
+  const asked = history.map((m) => ({...m}));
   const item = addMessage("assistant", "");
   item.dataset.state = "streaming";
   running = new AbortController();
   $("send").disabled = true;
   $("stop").disabled = false;
   try {
-    history.push({role: "assistant", content: await streamReply(item, running.signal)});
+    const reply = await streamReply(item, running.signal);
+    history.push({role: "assistant", content: reply});
     item.dataset.state = "done";
+    addRating(item, asked, reply);
   } catch (err) {
     const stopped = err.name === "AbortError";
     item.dataset.state = stopped ? "stopped" : "error";
@@ -162,6 +234,23 @@ async function send(event) {
     $("send").disabled = false;
     $("stop").disabled = true;
     input.focus();
+  }
+}
+
+async function compareTurn(turn, content) {
+  running = new AbortController();
+  $("send").disabled = true;
+  try {
+    const picked = await compareReplies(history.map((m) => ({...m})));
+    if (history.at(-1) === turn) history.push({role: "assistant", content: picked});
+  } catch (err) {
+    history.pop();
+    $("input").value = content;
+    addMessage("error", err.message);
+  } finally {
+    running = null;
+    $("send").disabled = false;
+    $("input").focus();
   }
 }
 

@@ -110,13 +110,20 @@ def test_bad_recipes_get_one_line_and_exit_2_before_training(tmp_path, quickstar
     data = str(Path(quickstart["run_dir"]).parents[1] / "data" / "docstrings")
     bad_line = tmp_path / "bad.jsonl"
     bad_line.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"\n')
+    unshared = tmp_path / "unshared.jsonl"
+    unshared.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"})
+                        + "\n" + json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b",
+                                             "rejected": "\n\nHuman: z\n\nAssistant: c"}) + "\n")
     out = tmp_path / "out"
     base = f'[model]\npreset = "tiny"\n[recipe]\nout = "{out}"\ntotal_tokens = 10000\n'
     cases = [
         (f'[[stage]]\nname = "a"\nfraction = 1.0\ndata.mixture = {{ "{data}" = 0 }}\n', "sum to a positive number"),
         ('[[stage]]\nname = "a"\nfraction = 1.0\ntrain.objective = "rlhf"\ntrain.train_data = 1\n', "unknown train key"),
         (f'[[stage]]\nname = "a"\nfraction = 1.0\ntrain.objective = "dpo"\ndata.mixture = {{ "{data}" = 1 }}\n',
-         "train.objective must be one of clm, mlm, sft"),
+         "preference data not found"),
+        ('[[stage]]\nname = "a"\nfraction = 1.0\ntrain.objective = "ppo"\n', "train.objective must be one of clm"),
+        (f'[[stage]]\nname = "a"\nfraction = 1.0\ntrain.objective = "rm"\ndata.tokenizer = "{data}/tokenizer.json"\n'
+         f'data.mixture = {{ "{unshared}" = 1 }}\n', "do not share a prompt (line 2)"),
         ('[[stage]]\nname = "a"\nfraction = 1.0\ndata.mixture = { "no/such/dir" = 1 }\n', "no/such/dir"),
         (f'[[stage]]\nname = "a"\nfraction = 1.0\ntrain.objective = "sft"\ndata.tokenizer = "{data}/tokenizer.json"\n'
          f'data.mixture = {{ "{bad_line}" = 1 }}\n', "line 2 is not valid JSON"),

@@ -25,7 +25,12 @@ from hybridlm.train.metrics import (
     tokens_at,
 )
 
-PLOTS = {"loss": "loss.png", "lr": "lr.png", "tokens_by_source": "tokens_by_source.png"}
+PLOTS = {"loss": "loss.png", "lr": "lr.png", "tokens_by_source": "tokens_by_source.png",
+         "objective": "objective_figures.png"}
+COUNTS = ("val_loss", "val_tokens", "val_bytes", "val_pairs", "val_prompts", "val_ppl")
+"""Validation keys the objective-figures plot leaves out (the loss has its own plot; counts say nothing)."""
+TRAINING_FIGURES = ("reward_mean", "kl", "clip_fraction")
+"""Figures of training records that are plotted too (online RL's reward, KL and clip fraction)."""
 
 
 
@@ -100,6 +105,40 @@ def plot_loss(stages: list[StageMetrics]) -> bytes:
 
 
 
+def plot_objective_figures(stages: list[StageMetrics]) -> bytes:
+    """One panel per figure an objective reports (reward-model accuracy and margin, DPO's rewards,
+    RL's held-out and sampled reward, KL, ...) against cumulative tokens, one colour per stage."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    offsets = token_offsets(stages)
+    series: dict[str, list] = {}
+    for i, (stage, offset) in enumerate(zip(stages, offsets)):
+        for r in stage.val:
+            for k, v in r.items():
+                if k.startswith("val_") and k not in COUNTS and is_number(v):
+                    series.setdefault(k, []).append((i, offset + tokens_at(stage, r["step"]), v))
+        for r in stage.train:
+            for k in TRAINING_FIGURES:
+                if is_number(r.get(k)):
+                    series.setdefault(k, []).append((i, offset + r.get("tokens", 0), r[k]))
+    columns = 2
+    rows = max(1, -(-len(series) // columns))
+    fig = Figure(figsize=(10, 2.6 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    if not series:
+        fig.text(0.5, 0.5, "no validation figures besides the loss", ha="center")
+    for n, (key, points) in enumerate(series.items()):
+        ax = fig.add_subplot(rows, columns, n + 1)
+        ax.set(title=key, xlabel="tokens (cumulative)")
+        ax.grid(alpha=0.3)
+        for i in sorted({p[0] for p in points}):
+            xs, ys = zip(*[(x, y) for j, x, y in points if j == i])
+            ax.plot(xs, ys, color=series_colour(i), marker="o" if len(xs) < 20 else None, label=stages[i].name)
+        ax.legend(fontsize="x-small")
+    return figure_png(fig)
+
+
 def plot_lr(stages: list[StageMetrics]) -> bytes:
     return _stage_lines(stages, "lr", "learning rate", "Learning rate", False)
 
@@ -166,7 +205,7 @@ def render_markdown(run: Path, summaries: list[dict]) -> str:
 
 
 def write_report(run: Path, out: Path | None = None) -> dict:
-    """Write the three PNGs and report.md into `out` (default RUN/report); return figures and paths."""
+    """Write the PNGs and report.md into `out` (default RUN/report); return figures and paths."""
     run = Path(run)
     stages = load_stages(run)
     out = Path(out) if out is not None else run / "report"
@@ -177,6 +216,7 @@ def write_report(run: Path, out: Path | None = None) -> dict:
     atomic_write_bytes(files["loss"], plot_loss(stages))
     atomic_write_bytes(files["lr"], plot_lr(stages))
     atomic_write_bytes(files["tokens_by_source"], plot_tokens_by_source(summaries))
+    atomic_write_bytes(files["objective"], plot_objective_figures(stages))
     files["report"] = out / "report.md"
     atomic_write_text(files["report"], render_markdown(run, summaries))
     return json_safe({"run": str(run), "out": str(out), "stages": summaries,

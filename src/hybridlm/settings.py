@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import dataclasses
 import inspect
 import textwrap
 import tomllib
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, get_type_hints
 
 from hybridlm.errors import UserError
+
+
+def import_callable(spec: str, setting: str) -> Callable:
+    """The function a `package.module:function` setting names (a reward function, a safety classifier),
+    or a UserError naming the setting and what is wrong."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"{setting} {spec!r} must be module:function (e.g. mypkg.rewards:exact_match)")
+    try:
+        function = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"{setting} {spec!r} cannot be imported ({type(exc).__name__}: {exc}); "
+                        "put the module on the Python path") from None
+    if not callable(function):
+        raise UserError(f"{setting} {spec!r} is not callable")
+    return function
 
 
 def load_toml(path: Path) -> dict:

@@ -16,7 +16,7 @@ from hybridlm.fileio import read_json
 from hybridlm.tokenizer import train_tokenizer
 from hybridlm.train.recipe import load_recipe, run_recipe
 
-STEPS = {"sft": 20, "rm": 30, "dpo": 30, "rl": 12}
+STEPS = {"sft": 12, "rm": 16, "dpo": 16, "rl": 8}
 ROWS = 4 * 64  # batch 4 x seq_len 64: the tokens of one step
 
 
@@ -119,7 +119,7 @@ def test_align_recipe_stages_start_from_the_right_parents_and_resume_exactly_aft
     command = [sys.executable, "-m", "hybridlm", "train", "--recipe",
                str(_recipe(tmp_path / "killed.toml", killed, tokenizer, tmp_path / "c2"))]
     for stage in ("2-rm", "3-dpo", "4-rl"):
-        _kill_at(command, killed / stage / "checkpoints" / "step_8")
+        _kill_at(command, killed / stage / "checkpoints" / "step_4")
     done = subprocess.run(command + ["--json"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert [s.get("skipped", False) for s in json.loads(done.stdout)["stages"]] == [True, True, True, False]

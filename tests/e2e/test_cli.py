@@ -147,7 +147,7 @@ def test_bad_recipes_get_one_line_and_exit_2_before_training(tmp_path, quickstar
     recipe = tmp_path / "ok.toml"
     recipe.write_text(base + first)
     _bad(hybridlm("train", "--recipe", str(recipe), "--stage", "b"), "no stage named 'b'")
-    _bad(hybridlm("train", "--recipe", "paper-4stage"), "give a TOML file or a built-in recipe (paper-3stage)")
+    _bad(hybridlm("train", "--recipe", "paper-4stage"), "give a TOML file or a built-in recipe (align, paper-3stage)")
     _bad(hybridlm("train", "--recipe", str(recipe), "--nproc-per-node", "2", "data.batch_size=3"),
          "must be divisible by the world size (2)")
 

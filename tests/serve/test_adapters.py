@@ -92,3 +92,11 @@ def test_adapters_trained_on_other_weights_or_malformed_are_refused(tiny_run, ad
                           "--adapter", f"x={merged}"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "is not a LoRA run" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert json.loads((adapters["attn"] / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_a_lora_run_served_as_itself_replies_with_its_adapters(adapters, tmp_path):
+    with serving_run(adapters["ffn"], tmp_path, *NO_LIMITS) as live:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        for prompt in PROMPTS:
+            done = client.completions.create(model=live.model, prompt=prompt, max_tokens=TOKENS, temperature=0)
+            assert done.choices[0].text == _offline(adapters["ffn"], prompt)

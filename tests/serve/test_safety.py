@@ -108,7 +108,7 @@ def test_bad_rules_are_user_errors(rule, message):
 
 
 def test_bad_classifier_spec_is_a_user_error():
-    with pytest.raises(UserError, match="cannot be loaded"):
+    with pytest.raises(UserError, match="cannot be imported"):
         build_chain([], builtin=False, classifier="no_such_module_xyz:f")
 
 

@@ -13,6 +13,7 @@ import ast
 import os
 import re
 import sysconfig
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -64,6 +65,17 @@ def reference() -> Iterator[str]:
 
 def qa_pairs() -> Iterator[tuple[str, str]]:
     """(question, answer) from each public module-level function with a docstring."""
+    yield from _qa_pairs()
+
+
+@lru_cache(maxsize=1)
+def _qa_pairs() -> tuple[tuple[str, str], ...]:
+    """Parsed once per process (about a second: every stdlib module's syntax tree); a recipe's
+    sft, rm, dpo and rl stages all read it."""
+    return tuple(_each_qa_pair())
+
+
+def _each_qa_pair() -> Iterator[tuple[str, str]]:
     for module, tree in _stdlib_modules():
         if any(part.startswith("_") for part in module.split(".")):
             continue

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hybridlm.config import ModelConfig
 from hybridlm.errors import UserError
 from hybridlm.fileio import atomic_write_json, read_json
 from hybridlm.interop.hf_export import check_empty_out, staged_dir
-from hybridlm.model import HybridLM
-from hybridlm.model.converters.lora import has_lora, merged_state
+from hybridlm.model.converters.lora import has_lora, merged_model
 from hybridlm.run import load_run, save_final, weights_sha256
 
 
@@ -19,10 +17,7 @@ def merge_lora_run(run_dir: Path, out: Path) -> dict:
     if not has_lora(run.model):
         raise UserError(f"{run_dir} has no LoRA adapters (lora.r = 0); it is already a plain run")
     check_empty_out(Path(out))
-    merged = HybridLM(ModelConfig(**run.config["model"]))
-    missing, unexpected = merged.load_state_dict(merged_state(run.model), strict=False)
-    if missing or unexpected:
-        raise UserError(f"merging {run_dir} left weights unmatched (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    merged = merged_model(run.model)
     lineage_path = Path(run_dir) / "lineage.json"
     lineage = read_json(lineage_path, "lineage") if lineage_path.is_file() else {}
     with staged_dir(Path(out)) as tmp:

@@ -21,13 +21,13 @@ the final finish_reason to "content_filter" and their hits go to review.
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from hybridlm.errors import UserError
+from hybridlm.settings import import_callable
 
 ACTIONS = ("block", "redact", "flag")
 RELEASE_STEP = 16
@@ -151,16 +151,7 @@ class ClassifierFilter:
 
 def load_classifier(spec: str) -> Callable[[str, str], float]:
     """`package.module:function` -> the function (called as function(text, direction) -> score)."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise UserError(f"safety.classifier must be 'module:function' (got {spec!r})")
-    try:
-        function = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"safety.classifier {spec!r} cannot be loaded: {exc}") from None
-    if not callable(function):
-        raise UserError(f"safety.classifier {spec!r} is not callable")
-    return function
+    return import_callable(spec, "safety.classifier")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from hybridlm.inference.grammar import Grammar, GrammarCompiler
 from hybridlm.inference.sampling import SamplingParams, token_logprobs
 from hybridlm.inference.text import TextStream
 from hybridlm.inference.scheduler import PromptTooLong, QueueFull, Request, Scheduler, TokenEvent
-from hybridlm.model.converters.lora import has_lora
+from hybridlm.model.converters.lora import has_lora, merged_model
 from hybridlm.run import attach_served_adapter, load_run_on_device
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.tokenizer.chat import Message, render_chat
@@ -121,6 +121,8 @@ class Service:
         model = run.model
         if adapters and has_lora(model):
             raise UserError(f"{run_dir} is a LoRA run; serve a plain base (`hybridlm lora merge` it) to add adapters")
+        if has_lora(model):  # a LoRA run served as itself: its adapters folded in, decoded at the base's speed
+            model = merged_model(model)
         for name, adapter_dir in (adapters or {}).items():
             attach_served_adapter(model, Path(run_dir), Path(adapter_dir), name, run.tokenizer)
         self.adapter_names: list[str] = sorted(adapters or {})

@@ -380,6 +380,9 @@ class RunConfig:
         self.progressive.check(self.data)
         if self.train.objective == "rl":
             self._check_rl()
+        if self.train.objective == "dpo" and self.progressive.seq_len_start:
+            raise UserError("progressive.seq_len_start does not fit a dpo run: the cached reference log-probs are "
+                            "of rows of data.seq_len tokens; leave it 0")
         if self.lora.r and not self.train.init_from:
             raise UserError("lora.r is set but there is no base to adapt: set train.init_from to a finished run")
         for section, objective in OBJECTIVE_SECTIONS.items():

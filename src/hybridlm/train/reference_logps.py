@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from hybridlm.data.pair_rows import EncodedPair, pair_batches
-from hybridlm.device import autocast, default_device
+from hybridlm.data.pair_rows import EncodedPair
+from hybridlm.device import default_device
 from hybridlm.errors import UserError
 from hybridlm.fileio import atomic_write_bytes
 from hybridlm.model import HybridLM
 from hybridlm.run import load_run, weights_sha256
 from hybridlm.tokenizer import TextTokenizer
-from hybridlm.train.validation import EVAL_BATCH
+from hybridlm.train.validation import pair_scores
 
 
 def cache_root(configured: str) -> Path:
@@ -35,19 +35,10 @@ def cache_root(configured: str) -> Path:
     return Path(os.environ.get("HYBRIDLM_CACHE", Path.home() / ".cache" / "hybridlm")) / "reference-logps"
 
 
-@torch.no_grad()
 def pair_logps(model: HybridLM, pairs: list[EncodedPair], seq_len: int, pad_id: int, dtype: str) -> torch.Tensor:
     """Summed reply log-probabilities (N, 2) of (chosen, rejected) for each pair, in eval mode."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    found = []
-    for ids, targets, _ in pair_batches(pairs, seq_len, pad_id, EVAL_BATCH):
-        with autocast(dtype, device):
-            logp_NT = model(ids.flatten(0, 1).to(device), targets_BT=targets.flatten(0, 1).to(device), per_token=True)
-        found.append(logp_NT.sum(-1).view(-1, 2).double().cpu())
-    model.train(was_training)
-    return torch.cat(found)
+    return pair_scores(model, pairs, seq_len, pad_id, dtype,
+                       lambda m, ids, targets, _: m(ids, targets_BT=targets, per_token=True).sum(-1))
 
 
 def cache_key(reference: Path, tokenizer: TextTokenizer, pairs: list[EncodedPair], seq_len: int, dtype: str) -> dict:

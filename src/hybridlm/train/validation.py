@@ -9,6 +9,7 @@ different tokenizers compare fairly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.data.loader import TokenStream, eval_windows
+from hybridlm.data.pair_rows import EncodedPair, pair_batches
 from hybridlm.device import autocast
 from hybridlm.model import HybridLM
 from hybridlm.model.loss import IGNORE_INDEX
@@ -111,3 +113,21 @@ def padded_rows_loss(model: HybridLM, rows: list[tuple[np.ndarray, np.ndarray]],
         tokens += count
     model.train(was_training)
     return {"loss": nats / max(tokens, 1), "tokens": tokens}
+
+
+@torch.no_grad()
+def pair_scores(model: HybridLM, pairs: list[EncodedPair], seq_len: int, pad_id: int, dtype: str,
+                score: Callable[[HybridLM, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`score(model, ids, targets, last)` -> one value per row, for both sides of every preference
+    pair (rows as data/pair_rows.py makes them), as (N, 2) float64 (chosen, rejected); eval mode."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    found = []
+    for ids, targets, last in pair_batches(pairs, seq_len, pad_id, EVAL_BATCH):
+        with autocast(dtype, device):
+            values = score(model, ids.flatten(0, 1).to(device), targets.flatten(0, 1).to(device),
+                           last.flatten().to(device))
+        found.append(values.view(-1, 2).double().cpu())
+    model.train(was_training)
+    return torch.cat(found)

@@ -142,6 +142,15 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
+def merged_model(model: nn.Module) -> nn.Module:
+    """A plain model of the same config with every adapter folded in (decodes at the base's speed)."""
+    merged = type(model)(model.cfg).to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+    missing, unexpected = merged.load_state_dict(merged_state(model), strict=False)
+    if missing or unexpected:
+        raise UserError(f"merging the adapters left weights unmatched (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return merged.eval()
+
+
 def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain model's state with every adapter folded in: W + scaling * B @ A per layer (computed
     here, not by peft, so a test of merged against unmerged outputs checks peft's forward too)."""

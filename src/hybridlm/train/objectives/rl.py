@@ -12,7 +12,6 @@ held-out prompts and reports their mean reward.
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from hybridlm.model import HybridLM
 from hybridlm.model.converters.lora import adapters_disabled, has_lora
 from hybridlm.model.loss import IGNORE_INDEX
 from hybridlm.run import load_run
+from hybridlm.settings import import_callable
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.tokenizer.chat import render_chat
 from hybridlm.train.objectives.rm import reply_rewards
@@ -70,26 +70,12 @@ def clipped_policy_loss(logp_NT: torch.Tensor, old_NT: torch.Tensor, advantages_
     return loss, clipped
 
 
-def load_reward_function(spec: str) -> Callable:
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise UserError(f"rl.reward_function {spec!r} must be module:function (e.g. mypkg.rewards:exact_match)")
-    try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"rl.reward_function {spec!r} cannot be imported ({type(exc).__name__}: {exc}); "
-                        "put the module on the Python path") from None
-    if not callable(function):
-        raise UserError(f"rl.reward_function {spec!r} is not callable")
-    return function
-
-
 class RewardJudge:
     """The weighted sum of a reward model's score and a reward function's value."""
 
     def __init__(self, cfg: RLConfig, tokenizer: TextTokenizer, seq_len: int) -> None:
         self.cfg, self.seq_len, self.pad = cfg, seq_len, tokenizer.special_ids["pad"]
-        self.function = load_reward_function(cfg.reward_function) if cfg.reward_function else None
+        self.function = import_callable(cfg.reward_function, "rl.reward_function") if cfg.reward_function else None
         if self.function is not None:
             self._check_values(self.function(["a prompt", "another"], ["a reply", "another reply"]), 2)
         self.model = None

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.data.instructions import held_out_split
-from hybridlm.data.pair_rows import EncodedPair, PairSource, encode_pairs, pair_batches, side_row
+from hybridlm.data.pair_rows import EncodedPair, PairSource, encode_pairs, side_row
 from hybridlm.data.preferences import BUILTIN_PREFS, PAIRS_HELD_OUT_PERIOD, read_preferences
 from hybridlm.device import autocast
 from hybridlm.fileio import sha256_file
 from hybridlm.model import HybridLM
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.train.objectives.base import Evaluator, Objective, Rows, SourceSet, StepContext
-from hybridlm.train.validation import EVAL_BATCH
+from hybridlm.train.validation import EVAL_BATCH, pair_scores
 
 if TYPE_CHECKING:
     from hybridlm.train.config import RunConfig
@@ -45,18 +45,9 @@ def reward_figures(chosen_N: torch.Tensor, rejected_N: torch.Tensor, margin: flo
             "pairs": len(chosen_N)}
 
 
-@torch.no_grad()
 def pair_rewards(model: HybridLM, pairs: list[EncodedPair], seq_len: int, pad_id: int, dtype: str) -> torch.Tensor:
     """Rewards (N, 2) of (chosen, rejected) for each pair, in eval mode."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    found = []
-    for ids, _, last in pair_batches(pairs, seq_len, pad_id, EVAL_BATCH):
-        with autocast(dtype, device):
-            found.append(model(ids.flatten(0, 1).to(device), reward_at_B=last.flatten().to(device)).view(-1, 2))
-    model.train(was_training)
-    return torch.cat(found).float().cpu()
+    return pair_scores(model, pairs, seq_len, pad_id, dtype, lambda m, ids, _, last: m(ids, reward_at_B=last))
 
 
 @torch.no_grad()

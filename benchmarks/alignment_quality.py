@@ -10,7 +10,7 @@ held-out split is data/preferences.py's: pair i with i % 5 == 4), then reports:
   standard error is sqrt(w(1-w)/n); and the mean reply length (tokens) of each policy.
 
 Usage: .venv/bin/python benchmarks/alignment_quality.py --base RUN --pairs SOURCE --out DIR
-       [--rm-steps 400] [--dpo-steps 200] [--seq-len 256] [--prompts 200] [--max-new-tokens 48]
+       [--rm-steps 400] [--dpo-steps 200] [--dpo-lr 2e-5] [--seq-len 256] [--prompts 200] [--max-new-tokens 48]
 """
 
 from __future__ import annotations
@@ -66,13 +66,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rm-steps", type=int, default=400)
     parser.add_argument("--dpo-steps", type=int, default=200)
+    parser.add_argument("--dpo-lr", type=float, default=2e-5)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rm = _train("rm", "rm", args, args.rm_steps, 1e-4)
-    dpo = _train("dpo", "dpo", args, args.dpo_steps, 2e-5 if args.pairs != "stdlib-docs:prefs" else 1e-4,
+    dpo = _train("dpo", "dpo", args, args.dpo_steps, args.dpo_lr,
                  dpo={"beta": 0.1, "reference_cache": str(args.out / "reference-logps")})
 
     base = load_run(args.base)

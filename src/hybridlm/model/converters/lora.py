@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,9 @@ def inject_saved_adapter(model: nn.Module, directory: Path, name: str, state: di
     several on one base); `state` is its adapter_model.safetensors."""
     peft = _peft()
     config = peft.LoraConfig.from_pretrained(str(directory))
-    peft.inject_adapter_in_model(config, model, adapter_name=name)
+    with warnings.catch_warnings():  # "multiple adapters in the model": what serving several means
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        peft.inject_adapter_in_model(config, model, adapter_name=name)
     result = peft.set_peft_model_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()},
                                             adapter_name=name)
     if getattr(result, "unexpected_keys", None):

@@ -395,6 +395,8 @@ class RunConfig:
     def _check_rl(self) -> None:
         if not (self.rl.reward_model or self.rl.reward_function):
             raise UserError("an rl run needs a reward: set rl.reward_model (an rm run) and/or rl.reward_function")
+        if self.parallel.strategy == "fsdp":
+            raise UserError("an rl run samples with whole weights on every rank; use parallel.strategy = \"ddp\"")
         if self.checkpoint.every % self.rl.updates_per_batch:
             raise UserError(f"checkpoint.every ({self.checkpoint.every}) must be a multiple of rl.updates_per_batch "
                             f"({self.rl.updates_per_batch}), so a resumed run starts on a fresh batch of samples")

@@ -203,7 +203,7 @@ class OnlineRL(Objective):
 
     def _generate(self, rows: Rows, first_row: int, ctx: StepContext) -> Rows:
         cfg, tokenizer, model = ctx.cfg, ctx.tokenizer, ctx.model
-        dtype = resolve_dtype(cfg.train.dtype, default_device())
+        dtype, device = resolve_dtype(cfg.train.dtype, default_device()), next(model.parameters()).device
         end, pad, G = tokenizer.special_ids["end"], tokenizer.special_ids["pad"], cfg.rl.group_size
         prompt_rows, meta = rows
         prompts = [prompt_rows[i, : int(meta[i, 0])].tolist() for i in range(len(meta))]
@@ -211,7 +211,7 @@ class OnlineRL(Objective):
         was_training = model.training
         model.eval()
         completions = []
-        with autocast(dtype, next(model.parameters()).device):
+        with autocast(dtype, device):
             for i, prompt in enumerate(prompts):
                 params = SamplingParams(max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature,
                                         seed=(cfg.train.seed * 1_000_003 + first_row + i) * G)
@@ -221,9 +221,9 @@ class OnlineRL(Objective):
         texts = [tokenizer.decode([t for t in c if t != end]) for c in completions]
         prompt_texts = [ctx.state["texts"][int(meta[i, 1])][int(meta[i, 2])] for i in range(len(meta)) for _ in range(G)]
         rewards = ctx.state["judge"](repeated, prompt_texts, completions, texts, dtype)
-        advantages = group_advantages(rewards.view(-1, G), cfg.rl.advantage).flatten().float()
-        ids, targets = self._sequences(repeated, completions, cfg.data.seq_len, pad)
-        with torch.no_grad(), autocast(dtype, ids.device):
+        advantages = group_advantages(rewards.view(-1, G), cfg.rl.advantage).flatten().float().to(device)
+        ids, targets = (t.to(device) for t in self._sequences(repeated, completions, cfg.data.seq_len, pad))
+        with torch.no_grad(), autocast(dtype, device):
             old = model(ids, targets_BT=targets, per_token=True)
             reference = self._reference_logps(ctx, ids, targets) if cfg.rl.beta else old
         model.train(was_training)

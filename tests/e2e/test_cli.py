@@ -175,5 +175,6 @@ def test_bench_json_pairs_dense_and_sparse():
     assert gen.returncode == 0, gen.stderr
     (row,) = json.loads(gen.stdout)["results"]
     assert row["pass"] == "decode" and row["sparse_kv_cache_mb"] < row["dense_kv_cache_mb"]
+    assert row["dense_prefill_tokens_per_s"] > 0 and row["sparse_prefill_tokens_per_s"] > 0
     _bad(hybridlm("bench", "train", "--pass", "decode"), "measures passes train")
     _bad(hybridlm("bench", "attention", "--preset", "small"), "takes no --preset")

@@ -97,18 +97,21 @@ def train_point(spec: dict) -> dict:
 
 @torch.no_grad()
 def generate_point(spec: dict) -> dict:
-    """Batch-1 decoding after a prefill of `seq` tokens: seconds per new token and KV-cache bytes."""
+    """Batch-1 decoding after a prefill of `seq` tokens (one forward into the caches, as the
+    server's prefill takes it): seconds per new token, prefill tokens/s and KV-cache bytes."""
     model = _model(spec).eval()
     device = torch.device("cpu")
     ids = torch.randint(0, model.cfg.vocab_size, (1, spec["seq"] + spec["new_tokens"]),
                         generator=torch.Generator().manual_seed(0))
 
-    cache_bytes = []
+    cache_bytes, prefill_s = [], []
 
     def run() -> float:
         cache = model.new_cache()
         with autocast(spec["dtype"], device):
+            start = time.perf_counter()
             model(ids[:, : spec["seq"]], cache)
+            prefill_s.append(time.perf_counter() - start)
             start = time.perf_counter()
             for t in range(spec["seq"], spec["seq"] + spec["new_tokens"]):
                 model(ids[:, t : t + 1], cache)
@@ -117,6 +120,7 @@ def generate_point(spec: dict) -> dict:
 
     result = _measure(run, spec["repeats"])  # seconds = median time per decoded token
     result["tokens_per_s"] = 1.0 / result["seconds"]
+    result["prefill_tokens_per_s"] = spec["seq"] / statistics.median(prefill_s[1:])  # the warm runs
     result["kv_cache_mb"] = cache_bytes[-1] / 2**20
     return result
 

@@ -43,7 +43,7 @@ from hybridlm.tokenizer import TextTokenizer
 MANIFEST = "manifest.json"
 
 
-def weights_bytes(model: HybridLM, metadata: dict[str, str] | None = None) -> bytes:
+def weights_bytes(model: HybridLM) -> bytes:
     """The model's tensors as safetensors bytes; a tied output projection is stored once; of a
     model with LoRA adapters, only what trains (the base stays in its own run). Sharded (FSDP2)
     parameters are gathered, so every rank must call this."""
@@ -53,7 +53,7 @@ def weights_bytes(model: HybridLM, metadata: dict[str, str] | None = None) -> by
         state = model.state_dict()
         if model.cfg.tie_embeddings:
             state.pop("lm_head.weight")
-    return st_save({k: full_tensor(v).detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
+    return st_save({k: full_tensor(v).detach().contiguous().cpu() for k, v in state.items()})
 
 
 def load_weights_bytes(model: HybridLM, data: bytes, where: Path) -> None:

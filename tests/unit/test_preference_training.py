@@ -153,3 +153,27 @@ def test_objective_sections_and_heads_that_do_not_fit_are_refused(qa_tokenizer, 
         train(run_config_from_dict({"model": {**MODEL, "head": "reward"}, "train": {
             "objective": "sft", "out": str(tmp_path / "d"), "steps": 1}, "data": {
             "mixture": {BUILTIN_QA: 1.0}, "tokenizer": str(qa_tokenizer), "seq_len": 96}}), progress=False)
+
+
+def test_rm_score_scores_replies_and_pairs_and_refuses_a_language_model(qa_tokenizer, tmp_path):
+    import subprocess
+    import sys
+
+    from hybridlm.eval.reward_scores import score_file
+
+    _run(qa_tokenizer, tmp_path / "rm", "rm", 150)
+    pair = builtin_pairs()[4]  # held out (4 % 5 == 4)
+    lines = tmp_path / "in.jsonl"
+    lines.write_text(json.dumps({"prompt": pair.prompt[0].content, "response": pair.chosen}) + "\n"
+                     + json.dumps({"prompt": pair.prompt[0].content, "chosen": pair.chosen,
+                                   "rejected": pair.rejected}) + "\n")
+    result = score_file(tmp_path / "rm", lines, tmp_path / "out.jsonl", "fp32")
+    scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert result["lines"] == 2 and result["pairs"] == 1 and result["accuracy"] == 1.0
+    assert scored[0]["reward"] == pytest.approx(scored[1]["reward_chosen"], abs=1e-4)
+    assert scored[1]["reward_chosen"] > scored[1]["reward_rejected"]
+    done = subprocess.run([sys.executable, "-m", "hybridlm", "rm", "score", "--model", str(tmp_path / "rm"),
+                           "--data", str(tmp_path / "missing.jsonl")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'missing.jsonl'} not found; give a JSONL file of {{prompt, response}} or "
+        "{prompt, chosen, rejected}"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,25 @@ def shared_file(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: the shared datasets sit beside the checkout")
     return path
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`hybridlm ARGS...` in this process (no interpreter start-up): returns (exit code, stdout, stderr)."""
+    from hybridlm.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["hybridlm", *args])
+        capsys.readouterr()  # drop what earlier steps printed
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
 
 
 MC_TASK_YAML = """task: {name}

@@ -515,6 +515,45 @@ def quickstart_cmd(preset_name: str, out: Path, as_json: bool) -> None:
     _emit(summary, as_json, format_summary(summary))
 
 
+@app.command("quantize")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--to", "kind", type=click.Choice(["int8", "int4"]), required=True,
+              help="int8: per-channel weights; int4: group-wise weights (with --group-size).")
+@click.option("--group-size", type=int, default=64, show_default=True, help="int4: inputs per scale and zero.")
+@click.option("--skip", multiple=True, metavar="GLOB",
+              help="Leave matching layers unquantized, e.g. 'blocks.0.*' (repeatable; see --sensitivity).")
+@click.option("--out", type=click.Path(path_type=Path), help="The quantized run directory to write.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="A text file (e.g. wikitext-2/test.txt): measure perplexity, KL and top-token agreement "
+                   "against RUN.")
+@click.option("--tokens", type=click.IntRange(min=2), default=16384, show_default=True,
+              help="With --data: at most this many tokens of it.")
+@click.option("--sensitivity", is_flag=True,
+              help="Write nothing: quantize one layer at a time and rank the layers by KL (needs --data).")
+@json_option
+def quantize_cmd(run: Path, kind: str, group_size: int, skip: tuple[str, ...], out: Path | None, data: Path | None,
+                 tokens: int, sensitivity: bool, as_json: bool) -> None:
+    """Write a weight-only int8 or int4 copy of RUN that generate, eval, serve and export accept."""
+    from hybridlm.model.converters.quant import QuantSpec
+    from hybridlm.quantize.report import format_sensitivity, format_summary
+
+    spec = QuantSpec(to=kind, group_size=group_size, skip=list(skip))
+    if sensitivity:
+        if data is None or out is not None:
+            raise UserError("--sensitivity needs --data FILE and writes nothing (drop --out)")
+        from hybridlm.quantize.sensitivity import layer_sensitivity
+
+        result = layer_sensitivity(run, spec, data, tokens)
+        _emit(result, as_json, format_sensitivity(result))
+        return
+    if out is None:
+        raise UserError("give --out DIR for the quantized run (or --sensitivity to rank layers)")
+    from hybridlm.quantize.writer import quantize_run
+
+    result = quantize_run(run, spec, out, data=data, tokens=tokens)
+    _emit(result, as_json, format_summary(result))
+
+
 @app.group("export")
 def export_group() -> None:
     """Export runs to other formats."""

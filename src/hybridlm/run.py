@@ -37,6 +37,7 @@ from hybridlm.model.converters.lora import (
     load_adapter_state,
     write_adapter_config,
 )
+from hybridlm.model.converters.quant import empty_quantized
 from hybridlm.tensors import full_tensor
 from hybridlm.tokenizer import TextTokenizer
 
@@ -148,6 +149,8 @@ def load_run(path: Path, dtype: str = "fp32") -> LoadedRun:
     config = read_json(run_dir / "config.json", "run config")
     lora = config.get("lora", {}).get("r", 0)
     model = _lora_model(run_dir, config) if lora else HybridLM(ModelConfig(**config["model"]))
+    if quantization := config.get("quantization"):
+        empty_quantized(model, quantization["layers"], quantization["to"], quantization["group_size"] or 0)
     weights = path / ("model.safetensors" if not lora or path != run_dir else ADAPTER_WEIGHTS)
     load_weights_bytes(model, weights.read_bytes(), weights)
     model.eval()

@@ -44,24 +44,6 @@ def _bad(cli, needle: str, *args: str) -> None:
     assert needle in lines[0], lines[0]
 
 
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    from hybridlm.cli import main
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["hybridlm", *args])
-        capsys.readouterr()  # drop what earlier steps printed
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
 def _load_remote(out: Path):
     from transformers import AutoModelForCausalLM
 

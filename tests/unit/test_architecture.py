@@ -15,7 +15,7 @@ LAYERS = [
     {"tokenizer", "data", "run"},
     {"train", "inference"},
     {"eval", "bench", "analysis"},
-    {"serve", "interop", "quickstart", "registry"},
+    {"serve", "interop", "quickstart", "registry", "quantize"},
     {"cli", "__main__"},
 ]
 LAYER_OF = {part: i for i, layer in enumerate(LAYERS) for part in layer}

@@ -24,6 +24,7 @@ from safetensors.torch import save as st_save
 
 from hybridlm.config import ModelConfig
 from hybridlm.errors import UserError
+from hybridlm.model.converters.quant import dequantize_linears, is_quantized
 from hybridlm.registry.card import render_card
 from hybridlm.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hybridlm.run import LoadedRun, load_run
@@ -79,6 +80,8 @@ def export_hf(run_path: Path, out: Path, fmt: str = "auto") -> dict:
     out = Path(out)
     check_empty_out(out)  # before load_run, which hashes and loads the whole model
     run = load_run(Path(run_path))
+    quantized = is_quantized(run.model)
+    dequantize_linears(run.model)  # a quantized run exports the weights its codes stand for, exactly
     if unknown := unexported_field(run.model.cfg):
         raise UserError(f"Hugging Face export does not implement {unknown} yet; it needs that field's default")
     blocker = gpt2_blocker(run.model.cfg)
@@ -93,7 +96,7 @@ def export_hf(run_path: Path, out: Path, fmt: str = "auto") -> dict:
         atomic_write_text(tmp / "README.md", render_card(run.path, out.name))  # the model card the Hub shows
         names = sorted(p.name for p in tmp.iterdir())
     return {"run": str(run.path), "out": str(out), "format": chosen, "files": names,
-            "gpt2_blocker": blocker, "trust_remote_code": chosen == "remote"}
+            "gpt2_blocker": blocker, "trust_remote_code": chosen == "remote", "dequantized": quantized}
 
 
 def check_empty_out(out: Path) -> None:

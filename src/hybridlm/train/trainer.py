@@ -92,6 +92,9 @@ def _load_initial_weights(model: HybridLM, init_from: str) -> None:
     """Start from train.init_from's final weights (the previous stage of a recipe). A reward model
     starts from a language model (its reward head fresh); a policy never from a reward model."""
     parent = load_run(Path(init_from))
+    if quantized := parent.config.get("quantization"):
+        raise UserError(f"train.init_from {init_from} is a {quantized['to']} quantized run, made for inference; "
+                        f"start from the run it was quantized from, {quantized['source']}")
     if dataclasses.replace(parent.model.cfg, head=model.cfg.head) != model.cfg:
         raise UserError(f"train.init_from {init_from} has another model config than this run; "
                         "use the same [model] settings")

@@ -574,6 +574,20 @@ def export_hf_cmd(run: Path, out: Path, fmt: str, as_json: bool) -> None:
     _emit(result, as_json, format_summary(result))
 
 
+@export_group.command("gguf")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--type", "kind", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="The blocks' matrices: f16, or llama.cpp's 8-bit / 4-bit block formats.")
+@json_option
+def export_gguf_cmd(run: Path, out: Path, kind: str, as_json: bool) -> None:
+    """Write RUN (a dense GPT-2-shaped model) as the GGUF file OUT for llama.cpp."""
+    from hybridlm.interop.gguf_export import export_gguf
+
+    result = export_gguf(run, out, kind)
+    _emit(result, as_json, f"wrote {result['out']} ({result['type']}, {result['bytes'] / 1e6:.2f} MB)")
+
+
 @app.group("import")
 def import_group() -> None:
     """Import models from other formats."""

@@ -42,15 +42,20 @@ def model() -> None:
 @model.command("info")
 @click.option("--preset", "preset_name", required=True, help="Preset name (tiny, small, gpt2-124m, paper-7b, paper-30b).")
 @click.option("--context", type=int, default=None, help="Context length N (default: the preset's).")
+@click.argument("overrides", nargs=-1, metavar="[model.KEY=VALUE]...")
 @json_option
-def model_info_cmd(preset_name: str, context: int | None, as_json: bool) -> None:
-    """Parameters, FLOPs per token, KV cache and training memory of a preset."""
-    from hybridlm.config import preset
+def model_info_cmd(preset_name: str, context: int | None, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Parameters (all and active per token), FLOPs per token, KV cache and training memory of a
+    preset, with model fields replaced (e.g. model.ffn="moe" model.n_experts=8)."""
     from hybridlm.model.info import model_info
+    from hybridlm.train.config import load_run_config
 
     if context is not None and context <= 0:
         raise UserError(f"--context must be > 0 (got {context})")
-    info = {"preset": preset_name, **model_info(preset(preset_name), context)}
+    if stray := [o for o in overrides if not o.startswith("model.")]:
+        raise UserError(f"model info takes model.KEY=VALUE overrides only (got {stray[0]!r})")
+    cfg = load_run_config(None, [f"model.preset={preset_name!r}", *overrides]).model
+    info = {"preset": preset_name, **model_info(cfg, context)}
     _emit(info, as_json, _format_info(info))
 
 
@@ -59,6 +64,7 @@ def _format_info(info: dict) -> str:
     return "\n".join([
         f"preset            {info['preset']} ({info['layer_pattern']})",
         f"parameters        {info['params']:,} ({info['params_non_embedding']:,} outside embeddings)",
+        f"active per token  {info['params_active']:,} ({info['params_active_non_embedding']:,} outside embeddings)",
         f"FLOPs/token       {info['flops_per_token']:.4g} (all-dense: {info['flops_per_token_dense']:.4g}) at context {info['context']:,}",
         f"KV cache          {info['kv_cache_bytes'] / gib:.3f} GiB (all-dense: {info['kv_cache_bytes_dense'] / gib:.3f} GiB), bf16",
         f"training memory   {info['train_memory_bytes'] / gib:.2f} GiB ({info['train_memory_note']})",

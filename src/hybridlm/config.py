@@ -9,7 +9,8 @@ from hybridlm.errors import UserError
 
 POSITIONS = ("rope", "learned", "sinusoidal")
 NORMS = ("layernorm", "rmsnorm")
-FFNS = ("gelu", "swiglu")
+FFNS = ("gelu", "swiglu", "moe")
+MOE_BALANCE = ("aux", "bias")
 HEADS = ("lm", "reward")
 
 
@@ -54,7 +55,30 @@ class ModelConfig:
     norm_eps: float = 1e-5
     """Epsilon of the norm layers."""
     ffn: str = "swiglu"
-    """Feed-forward type: gelu or swiglu."""
+    """Feed-forward type: gelu, swiglu, or moe (a mixture of SwiGLU experts of width d_ff each)."""
+    moe_pattern: str = ""
+    """With ffn = "moe": per-layer FFN kinds, "M" = mixture of experts, "F" = one SwiGLU FFN, e.g.
+    "FMFM"; empty means every layer is a mixture."""
+    n_experts: int = 8
+    """With ffn = "moe": routed experts per MoE layer."""
+    top_k: int = 1
+    """With ffn = "moe": experts per token (1 = Switch Transformer, 2 = Mixtral)."""
+    capacity_factor: float = 1.25
+    """With ffn = "moe", in training: an expert takes at most ceil(factor * T * top_k / n_experts) of
+    a sequence's T tokens; the rest of its tokens skip it (they keep the residual)."""
+    eval_capacity_factor: float = 2.0
+    """The same limit in evaluation and generation."""
+    moe_aux_loss: float = 1e-2
+    """With ffn = "moe": weight alpha of the load-balancing loss alpha * N * sum_i f_i * P_i."""
+    moe_z_loss: float = 1e-3
+    """With ffn = "moe": weight of the router z-loss, mean(logsumexp(router logits)^2)."""
+    n_shared_experts: int = 0
+    """With ffn = "moe": experts every token goes through besides its routed ones."""
+    moe_balance: str = "aux"
+    """With ffn = "moe": aux (the loss above alone), or bias: also a per-expert bias on the routing
+    scores, moved after each step towards even load (aux-loss-free balancing, DeepSeek-V3)."""
+    moe_bias_rate: float = 1e-3
+    """With moe_balance = "bias": how far each step moves an expert's bias."""
     bias: bool = False
     """Bias terms in linear layers."""
     tie_embeddings: bool = True
@@ -83,12 +107,39 @@ class ModelConfig:
         _check_choice("position", self.position, POSITIONS)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("ffn", self.ffn, FFNS)
+        self._check_moe()
         _check_choice("head", self.head, HEADS)
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1) (got {self.dropout})")
         if self.d_ff == 0:
             self.d_ff = 4 * self.d_model if self.ffn == "gelu" else 64 * -(-(8 * self.d_model // 3) // 64)
         self.layer_pattern = self._resolve_pattern()
+
+    def _check_moe(self) -> None:
+        fields = ("moe_pattern", "n_experts", "top_k", "capacity_factor", "eval_capacity_factor", "moe_aux_loss",
+                  "moe_z_loss", "n_shared_experts", "moe_balance", "moe_bias_rate")
+        if self.ffn != "moe":
+            for name in fields:
+                if getattr(self, name) != _DEFAULTS[name]:
+                    raise UserError(f"model.{name} applies to mixture-of-experts layers; set model.ffn = \"moe\" "
+                                    f"or leave it unset (model.ffn is {self.ffn!r})")
+            return
+        if self.n_experts < 2:
+            raise UserError(f"model.n_experts must be >= 2 (got {self.n_experts})")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise UserError(f"model.top_k must be in 1..model.n_experts ({self.n_experts}) (got {self.top_k})")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be > 0 (got {getattr(self, name)}); 1.0 gives every expert "
+                                "its even share of the tokens")
+        for name in ("moe_aux_loss", "moe_z_loss", "n_shared_experts", "moe_bias_rate"):
+            if getattr(self, name) < 0:
+                raise UserError(f"model.{name} must be >= 0 (got {getattr(self, name)})")
+        _check_choice("moe_balance", self.moe_balance, MOE_BALANCE)
+        self.moe_pattern = self.moe_pattern.upper() or "M" * self.n_layer
+        if set(self.moe_pattern) - {"M", "F"} or len(self.moe_pattern) != self.n_layer:
+            raise UserError(f"model.moe_pattern must have one letter M or F per layer ({self.n_layer}); "
+                            f"got {self.moe_pattern!r}")
 
     def _resolve_pattern(self) -> str:
         if self.layer_pattern:
@@ -119,6 +170,9 @@ class ModelConfig:
     def all_dense(self) -> "ModelConfig":
         """The same model with every layer dense: the comparison point for sparsity."""
         return dataclasses.replace(self, layer_pattern="D" * self.n_layer)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

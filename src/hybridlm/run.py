@@ -37,7 +37,7 @@ from hybridlm.model.converters.lora import (
     load_adapter_state,
     write_adapter_config,
 )
-from hybridlm.model.converters.quant import empty_quantized
+from hybridlm.model.converters.quant import EMBEDDING_TENSORS, empty_quantized, is_quantized
 from hybridlm.tensors import full_tensor
 from hybridlm.tokenizer import TextTokenizer
 
@@ -46,7 +46,8 @@ MANIFEST = "manifest.json"
 
 def weights_bytes(model: HybridLM) -> bytes:
     """The model's tensors as safetensors bytes; a tied output projection is stored once; of a
-    model with LoRA adapters, only what trains (the base stays in its own run). Sharded (FSDP2)
+    model with LoRA adapters, only what trains (the base stays in its own run); of a quantized one,
+    the embeddings in bf16. Sharded (FSDP2)
     parameters are gathered, so every rank must call this."""
     if has_lora(model):
         state = adapter_state(model)
@@ -54,6 +55,8 @@ def weights_bytes(model: HybridLM) -> bytes:
         state = model.state_dict()
         if model.cfg.tie_embeddings:
             state.pop("lm_head.weight")
+    if is_quantized(model):  # see converters/quant.py: its embeddings are kept in bf16
+        state = {k: v.to(torch.bfloat16) if k in EMBEDDING_TENSORS else v for k, v in state.items()}
     return st_save({k: full_tensor(v).detach().contiguous().cpu() for k, v in state.items()})
 
 

@@ -26,6 +26,15 @@ def count_params(cfg: ModelConfig) -> tuple[int, int]:
     return total, total - embeddings
 
 
+def active_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters, non-embedding parameters) one token uses: of each MoE layer, only its top_k
+    routed experts (and the shared ones and the router) count."""
+    total, non_embedding = count_params(cfg)
+    expert = (2 + 1) * cfg.d_model * cfg.d_ff + (cfg.d_ff * 2 + cfg.d_model if cfg.bias else 0)  # SwiGLU up + down
+    idle = sum(spec.moe for spec in resolve_layers(cfg)) * (cfg.n_experts - cfg.top_k) * expert
+    return total - idle, non_embedding - idle
+
+
 def _keys_seen(spec: LayerSpec, position: int) -> int:
     return sparse_keys_per_query(spec, position) if spec.sparse else position + 1
 
@@ -39,8 +48,8 @@ def _mean_keys(spec: LayerSpec, context: int) -> float:
 def flops_per_token(cfg: ModelConfig, context: int, specs: list[LayerSpec] | None = None) -> float:
     """Forward FLOPs per token, averaged over the positions of a full context."""
     specs = specs if specs is not None else resolve_layers(cfg)
-    _, non_embedding = count_params(cfg)
-    dense_matmuls = 2 * (non_embedding + cfg.vocab_size * cfg.d_model)  # blocks + LM head
+    _, non_embedding = active_params(cfg)
+    dense_matmuls = 2 * (non_embedding + cfg.vocab_size * cfg.d_model)  # blocks (active experts, routers) + LM head
     attention = sum(4 * cfg.d_model * _mean_keys(spec, context) for spec in specs)
     return dense_matmuls + attention
 
@@ -55,6 +64,7 @@ def model_info(cfg: ModelConfig, context: int | None = None, dtype_bytes: int = 
     """The figures `hybridlm model info` prints."""
     context = context or cfg.max_seq_len
     params, non_embedding = count_params(cfg)
+    active, active_non_embedding = active_params(cfg)
     dense_specs = resolve_layers(cfg.all_dense())
     activations = ACTIVATION_BYTES_PER_TOKEN_PER_D * context * cfg.d_model * cfg.n_layer
     logits = 8 * context * cfg.vocab_size  # fp32 logits and their gradient
@@ -63,6 +73,8 @@ def model_info(cfg: ModelConfig, context: int | None = None, dtype_bytes: int = 
         "context": context,
         "params": params,
         "params_non_embedding": non_embedding,
+        "params_active": active,
+        "params_active_non_embedding": active_non_embedding,
         "flops_per_token": flops_per_token(cfg, context),
         "flops_per_token_dense": flops_per_token(cfg, context, dense_specs),
         "kv_cache_bytes": kv_cache_bytes(cfg, context, dtype_bytes),

@@ -24,6 +24,7 @@ from hybridlm.model.attention import (
 from hybridlm.model.kv_cache import DenseKVCache, SparseKVCache
 from hybridlm.model.layout import LayerSpec, resolve_layers
 from hybridlm.model.loss import chunked_cross_entropy, target_log_probs
+from hybridlm.model.moe import MoEFeedForward
 from hybridlm.model.positions import Rotary, sinusoidal_table
 
 LayerCache = DenseKVCache | SparseKVCache
@@ -105,11 +106,11 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GELU MLP or SwiGLU."""
+    """GELU MLP or SwiGLU (also each expert of a mixture)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gated = cfg.ffn == "swiglu"
+        self.gated = cfg.ffn in ("swiglu", "moe")
         self.up = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.gated else 1), bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -129,7 +130,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, rotary: Rotary | None) -> None:
         super().__init__()
         self.norm1, self.attn = _norm(cfg), Attention(cfg, spec, rotary)
-        self.norm2, self.ffn = _norm(cfg), FeedForward(cfg)
+        self.norm2 = _norm(cfg)
+        self.ffn = MoEFeedForward(cfg, partial(FeedForward, cfg)) if spec.moe else FeedForward(cfg)
 
     def forward(self, x_BTC: torch.Tensor, start: int, cache: LayerCache | None, causal: bool) -> torch.Tensor:
         x_BTC = x_BTC + self.attn(self.norm1(x_BTC), start, cache, causal)
@@ -165,7 +167,7 @@ class HybridLM(nn.Module):
         """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
         residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "ffn.down.weight")):
+            if name.endswith(("attn.proj.weight", "down.weight")):  # experts' too
                 nn.init.normal_(p, std=residual_std)
             elif p.dim() >= 2:
                 nn.init.normal_(p, std=0.02)

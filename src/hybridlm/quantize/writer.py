@@ -16,7 +16,7 @@ from hybridlm.errors import UserError
 from hybridlm.fileio import atomic_write_json, read_json
 from hybridlm.interop.hf_export import check_empty_out, staged_dir
 from hybridlm.model.converters.lora import has_lora
-from hybridlm.model.converters.quant import QuantSpec, chosen_layers, quantize_linears
+from hybridlm.model.converters.quant import QuantSpec, chosen_layers, quantize_linears, round_embeddings_to_bf16
 from hybridlm.quantize.quality import compare_models, text_windows
 from hybridlm.run import LoadedRun, load_run, save_final, weights_sha256
 
@@ -45,6 +45,7 @@ def quantize_run(run_path: Path, spec: QuantSpec, out: Path, *, data: Path | Non
     windows = text_windows(run.tokenizer, data, run.model.cfg.max_seq_len, tokens) if data else None
     reference = copy.deepcopy(run.model) if windows else None
     model = quantize_linears(run.model, layers, spec.to, spec.group_size)
+    round_embeddings_to_bf16(model)
     config = {**run.config, "quantization": {**spec.to_dict(), "layers": layers, "source": str(run.path.resolve()),
                                              "source_weights_sha256": weights_sha256(run.path)}}
     quality = compare_models(reference, model, windows) if windows else None

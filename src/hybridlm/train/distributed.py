@@ -63,6 +63,16 @@ def sum_across(value: float, world: World) -> float:
     return float(t)
 
 
+def sum_tensor_across(values: torch.Tensor, world: World) -> torch.Tensor:
+    """The elementwise sum of a small CPU tensor over ranks (an MoE layer's expert load)."""
+    if world.size == 1:
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = values.to(device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.to(values.dtype).cpu()
+
+
 def mean_across(value: float, world: World) -> float:
     """The mean of a float over ranks."""
     return sum_across(value, world) / world.size

@@ -21,6 +21,7 @@ from hybridlm.fileio import atomic_write_json, read_json
 from hybridlm.lineage import lineage_record
 from hybridlm.model import HybridLM
 from hybridlm.model.converters.lora import attach_lora
+from hybridlm.model.moe import moe_layers, pop_moe_stats, pop_router_loss
 from hybridlm.run import final_weights, load_run, lora_settings, save_final
 from hybridlm.tensors import full_tensor
 from hybridlm.tokenizer import TextTokenizer
@@ -39,6 +40,7 @@ from hybridlm.train.distributed import (
     init_world,
     mean_across,
     sum_across,
+    sum_tensor_across,
     wrap_model,
 )
 from hybridlm.train.metrics import MetricsLog
@@ -185,11 +187,12 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
         else:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
         objective_figures = step_figures(data.state)
+        moe_figures = pop_moe_stats(model) if done % tcfg.log_every == 0 or done == tcfg.steps else {}
         if not bad_in_row and (done % tcfg.log_every == 0 or done == tcfg.steps):
             metrics.write({"step": done, "loss": loss, "lr": lr_at(step, cfg), "tokens": schedule.tokens_before(done),
                            "seq_len": schedule.seq_len_at(step), "batch_size": schedule.batch_at(step),
                            "tok_s": tok_s, "elapsed_s": elapsed, "train_s": elapsed - eval_s,
-                           "tokens_by_source": drawn.at(done), "step_s": step_s, **objective_figures})
+                           "tokens_by_source": drawn.at(done), "step_s": step_s, **objective_figures, **moe_figures})
         if (cfg.eval.every and done % cfg.eval.every == 0) or done == tcfg.steps:
             eval_start = time.perf_counter()
             last_eval = data.evaluate(model, dtype)
@@ -289,14 +292,18 @@ def train_step(stepper, optimizer, batches: RankBatches, step: int, cfg: RunConf
     total = 0.0
     for micro, rows in enumerate(micro_batches):
         with gradient_sync(stepper, micro == grad_accum - 1):
+            share = world.size * scored[micro] / step_scored
             with autocast(dtype, rows[0].device):
-                loss = objective.loss(stepper, rows, batches.ctx) * (world.size * scored[micro] / step_scored)
-            loss.backward()
+                loss = objective.loss(stepper, rows, batches.ctx) * share
+            router = pop_router_loss(batches.ctx.model)  # MoE balancing and z-losses: trained, not logged as loss
+            (loss if router is None else loss + router * share).backward()
         total += loss.item()
     total = mean_across(total, world)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)))
     if math.isfinite(total) and math.isfinite(norm):
         optimizer.step()
+        for layer in moe_layers(batches.ctx.model).values():
+            layer.update_balance_bias(lambda load: sum_tensor_across(load, world))
     optimizer.zero_grad(set_to_none=True)
     return total if math.isfinite(norm) else math.nan

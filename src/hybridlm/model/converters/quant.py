@@ -2,8 +2,8 @@
 
 A converter like LoRA (DESIGN.md convention 5): `quantize_linears` swaps chosen `nn.Linear`
 modules for `QuantizedLinear` in place; nothing else in the model changes. Embeddings, norms, the
-global slots and the output projection stay in their own precision (llama.cpp's choice too: they
-are small and sensitive).
+global slots, MoE routers and the output projection stay in their own precision (llama.cpp's choice
+too for norms and embeddings: they are small and sensitive).
 
 Stored form (portable, what model.safetensors holds): int8 keeps `qweight` int8 (out, in) and a
 bf16 `scales` (out,), w = q * s; int4 keeps two 4-bit codes per byte, `qweight` uint8
@@ -58,9 +58,10 @@ class QuantSpec:
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
-    """The blocks' Linear layers (attention qkv/proj, FFN up/down) in model order."""
+    """The blocks' Linear layers (attention qkv/proj, FFN and expert up/down) in model order; an MoE
+    router stays in full precision (its small logits decide where every token goes)."""
     return [name for name, module in model.named_modules()
-            if name.startswith("blocks.") and isinstance(module, nn.Linear)]
+            if name.startswith("blocks.") and isinstance(module, nn.Linear) and not name.endswith(".router")]
 
 
 def chosen_layers(model: nn.Module, spec: QuantSpec) -> list[str]:
@@ -205,6 +206,20 @@ def dequantize_linears(model: nn.Module) -> nn.Module:
                 linear.bias.data = module.bias.detach().float().clone()
             setattr(model.get_submodule(parent_name), child, linear)
     return model
+
+
+EMBEDDING_TENSORS = ("tok_emb.weight", "pos_emb.weight", "lm_head.weight")
+"""Stored in bf16 in a quantized run (in fp32 they would be most of its size); norms, biases, global
+slots and routers, all small, keep their precision."""
+
+
+@torch.no_grad()
+def round_embeddings_to_bf16(model: nn.Module) -> None:
+    """Give the embedding tables the values their bf16 storage keeps, so what is measured before
+    saving is what loads."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in EMBEDDING_TENSORS and tensor.is_floating_point():
+            tensor.copy_(tensor.to(torch.bfloat16))
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -20,6 +20,9 @@ REMOTE_CONFIGS = {
     "sinusoidal-layernorm-gelu-untied": {"n_layer": 2, "n_head": 2, "layer_pattern": "SD", "window": 5, "stride": 4,
                                          "n_global": 0, "position": "sinusoidal", "norm": "layernorm", "ffn": "gelu",
                                          "bias": True, "tie_embeddings": False},
+    "moe-top2-shared-bias": {"n_layer": 2, "n_head": 2, "layer_pattern": "DS", "window": 4, "stride": 3,
+                                 "n_global": 1, "ffn": "moe", "moe_pattern": "MM", "n_experts": 4, "top_k": 2,
+                                 "n_shared_experts": 1, "moe_balance": "bias"},
     "rope-mqa-sparse-only": {"n_layer": 2, "n_head": 4, "n_kv_head": 1, "layer_pattern": "SS", "window": 3,
                              "stride": 5, "n_global": 3, "position": "rope", "rope_theta": 500.0},
 }
@@ -43,8 +46,8 @@ def make_run(root: Path, cfg: ModelConfig, tokenizer_path: Path) -> Path:
     return run
 
 
-def family_run(name: str, tiny_run: Path, root: Path) -> Path:
-    """The run of family `name` (tiny_run's tokenizer, a 64-token context) under `root`."""
+def family_run(name: str, tiny_run: Path, root: Path, **fields) -> Path:
+    """The run of family `name` (tiny_run's tokenizer, a 64-token context; `fields` replaced) under `root`."""
     tokenizer = TextTokenizer.load(tiny_run / "tokenizer.json")
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, max_seq_len=64, **REMOTE_CONFIGS[name])
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, max_seq_len=64, **{**REMOTE_CONFIGS[name], **fields})
     return make_run(root, cfg, tiny_run / "tokenizer.json")

@@ -144,6 +144,21 @@ def test_remote_export_matches_logits_for_each_config_family(name, tiny_run, tmp
     _assert_cache_continues_the_sequence(hf_model, hf_model.config.vocab_size)
 
 
+def test_remote_moe_drops_the_tokens_hybridlm_drops_when_capacity_binds(tiny_run, tmp_path):
+    run = family_run("moe-top2-shared-bias", tiny_run, tmp_path, eval_capacity_factor=0.5)
+    out = tmp_path / "remote_moe"
+    export_hf(run, out, "remote")
+    hf_model = _load_remote(out)
+    model = load_run(run).model
+    ids = _random_ids(model.cfg.vocab_size, length=60)
+    with torch.no_grad():
+        unlimited = model.blocks[0].ffn(model.blocks[0].norm2(model.embed(ids, torch.arange(60))), limited=False)
+        limited = model.blocks[0].ffn(model.blocks[0].norm2(model.embed(ids, torch.arange(60))))
+    assert (unlimited - limited).abs().max() > 1e-3  # the limit binds: some tokens skip an expert
+    _assert_same_logits(run, hf_model, length=60)
+    _assert_left_padding_is_transparent(run, hf_model)
+
+
 def test_exported_tokenizer_encodes_like_hybridlm(tiny_run, tmp_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

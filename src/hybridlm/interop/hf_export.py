@@ -36,8 +36,12 @@ REMOTE_FILES = ("configuration_hybridlm.py", "modeling_hybridlm.py")
 REMOTE_FIELDS = frozenset({  # ModelConfig fields the exports implement (gpt2: those gpt2_blocker allows)
     "vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len", "layer_pattern",
     "n_dense_layers", "window", "stride", "n_global", "position", "rope_theta", "norm", "norm_eps", "ffn", "bias",
-    "tie_embeddings", "dropout",
+    "tie_embeddings", "dropout", "moe_pattern", "n_experts", "top_k", "capacity_factor", "eval_capacity_factor",
+    "n_shared_experts", "moe_balance",
+    "moe_aux_loss", "moe_z_loss", "moe_bias_rate",  # training only: the forward pass does not read them
 })
+HF_NAMES = {"top_k": "num_experts_per_tok"}
+"""ModelConfig fields written under another name (transformers reads `top_k` as a generation setting)."""
 _GPT2_LAYER_NAMES = (  # (hybridlm module, GPT-2 module, stored transposed: GPT-2's Conv1D keeps (in, out))
     ("norm1", "ln_1", False), ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
     ("norm2", "ln_2", False), ("ffn.up", "mlp.c_fc", True), ("ffn.down", "mlp.c_proj", True),
@@ -148,7 +152,7 @@ def _write_remote(run: LoadedRun, out: Path) -> None:
     if cfg.tie_embeddings:
         state.pop("lm_head.weight")
     _save_tensors(out / "model.safetensors", state)
-    fields = {k: v for k, v in cfg.to_dict().items() if k not in ("tie_embeddings", "n_dense_layers")}
+    fields = {HF_NAMES.get(k, k): v for k, v in cfg.to_dict().items() if k not in ("tie_embeddings", "n_dense_layers")}
     atomic_write_json(out / "config.json", {
         "model_type": "hybridlm", "architectures": ["HybridLMForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_hybridlm.HybridLMConfig",

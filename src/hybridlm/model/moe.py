@@ -7,7 +7,11 @@ affects the choice), gates = the chosen probabilities (renormalised to sum to 1 
 Capacity is per sequence (a GShard "group" is one row of the batch): expert e takes at most
 ceil(factor * T * top_k / n_experts) of a row's T tokens, earliest first; a token over capacity skips
 that expert and keeps only the residual (and its other experts). Rows are independent, so a
-sequence routes alike alone or in a batch, and one-token decoding steps are never over capacity.
+sequence routes alike alone or in a batch. The limit applies to forwards without a KV cache
+(training with capacity_factor, evaluation with eval_capacity_factor); cached forwards (generation,
+serving, prefix caching) route without one, so how a prompt is chunked or batched never changes a
+token's experts. Cached decoding therefore equals the full forward whenever the full forward drops
+nothing (eval_capacity_factor >= n_experts / top_k guarantees it).
 
 Dispatch: the kept (token, expert) assignments are sorted by expert and each expert runs one
 matmul pair on its contiguous slice; an expert with no tokens still runs on an empty slice, so
@@ -65,18 +69,21 @@ class MoEFeedForward(nn.Module):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         return max(1, math.ceil(factor * tokens_per_row * self.top_k / self.n_experts))
 
-    def kept_assignments(self, chosen_BTK: torch.Tensor) -> torch.Tensor:
+    def kept_assignments(self, chosen_BTK: torch.Tensor, limited: bool) -> torch.Tensor:
         """Boolean (B, T*k): which assignments are within their expert's capacity in their row."""
         B, T, K = chosen_BTK.shape
+        if not limited:
+            return torch.ones(B, T * K, dtype=torch.bool, device=chosen_BTK.device)
         one_hot = F.one_hot(chosen_BTK.reshape(B, T * K), self.n_experts)
         rank = (one_hot.cumsum(dim=1) * one_hot).sum(dim=-1) - 1  # earlier tokens of the row first
         return rank < self.capacity(T)
 
-    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTC: torch.Tensor, limited: bool = True) -> torch.Tensor:
+        """`limited`: apply the capacity limit (False for forwards through a KV cache)."""
         B, T, C = x_BTC.shape
         x_NC = x_BTC.reshape(B * T, C)
         chosen, gates, logits, probs = self.route(x_NC)
-        kept = self.kept_assignments(chosen.view(B, T, self.top_k)).reshape(-1)
+        kept = self.kept_assignments(chosen.view(B, T, self.top_k), limited).reshape(-1)
         experts = chosen.reshape(-1)
         order = torch.argsort(torch.where(kept, experts, self.n_experts), stable=True)[: int(kept.sum())]
         counts = torch.bincount(experts[order], minlength=self.n_experts)

@@ -135,11 +135,15 @@ class Block(nn.Module):
 
     def forward(self, x_BTC: torch.Tensor, start: int, cache: LayerCache | None, causal: bool) -> torch.Tensor:
         x_BTC = x_BTC + self.attn(self.norm1(x_BTC), start, cache, causal)
-        return x_BTC + self.ffn(self.norm2(x_BTC))
+        return x_BTC + self.feed_forward(self.norm2(x_BTC), cached=cache is not None)
 
     def decode_rows(self, x_B1C: torch.Tensor, starts: list[int], caches: list[LayerCache]) -> torch.Tensor:
         x_B1C = x_B1C + self.attn.decode_rows(self.norm1(x_B1C), starts, caches)
-        return x_B1C + self.ffn(self.norm2(x_B1C))
+        return x_B1C + self.feed_forward(self.norm2(x_B1C), cached=True)
+
+    def feed_forward(self, x_BTC: torch.Tensor, cached: bool) -> torch.Tensor:
+        """The FFN; a mixture applies its capacity limit only without a KV cache (see moe.py)."""
+        return self.ffn(x_BTC, limited=not cached) if isinstance(self.ffn, MoEFeedForward) else self.ffn(x_BTC)
 
 
 class HybridLM(nn.Module):

@@ -54,6 +54,13 @@ class HybridLMConfig(PretrainedConfig):
         norm: str = "rmsnorm",
         norm_eps: float = 1e-5,
         ffn: str = "swiglu",
+        moe_pattern: str = "",
+        n_experts: int = 8,
+        num_experts_per_tok: int = 1,
+        capacity_factor: float = 1.25,
+        eval_capacity_factor: float = 2.0,
+        n_shared_experts: int = 0,
+        moe_balance: str = "aux",
         bias: bool = False,
         dropout: float = 0.0,
         tie_word_embeddings: bool = True,
@@ -71,6 +78,10 @@ class HybridLMConfig(PretrainedConfig):
         self.layer_pattern, self.window, self.stride, self.n_global = layer_pattern, window, stride, n_global
         self.position, self.rope_theta = position, rope_theta
         self.norm, self.norm_eps, self.ffn, self.bias, self.dropout = norm, norm_eps, ffn, bias, dropout
+        self.moe_pattern, self.n_experts, self.n_shared_experts = moe_pattern, n_experts, n_shared_experts
+        self.num_experts_per_tok = num_experts_per_tok  # hybridlm's model.top_k, under Mixtral's name: `top_k` is a
+        # generation setting to transformers, which refuses it in a model config
+        self.capacity_factor, self.eval_capacity_factor, self.moe_balance = capacity_factor, eval_capacity_factor, moe_balance
         self.tie_word_embeddings, self.initializer_range = tie_word_embeddings, initializer_range
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         if len(layer_pattern) != n_layer or set(layer_pattern) - {"D", "S"}:

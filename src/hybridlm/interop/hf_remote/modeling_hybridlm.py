@@ -120,11 +120,11 @@ class HybridLMAttention(nn.Module):
 
 
 class HybridLMFeedForward(nn.Module):
-    """GELU (tanh approximation) MLP or SwiGLU."""
+    """GELU (tanh approximation) MLP or SwiGLU (also each expert of a mixture)."""
 
     def __init__(self, cfg: HybridLMConfig) -> None:
         super().__init__()
-        self.gated = cfg.ffn == "swiglu"
+        self.gated = cfg.ffn in ("swiglu", "moe")
         self.up = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.gated else 1), bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -138,18 +138,62 @@ class HybridLMFeedForward(nn.Module):
         return self.dropout(self.down(hidden))
 
 
+class HybridLMMixture(nn.Module):
+    """Mixture of SwiGLU experts. Every expert runs on every token and the outputs are weighted,
+    so this is E times the work of hybridlm's dispatch but follows the definition plainly: fp32
+    softmax router, top_k chosen on probabilities (+ the balancing bias, if any), gates renormalised
+    when top_k > 1, and per row an expert takes at most ceil(factor * tokens * top_k / n_experts)
+    tokens, earliest first (padding counts for nothing); the others skip it. As in hybridlm, the
+    limit applies to forwards without a cache only, so generation never drops a token."""
+
+    def __init__(self, cfg: HybridLMConfig) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.num_experts_per_tok
+        self.capacity_factor, self.eval_capacity_factor = cfg.capacity_factor, cfg.eval_capacity_factor
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(HybridLMFeedForward(cfg) for _ in range(cfg.n_experts))
+        self.shared = nn.ModuleList(HybridLMFeedForward(cfg) for _ in range(cfg.n_shared_experts))
+        if cfg.moe_balance == "bias":
+            self.register_buffer("balance_bias", torch.zeros(cfg.n_experts))
+        else:
+            self.balance_bias = None
+
+    def forward(self, x_BTC: torch.Tensor, real_BT: torch.Tensor, limited: bool) -> torch.Tensor:
+        probs = F.linear(x_BTC.float(), self.router.weight.float()).softmax(dim=-1)
+        scores = probs if self.balance_bias is None else probs + self.balance_bias
+        chosen_BTK = scores.topk(self.top_k, dim=-1).indices
+        gates_BTK = probs.gather(-1, chosen_BTK)
+        if self.top_k > 1:
+            gates_BTK = gates_BTK / gates_BTK.sum(dim=-1, keepdim=True)
+        B, T, K = chosen_BTK.shape
+        one_hot = F.one_hot(chosen_BTK, self.n_experts) * real_BT[:, :, None, None]  # (B, T, K, E)
+        rank = (one_hot.reshape(B, T * K, -1).cumsum(dim=1).reshape(B, T, K, -1) * one_hot).sum(-1) - 1
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        capacity = (factor * real_BT.sum(dim=1) * K / self.n_experts).ceil().clamp(min=1)
+        kept_BTK = rank < capacity[:, None, None] if limited else torch.ones_like(rank, dtype=torch.bool)
+        weight_BTE = (one_hot * (gates_BTK * kept_BTK)[..., None]).sum(dim=2)
+        y_BTC = sum(weight_BTE[..., e, None] * expert(x_BTC).float() for e, expert in enumerate(self.experts))
+        y_BTC = y_BTC.to(x_BTC.dtype)
+        for expert in self.shared:
+            y_BTC = y_BTC + expert(x_BTC)
+        return y_BTC
+
+
 class HybridLMBlock(nn.Module):
     """Pre-norm residual block."""
 
     def __init__(self, cfg: HybridLMConfig, sparse: bool, layer_idx: int) -> None:
         super().__init__()
         self.norm1, self.attn = _norm(cfg), HybridLMAttention(cfg, sparse, layer_idx)
-        self.norm2, self.ffn = _norm(cfg), HybridLMFeedForward(cfg)
+        self.mixture = cfg.ffn == "moe" and cfg.moe_pattern[layer_idx] == "M"
+        self.norm2 = _norm(cfg)
+        self.ffn = HybridLMMixture(cfg) if self.mixture else HybridLMFeedForward(cfg)
 
     def forward(self, x_BTC: torch.Tensor, mask_B1TS: torch.Tensor, rope: tuple | None,
-                cache: DynamicCache | None) -> torch.Tensor:
+                cache: DynamicCache | None, real_BT: torch.Tensor) -> torch.Tensor:
         x_BTC = x_BTC + self.attn(self.norm1(x_BTC), mask_B1TS, rope, cache)
-        return x_BTC + self.ffn(self.norm2(x_BTC))
+        hidden = self.norm2(x_BTC)
+        return x_BTC + (self.ffn(hidden, real_BT, limited=cache is None) if self.mixture else self.ffn(hidden))
 
 
 class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
@@ -256,7 +300,7 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         masks = self._masks(pos_BS, real_BS, T)
         x_BTC = self.drop(x_BTC)
         for kind, block in zip(cfg.layer_pattern, self.blocks):
-            x_BTC = block(x_BTC, masks[kind], rope, past_key_values)
+            x_BTC = block(x_BTC, masks[kind], rope, past_key_values, real_BS[:, S - T :])
         logits = self.lm_head(self.norm_f(x_BTC))
         loss = None
         if labels is not None:

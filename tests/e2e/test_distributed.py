@@ -58,6 +58,26 @@ def test_two_processes_follow_one_process(parallel, single, tiny_shards, tmp_pat
     assert losses[-1] < losses[0] - 1.0
 
 
+MOE = ['model.ffn="moe"', "model.n_experts=4", "model.top_k=2", 'model.moe_balance="bias"', "model.moe_bias_rate=0.01",
+       "model.moe_aux_loss=0", "model.capacity_factor=0.75"]
+"""Capacity binds (some tokens skip an expert), the balancing biases move with loads summed over
+ranks, and the z-loss (a mean over tokens) is on. The balancing loss is left out: each rank computes it
+on its own rows (as Switch and Megatron do), so its gradient is not the one-process one."""
+
+
+def test_moe_under_fsdp_follows_one_process(tiny_shards, tmp_path):
+    train(load_run_config(None, _overrides(tiny_shards, tmp_path / "single", *MOE)), progress=False)
+    done = _torchrun(2, _overrides(tiny_shards, tmp_path / "fsdp", "parallel.strategy=fsdp", *MOE))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "single"), rel=1e-4)
+    records = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("moe_dropped", {}).get("1", 0) > 0 for r in records)
+    from safetensors.torch import load_file
+
+    biases = [load_file(tmp_path / name / "model.safetensors")["blocks.1.ffn.balance_bias"] for name in ("single", "fsdp")]
+    assert biases[0].abs().sum() > 0 and (biases[0] - biases[1]).abs().max() < 1e-6
+
+
 def test_two_processes_weight_reply_tokens_like_one_process(tiny_shards, tmp_path):
     """Instruction tuning: the two ranks score different numbers of reply tokens each step, and the
     loss and update are still the one-process mean over all of them."""

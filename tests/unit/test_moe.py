@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from hybridlm.model.converters.quant import QuantizedLinear, quantizable_layers
 from hybridlm.model.info import active_params, count_params, flops_per_token
 from hybridlm.model.moe import MoEFeedForward, pop_moe_stats, pop_router_loss
 from hybridlm.train.config import load_run_config
+from hybridlm.train.moe_report import plot_moe
+from hybridlm.train.report import write_report
 from hybridlm.train.trainer import train
 
 from conftest import TINY_MODEL
@@ -141,6 +144,10 @@ def test_balancing_evens_the_expert_load_of_a_short_run(tmp_path, tiny_shards):
                                                              "model.moe_bias_rate=0.01"])
     assert max(unbalanced) > 0.45  # one expert took almost half the tokens or more (even: 0.25)
     assert max(with_loss) < 0.35 and max(with_bias) < 0.4
+    moe_plot = Path(write_report(tmp_path / "aux")["files"]["moe"]).read_bytes()
+    placeholder = plot_moe([])  # the page of a run without mixtures
+    assert moe_plot[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(moe_plot[20:24], "big") > 700  # IHDR height
+    assert len(moe_plot) > 2 * len(placeholder)
 
 
 def test_total_and_active_parameters_and_flops():

@@ -26,7 +26,7 @@ from hybridlm.train.metrics import (
 )
 
 PLOTS = {"loss": "loss.png", "lr": "lr.png", "tokens_by_source": "tokens_by_source.png",
-         "objective": "objective_figures.png"}
+         "objective": "objective_figures.png", "moe": "moe.png"}
 COUNTS = ("val_loss", "val_tokens", "val_bytes", "val_pairs", "val_prompts", "val_ppl")
 """Validation keys the objective-figures plot leaves out (the loss has its own plot; counts say nothing)."""
 TRAINING_FIGURES = ("reward_mean", "kl", "clip_fraction")
@@ -217,6 +217,9 @@ def write_report(run: Path, out: Path | None = None) -> dict:
     atomic_write_bytes(files["lr"], plot_lr(stages))
     atomic_write_bytes(files["tokens_by_source"], plot_tokens_by_source(summaries))
     atomic_write_bytes(files["objective"], plot_objective_figures(stages))
+    from hybridlm.train.moe_report import plot_moe  # it imports this module's token_offsets
+
+    atomic_write_bytes(files["moe"], plot_moe(stages))
     files["report"] = out / "report.md"
     atomic_write_text(files["report"], render_markdown(run, summaries))
     return json_safe({"run": str(run), "out": str(out), "stages": summaries,

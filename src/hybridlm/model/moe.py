@@ -16,7 +16,9 @@ nothing (eval_capacity_factor >= n_experts / top_k guarantees it).
 Dispatch: the kept (token, expert) assignments are sorted by expert and each expert runs one
 matmul pair on its contiguous slice; an expert with no tokens still runs on an empty slice, so
 every parameter is in every backward (DDP needs that). benchmarks/moe_dispatch.py measured this
-against a plain loop over experts with boolean masks.
+against a plain loop over experts with boolean masks: 1.13x (top-1) and 1.04x (top-2) faster on
+CPU, forward + backward, where the experts' matmuls are 70% of the time. Outputs are weighted and
+summed in the experts' dtype (bf16 under autocast), which saved two fp32 copies of every output.
 
 Training adds to the loss (`pop_router_loss`): alpha * N * sum_i f_i * P_i (f_i the share of
 assignments routed to expert i, P_i its mean router probability) and the z-loss
@@ -90,9 +92,8 @@ class MoEFeedForward(nn.Module):
         tokens = order // self.top_k
         outputs = torch.cat([expert(chunk) for expert, chunk in
                              zip(self.experts, x_NC[tokens].split(counts.tolist()))])
-        weighted = outputs.float() * gates.reshape(-1)[order, None]
-        y_NC = torch.zeros(B * T, C, device=x_NC.device, dtype=torch.float32).index_add_(0, tokens, weighted)
-        y_NC = y_NC.to(outputs.dtype if outputs.numel() else x_NC.dtype)
+        weighted = outputs * gates.reshape(-1)[order, None].to(outputs.dtype)  # in the experts' dtype: no fp32 copy
+        y_NC = torch.zeros(B * T, C, device=x_NC.device, dtype=outputs.dtype).index_add_(0, tokens, weighted)
         for expert in self.shared:
             y_NC = y_NC + expert(x_NC)
         if self.training and torch.is_grad_enabled():  # not RL's sampling, not validation

@@ -78,35 +78,37 @@ def test_model_info_json():
     assert info["kv_cache_bytes"] * 2 < info["kv_cache_bytes_dense"]
 
 
-def _bad(result: subprocess.CompletedProcess, needle: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+def _bad(result: subprocess.CompletedProcess | tuple[int, str, str], needle: str) -> None:
+    """Exit 2 with one `error:` line naming `needle`; `result` from a subprocess or the `cli` fixture."""
+    code, stderr = (result[0], result[2]) if isinstance(result, tuple) else (result.returncode, result.stderr)
+    assert code == 2, (code, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
     assert needle in lines[0], lines[0]
 
 
-def test_bad_inputs_get_one_line_and_exit_2(tmp_path, quickstart):
+def test_bad_inputs_get_one_line_and_exit_2(tmp_path, quickstart, cli):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     tok = str(Path(quickstart["run_dir"]) / "tokenizer.json")
     _bad(hybridlm("tokenizer", "train", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.json")),
          "not a file, directory or glob")
-    _bad(hybridlm("tokenizer", "train", str(empty), "--out", str(tmp_path / "t.json")), "is empty")
-    _bad(hybridlm("tokenizer", "train", "stdlib-docs:qa", "--vocab-size", "100", "--out", str(tmp_path / "t.json")),
+    _bad(cli("tokenizer", "train", str(empty), "--out", str(tmp_path / "t.json")), "is empty")
+    _bad(cli("tokenizer", "train", "stdlib-docs:qa", "--vocab-size", "100", "--out", str(tmp_path / "t.json")),
          "at least 264")
-    _bad(hybridlm("prepare", str(empty), "--tokenizer", tok, "--out", str(tmp_path / "d")), "is empty")
-    _bad(hybridlm("train", 'model.preset="tiny"', "model.windw=3"), "known keys:")
-    _bad(hybridlm("train", 'model.preset="tiny"', "model.n_layer=4", "model.n_dense_layers=6"),
+    _bad(cli("prepare", str(empty), "--tokenizer", tok, "--out", str(tmp_path / "d")), "is empty")
+    _bad(cli("train", 'model.preset="tiny"', "model.windw=3"), "known keys:")
+    _bad(cli("train", 'model.preset="tiny"', "model.n_layer=4", "model.n_dense_layers=6"),
          "n_dense_layers (6) is larger than model.n_layer (4)")
-    _bad(hybridlm("train", 'model.preset="tiny"', "model.window=0"), "model.window must be > 0")
-    _bad(hybridlm("train", "--resume", f"train.out={tmp_path / 'nothing'}"), "nothing to resume")
-    _bad(hybridlm("generate", "--model", quickstart["run_dir"], "--prompt", "word " * 400), "shorten the prompt")
-    _bad(hybridlm("generate", "--model", str(tmp_path), "--prompt", "x"), "not a hybridlm run directory")
-    _bad(hybridlm("model", "info", "--preset", "huge"), "known presets")
-    _bad(hybridlm("model", "info"), "Missing option '--preset'")
+    _bad(cli("train", 'model.preset="tiny"', "model.window=0"), "model.window must be > 0")
+    _bad(cli("train", "--resume", f"train.out={tmp_path / 'nothing'}"), "nothing to resume")
+    _bad(cli("generate", "--model", quickstart["run_dir"], "--prompt", "word " * 400), "shorten the prompt")
+    _bad(cli("generate", "--model", str(tmp_path), "--prompt", "x"), "not a hybridlm run directory")
+    _bad(cli("model", "info", "--preset", "huge"), "known presets")
+    _bad(cli("model", "info"), "Missing option '--preset'")
 
 
-def test_bad_recipes_get_one_line_and_exit_2_before_training(tmp_path, quickstart):
+def test_bad_recipes_get_one_line_and_exit_2_before_training(tmp_path, quickstart, cli):
     data = str(Path(quickstart["run_dir"]).parents[1] / "data" / "docstrings")
     bad_line = tmp_path / "bad.jsonl"
     bad_line.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"\n')
@@ -131,7 +133,7 @@ def test_bad_recipes_get_one_line_and_exit_2_before_training(tmp_path, quickstar
     for i, (stage, needle) in enumerate(cases):
         recipe = tmp_path / f"r{i}.toml"
         recipe.write_text(base + stage)
-        _bad(hybridlm("train", "--recipe", str(recipe)), needle)
+        _bad(cli("train", "--recipe", str(recipe)), needle)
         assert not (out / "1-a" / "config.json").exists()
     # A later stage's missing or malformed data stops the recipe before its first stage trains.
     first = f'[[stage]]\nname = "a"\ntokens = 100\ndata.mixture = {{ "{data}" = 1 }}\n'
@@ -142,13 +144,13 @@ def test_bad_recipes_get_one_line_and_exit_2_before_training(tmp_path, quickstar
     ]):
         recipe = tmp_path / f"later{i}.toml"
         recipe.write_text(base + first + later)
-        _bad(hybridlm("train", "--recipe", str(recipe)), needle)
+        _bad(cli("train", "--recipe", str(recipe)), needle)
         assert not (out / "1-a" / "config.json").exists()
     recipe = tmp_path / "ok.toml"
     recipe.write_text(base + first)
-    _bad(hybridlm("train", "--recipe", str(recipe), "--stage", "b"), "no stage named 'b'")
-    _bad(hybridlm("train", "--recipe", "paper-4stage"), "give a TOML file or a built-in recipe (align, paper-3stage)")
-    _bad(hybridlm("train", "--recipe", str(recipe), "--nproc-per-node", "2", "data.batch_size=3"),
+    _bad(cli("train", "--recipe", str(recipe), "--stage", "b"), "no stage named 'b'")
+    _bad(cli("train", "--recipe", "paper-4stage"), "give a TOML file or a built-in recipe (align, paper-3stage)")
+    _bad(cli("train", "--recipe", str(recipe), "--nproc-per-node", "2", "data.batch_size=3"),
          "must be divisible by the world size (2)")
 
 

@@ -55,6 +55,17 @@ def cli(monkeypatch, capsys):
     return run
 
 
+def one_line_error(result, *needles: str) -> None:
+    """A refused command: exit 2 and one `error:` line naming every needle, no traceback; `result`
+    is a CompletedProcess or the (code, stdout, stderr) of the `cli` fixture."""
+    code, stderr = (result[0], result[2]) if isinstance(result, tuple) else (result.returncode, result.stderr)
+    assert code == 2, (code, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
 MC_TASK_YAML = """task: {name}
 dataset_path: json
 dataset_kwargs:

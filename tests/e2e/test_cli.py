@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_line_error as _bad
 from conftest import shared_file
 
 
@@ -76,15 +77,6 @@ def test_model_info_json():
     info = json.loads(result.stdout)
     assert {"params", "flops_per_token", "kv_cache_bytes", "kv_cache_bytes_dense"} <= info.keys()
     assert info["kv_cache_bytes"] * 2 < info["kv_cache_bytes_dense"]
-
-
-def _bad(result: subprocess.CompletedProcess | tuple[int, str, str], needle: str) -> None:
-    """Exit 2 with one `error:` line naming `needle`; `result` from a subprocess or the `cli` fixture."""
-    code, stderr = (result[0], result[2]) if isinstance(result, tuple) else (result.returncode, result.stderr)
-    assert code == 2, (code, stderr)
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
-    assert needle in lines[0], lines[0]
 
 
 def test_bad_inputs_get_one_line_and_exit_2(tmp_path, quickstart, cli):

@@ -118,12 +118,12 @@ def test_unfinished_stage_and_a_cut_off_last_line_are_reported(recipe_dir, tmp_p
     assert not stage["finished"] and stage["tokens"] == complete["tokens"]
 
 
-def test_bad_runs_get_one_line_and_exit_2(recipe_dir, tmp_path):
+def test_bad_runs_get_one_line_and_exit_2(recipe_dir, tmp_path, cli):
     _bad(hybridlm("report", str(tmp_path / "missing")), "not found")
     (tmp_path / "empty").mkdir()
-    _bad(hybridlm("report", str(tmp_path / "empty")), "neither a run directory")
+    _bad(cli("report", str(tmp_path / "empty")), "neither a run directory")
     run = copy_of(recipe_dir, tmp_path)
     (run / "1-broad" / "metrics.jsonl").write_text("")
-    _bad(hybridlm("report", str(run / "1-broad")), "no training records")
+    _bad(cli("report", str(run / "1-broad")), "no training records")
     (run / "2-instruct" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n')
-    _bad(hybridlm("report", str(run / "2-instruct")), "line 2 is not a metrics record")
+    _bad(cli("report", str(run / "2-instruct")), "line 2 is not a metrics record")

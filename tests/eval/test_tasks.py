@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SHARED_DATA, shared_file
+from conftest import one_line_error as _bad
 
 from hybridlm.data.instructions import HELD_OUT_PERIOD
 from hybridlm.errors import UserError
@@ -251,28 +252,20 @@ def test_eval_run_wikitext2_ppl_and_bpb_agree(tiny_run):
     assert metrics["bpb"] == pytest.approx(metrics["loss"] * tokens / math.log(2) / len(text.encode("utf-8")))
 
 
-def _bad(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-def test_eval_run_bad_input_is_one_line_and_exit_2(tiny_run, mc_file, tmp_path):
+def test_eval_run_bad_input_is_one_line_and_exit_2(tiny_run, mc_file, tmp_path, cli):
     run = str(tiny_run)
-    _bad(hybridlm("eval", "run", "--model", run, "--tasks", "piqa,nope"), "unknown task 'nope'", "arc_challenge",
+    _bad(cli("eval", "run", "--model", run, "--tasks", "piqa,nope"), "unknown task 'nope'", "arc_challenge",
          "minerva_math500", "race", "groups: glue, superglue")
-    _bad(hybridlm("eval", "run", "--model", run, "--tasks", "gsm8k", "--limit", "0"), "--limit must be > 0")
-    _bad(hybridlm("eval", "run", "--model", run, "--tasks", "minerva_math500", "--shots", "5"),
+    _bad(cli("eval", "run", "--model", run, "--tasks", "gsm8k", "--limit", "0"), "--limit must be > 0")
+    _bad(cli("eval", "run", "--model", run, "--tasks", "minerva_math500", "--shots", "5"),
          "--shots 5 is more than the 4 fixed Minerva examples")
-    _bad(hybridlm("eval", "run", "--model", run, "--tasks", "race,record", "--data-dir", str(tmp_path)),
+    _bad(cli("eval", "run", "--model", run, "--tasks", "race,record", "--data-dir", str(tmp_path)),
          "race/test/high", "RACE.tar.gz")
-    _bad(hybridlm("eval", "run", "--model", run, "--tasks", "piqa", "--data-dir", str(tmp_path)),
+    _bad(cli("eval", "run", "--model", run, "--tasks", "piqa", "--data-dir", str(tmp_path)),
          str(tmp_path / piqa.ITEMS), "--data-dir")
-    _bad(hybridlm("eval", "run", "--model", run, "--tasks", f"mc:{mc_file}", "--shots", "4"),
+    _bad(cli("eval", "run", "--model", run, "--tasks", f"mc:{mc_file}", "--shots", "4"),
          "--shots 4 is more than the 3 examples")
-    _bad(hybridlm("eval", "run", "--model", str(tmp_path), "--tasks", f"mc:{mc_file}"),
+    _bad(cli("eval", "run", "--model", str(tmp_path), "--tasks", f"mc:{mc_file}"),
          "not a hybridlm run directory")
-    _bad(hybridlm("eval", "run", "--model", run, "--tasks", f"mc:{tmp_path / 'none.jsonl'}"),
+    _bad(cli("eval", "run", "--model", run, "--tasks", f"mc:{tmp_path / 'none.jsonl'}"),
          "multiple-choice file not found")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from conftest import shared_file
+from conftest import one_line_error, shared_file
 from hf_families import REMOTE_CONFIGS, family_run, make_run
 
 from hybridlm.config import ModelConfig
@@ -37,11 +37,9 @@ def hybridlm(*args: str) -> subprocess.CompletedProcess:
 def _bad(cli, needle: str, *args: str) -> None:
     """The CLI's entry point in this process (the same code as the console script): exit 2 and one
     line on stderr that names the problem."""
-    code, out, err = cli(*args)
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and not out, err
-    assert needle in lines[0], lines[0]
+    result = cli(*args)
+    one_line_error(result, needle)
+    assert not result[1], result[1]
 
 
 def _load_remote(out: Path):

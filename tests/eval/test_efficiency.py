@@ -69,12 +69,12 @@ def test_human_output_is_one_aligned_table(tiny_run):
     assert "estimate: " in rows[-1] or "measured (RAPL)" in rows[-1]
 
 
-def test_bad_inputs_get_one_line_and_exit_2(tiny_run, tmp_path):
-    _bad(hybridlm("eval", "efficiency", "--model", str(tmp_path)), "not a hybridlm run directory")
-    _bad(hybridlm("eval", "efficiency", "--model", str(tiny_run), "--prompt-tokens", "250", "--new-tokens", "10"),
+def test_bad_inputs_get_one_line_and_exit_2(tiny_run, tmp_path, cli):
+    _bad(cli("eval", "efficiency", "--model", str(tmp_path)), "not a hybridlm run directory")
+    _bad(cli("eval", "efficiency", "--model", str(tiny_run), "--prompt-tokens", "250", "--new-tokens", "10"),
          "exceed the model's context (256)")
-    _bad(hybridlm("eval", "efficiency", "--model", str(tiny_run), "--new-tokens", "1"), "--new-tokens >= 2")
-    _bad(hybridlm("eval", "efficiency", "--model", str(tiny_run), "--repeats", "0"), "--repeats must be >= 1")
+    _bad(cli("eval", "efficiency", "--model", str(tiny_run), "--new-tokens", "1"), "--new-tokens >= 2")
+    _bad(cli("eval", "efficiency", "--model", str(tiny_run), "--repeats", "0"), "--repeats must be >= 1")
 
 
 def _domain(root: Path, name: str, energy: str, span: int = 1000) -> None:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 from conftest import free_port
+from conftest import one_line_error
 from e2e.test_cli import hybridlm
 
 from hybridlm.errors import UserError
@@ -151,7 +152,7 @@ def test_rating_study_means_per_run(tiny_run, chatty_run, prompts_file, tmp_path
         assert summary["ci95"][0] <= summary["mean"] <= summary["ci95"][1]
 
 
-def test_bad_input_is_refused_in_one_line(tiny_run, prompts_file, tmp_path):
+def test_bad_input_is_refused_in_one_line(tiny_run, prompts_file, tmp_path, cli):
     (tmp_path / "taken.db").write_text("")
     (tmp_path / "notes.txt").write_text("not a study")
     cases = [
@@ -166,9 +167,7 @@ def test_bad_input_is_refused_in_one_line(tiny_run, prompts_file, tmp_path):
         (["serve", str(tmp_path / "missing.db")], "study not found"),
     ]
     for args, words in cases:
-        result = hybridlm("eval", "human", *args)
-        assert result.returncode == 2 and words in result.stderr, (args, result.stderr)
-        assert len(result.stderr.strip().splitlines()) == 1
+        one_line_error(cli("eval", "human", *args), words)
     assert not (tmp_path / "new.db").exists()
     assistant_only = tmp_path / "assistant.jsonl"
     assistant_only.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hello"}]}) + "\n")

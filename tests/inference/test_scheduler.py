@@ -22,7 +22,7 @@ from hybridlm.inference.scheduler import Scheduler, PromptTooLong, QueueFull, Re
 WINDOW, STRIDE, CHUNK = 8, 5, 16
 
 
-def make_model(position: str = "rope") -> HybridLM:
+def make_model(position: str = "rope", **fields) -> HybridLM:
     """Dense + sparse layers, grouped-query attention, a window and stride short enough that the
     sparse caches roll and keep strided keys within a few dozen tokens; fp32. The weights are
     pushed away from the initial ones (an untied head, sharper attention): a freshly initialised
@@ -30,7 +30,7 @@ def make_model(position: str = "rope") -> HybridLM:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=97, n_layer=3, n_head=4, n_kv_head=2, d_model=32, max_seq_len=256,
                       layer_pattern="DSS", window=WINDOW, stride=STRIDE, n_global=2, position=position,
-                      tie_embeddings=False)
+                      tie_embeddings=False, **fields)
     model = HybridLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -84,9 +84,12 @@ def run_engine(model: HybridLM, body, **options) -> object:
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("position", ["rope", "learned", "sinusoidal"])
-def test_batched_decode_step_equals_single_sequence_forward(position):
-    model = make_model(position)
+MOE = {"ffn": "moe", "n_experts": 4, "top_k": 2, "n_shared_experts": 1, "moe_pattern": "MFM"}
+
+
+@pytest.mark.parametrize("position,fields", [("rope", {}), ("learned", {}), ("sinusoidal", {}), ("rope", MOE)])
+def test_batched_decode_step_equals_single_sequence_forward(position, fields):
+    model = make_model(position, **fields)
     prompts = [prompt(n, n) for n in (3, 12, 29, 50)]
     with torch.inference_mode():
         batched, alone = [model.new_cache() for _ in prompts], [model.new_cache() for _ in prompts]
@@ -147,6 +150,19 @@ def test_requests_joining_a_running_batch_decode_as_they_would_alone(model):
     assert widest >= 3  # requests really shared decode steps
     assert stats["active_sequences"] == 0 and stats["queue_depth"] == 0
     assert stats["tokens_generated"] == sum(MAX_TOKENS)
+
+
+def test_a_mixture_of_experts_model_decodes_in_a_running_batch_as_alone():
+    moe = make_model(**MOE)
+    prompts = [prompt(n, i) for i, n in enumerate(PROMPT_LENGTHS)]
+    reference = [list(generate_ids(moe, p, greedy(m), eos_id=None, prefill_chunk=CHUNK))
+                 for p, m in zip(prompts, MAX_TOKENS)]
+
+    async def together(engine: Scheduler):
+        return [r[0][0] for r in await asyncio.gather(*(collect(engine.submit(p, [greedy(m)]))
+                                                       for p, m in zip(prompts, MAX_TOKENS)))]
+
+    assert run_engine(moe, together, max_batch=4) == reference
 
 
 def test_seeded_choices_are_reproducible_and_match_single_sequence_sampling(model):

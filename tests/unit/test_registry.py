@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import one_line_error
 from huggingface_hub import ModelCard
 
 from hybridlm.errors import UserError
@@ -109,18 +110,17 @@ def test_model_cards_carry_hub_metadata_and_a_readable_body(world, tiny_run):
     assert "| run | clm | 40 |" in text and "| mc:items | acc | 0.7500 |" in text
 
 
-def cli(*args: str, registry: str):
-    return subprocess.run([sys.executable, "-m", "hybridlm", "registry", *args, "--registry", registry],
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_the_cli_and_its_bad_input(world):
+def test_the_cli_and_its_bad_input(world, cli):
     store, first, second, tmp, uri = world
-    done = cli("register", str(first), "--name", "tiny", "--json", registry=uri)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["version"] == 1
-    assert cli("alias", "set", "tiny", "production", "1", registry=uri).returncode == 0
-    shown = json.loads(cli("show", "tiny@production", "--json", registry=uri).stdout)
+
+    def registry(*args: str, at: str = uri) -> tuple[int, str, str]:
+        return cli("registry", *args, "--registry", at)
+
+    code, out, err = registry("register", str(first), "--name", "tiny", "--json")
+    assert code == 0, err
+    assert json.loads(out)["version"] == 1
+    assert registry("alias", "set", "tiny", "production", "1")[0] == 0
+    shown = json.loads(registry("show", "tiny@production", "--json")[1])
     assert shown["version"] == 1 and shown["card"].startswith("---") and shown["stages"][-1]["objective"] == "clm"
     (tmp / "unknown.toml").write_text('[[check]]\nkind = "vibes"\n')
     shutil.copytree(first, tmp / "unfinished")
@@ -133,13 +133,13 @@ def test_the_cli_and_its_bad_input(world):
         (("alias", "set", "tiny", "v2", "1"), "not look like a version"),
         (("rollback", "tiny", "production"), "no earlier version"),
     ]:
-        result = cli(*args, registry=uri)
-        assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
-            (args, result.stderr)
-    unreachable = cli("list", registry="http://127.0.0.1:9")
-    assert unreachable.returncode == 2 and "cannot reach the registry" in unreachable.stderr
+        one_line_error(registry(*args), words)
+    one_line_error(registry("list", at="http://127.0.0.1:9"), "cannot reach the registry")
     assert [(m.action, m.to_version) for m in store.history("tiny", "production")] == [("set", 1)]  # nothing changed
     assert [v.version for v in store.versions("tiny")] == [1]
+    done = subprocess.run([sys.executable, "-m", "hybridlm", "registry", "show", "nope", "--registry", uri],
+                          capture_output=True, text=True, timeout=300)  # and once through a real process
+    one_line_error(done, "no model named 'nope'")
 
 
 def test_a_move_that_keeps_the_version_does_not_trap_rollback(world):

@@ -169,14 +169,14 @@ def _launch(nproc: int, config_path: Path | None, recipe_path: str | None, flags
     import subprocess
 
     from hybridlm.train.config import load_run_config
+    from hybridlm.train.distributed import check_world
     from hybridlm.train.recipe import load_recipe
-    from hybridlm.train.schedule import batch_schedule
 
     if nproc < 1 or "WORLD_SIZE" in os.environ:
         raise UserError("--nproc-per-node must be >= 1 and is not for use under torchrun")
     runs = [s.run for s in load_recipe(recipe_path, overrides)] if recipe_path else [load_run_config(config_path, overrides)]
     for run in runs:
-        batch_schedule(run, nproc)
+        check_world(run, nproc)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "hybridlm", "train", *flags, *overrides]
     sys.exit(subprocess.run(command, check=False).returncode)

@@ -38,7 +38,7 @@ from hybridlm.model.converters.lora import (
     write_adapter_config,
 )
 from hybridlm.model.converters.quant import EMBEDDING_TENSORS, empty_quantized, is_quantized
-from hybridlm.tensors import full_tensor
+from hybridlm.tensors import canonical, full_tensor
 from hybridlm.tokenizer import TextTokenizer
 
 MANIFEST = "manifest.json"
@@ -48,16 +48,16 @@ def weights_bytes(model: HybridLM) -> bytes:
     """The model's tensors as safetensors bytes; a tied output projection is stored once; of a
     model with LoRA adapters, only what trains (the base stays in its own run); of a quantized one,
     the embeddings in bf16. Sharded (FSDP2)
-    parameters are gathered, so every rank must call this."""
+    parameters are gathered (and tensor-parallel ones put back in row order), so every rank must call this."""
     if has_lora(model):
         state = adapter_state(model)
     else:
-        state = model.state_dict()
+        state = model.state_dict(keep_vars=True)  # the parameters themselves: tensor parallelism marks them
         if model.cfg.tie_embeddings:
             state.pop("lm_head.weight")
     if is_quantized(model):  # see converters/quant.py: its embeddings are kept in bf16
         state = {k: v.to(torch.bfloat16) if k in EMBEDDING_TENSORS else v for k, v in state.items()}
-    return st_save({k: full_tensor(v).detach().contiguous().cpu() for k, v in state.items()})
+    return st_save({k: canonical(v, full_tensor(v)).detach().contiguous().cpu() for k, v in state.items()})
 
 
 def load_weights_bytes(model: HybridLM, data: bytes, where: Path) -> None:

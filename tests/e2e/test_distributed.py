@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_MODEL, shared_file
+from conftest import TINY_MODEL, one_line_error, shared_file
 
 from hybridlm.train.config import load_run_config
 from hybridlm.train.trainer import train
@@ -56,6 +56,29 @@ def test_two_processes_follow_one_process(parallel, single, tiny_shards, tmp_pat
     assert len(losses) == STEPS
     assert losses == pytest.approx(single, rel=1e-4)
     assert losses[-1] < losses[0] - 1.0
+
+
+def test_tensor_parallel_follows_one_process_and_its_checkpoint_resumes_on_one(single, tiny_shards, tmp_path):
+    """Heads, FFN units and the global slots split over two ranks (gloo), fp32: the loss curve of one
+    process; the run's step-5 checkpoint (saved in the single-process layout) then continues on one
+    process with the same losses."""
+    run = tmp_path / "tp"
+    done = _torchrun(2, _overrides(tiny_shards, run, "parallel.strategy=tp"), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["world_size"] == 2
+    assert _losses(run) == pytest.approx(single, rel=1e-4)
+    shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")
+    (run / "model.safetensors").unlink()
+    train(load_run_config(None, _overrides(tiny_shards, run)), resume=True, progress=False)
+    assert _losses(run) == pytest.approx(single, rel=1e-4)
+
+
+def test_tensor_parallel_degree_must_divide_the_heads(tiny_shards, tmp_path):
+    overrides = _overrides(tiny_shards, tmp_path / "tp", "parallel.strategy=tp", "model.n_head=1", "model.n_kv_head=1")
+    done = subprocess.run([sys.executable, "-m", "hybridlm", "train", "--nproc-per-node", "2", *overrides],
+                          capture_output=True, text=True, timeout=120)
+    one_line_error(done, "splits model.n_head (1) across 2 processes; it must be divisible by 2")
+    assert not (tmp_path / "tp").exists()
 
 
 MOE = ['model.ffn="moe"', "model.n_experts=4", "model.top_k=2", 'model.moe_balance="bias"', "model.moe_bias_rate=0.01",

@@ -26,6 +26,7 @@ from hybridlm.model.layout import LayerSpec, resolve_layers
 from hybridlm.model.loss import chunked_cross_entropy, target_log_probs
 from hybridlm.model.moe import MoEFeedForward
 from hybridlm.model.positions import Rotary, sinusoidal_table
+from hybridlm.tensors import local_tensor
 
 LayerCache = DenseKVCache | SparseKVCache
 
@@ -81,8 +82,8 @@ class Attention(nn.Module):
         kg = vg = None
         if self.k_global is not None:
             batch = q.shape[0]
-            kg = self.k_global.to(k.dtype).expand(batch, -1, -1, -1)
-            vg = self.v_global.to(v.dtype).expand(batch, -1, -1, -1)
+            kg = local_tensor(self.k_global).to(k.dtype).expand(batch, -1, -1, -1)  # this rank's heads under TP
+            vg = local_tensor(self.v_global).to(v.dtype).expand(batch, -1, -1, -1)
         if cache is not None:
             return cache.attend(q, k, v, kg, vg)
         # The fused sparse paths are causal-only: bidirectional calls take the block loop.

@@ -25,7 +25,7 @@ from hybridlm.run import (
     weights_bytes,
     write_manifest,
 )
-from hybridlm.tensors import full_tensor
+from hybridlm.tensors import canonical, full_tensor, tensor_parallel_layout
 from hybridlm.train.distributed import shard_like
 
 FILES = ["model.safetensors", "optimizer.safetensors", "state.json"]
@@ -88,7 +88,8 @@ def load_optimizer_state(path: Path, model: HybridLM, optimizer: torch.optim.Opt
     for name, param in model.named_parameters():
         keys = {k.rpartition("/")[2]: v for k, v in tensors.items() if k.rpartition("/")[0] == name}
         if keys:
-            optimizer.state[param] = {k: v if k == "step" else shard_like(param, v) for k, v in keys.items()}
+            optimizer.state[param] = {k: v if k == "step" else shard_like(param, tensor_parallel_layout(param, v))
+                                      for k, v in keys.items()}
     for group, saved in zip(optimizer.param_groups, state["param_groups"]):
         group.update(saved)
 
@@ -98,7 +99,7 @@ def _optimizer_tensors(model: HybridLM, optimizer: torch.optim.Optimizer) -> dic
     tensors = {"rng.torch": torch.get_rng_state()}
     for param, slots in optimizer.state.items():
         for key, value in slots.items():
-            tensors[f"{names[id(param)]}/{key}"] = full_tensor(value).detach().clone().cpu()
+            tensors[f"{names[id(param)]}/{key}"] = canonical(param, full_tensor(value)).detach().clone().cpu()
     return tensors
 
 

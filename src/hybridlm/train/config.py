@@ -41,7 +41,7 @@ from hybridlm.settings import (
 
 DTYPES = ("auto", "bf16", "fp32")
 DECAYS = ("cosine", "linear", "constant")
-PARALLEL = ("ddp", "fsdp")
+PARALLEL = ("ddp", "fsdp", "tp")
 
 
 def _one_of(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -225,7 +225,8 @@ class ParallelConfig:
     """Scale-out under torchrun (one process otherwise)."""
 
     strategy: str = "ddp"
-    """ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard)."""
+    """ddp (DistributedDataParallel), fsdp (FSDP2 fully_shard), or tp (tensor parallelism: every
+    block split across all the processes, column-wise q/k/v and FFN in, row-wise out)."""
 
     def __post_init__(self) -> None:
         _one_of("parallel", "strategy", self.strategy, PARALLEL)

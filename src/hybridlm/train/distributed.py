@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from hybridlm.tensors import full_tensor
+
 
 
 @dataclass(frozen=True)
@@ -78,11 +80,36 @@ def mean_across(value: float, world: World) -> float:
     return sum_across(value, world) / world.size
 
 
+def check_world(cfg, size: int) -> None:
+    """Refuse a run config that `size` processes cannot train (the batch split, tensor parallel
+    divisibility), in one line, before any of them starts."""
+    from hybridlm.train.schedule import batch_schedule
+    from hybridlm.train.tensor_parallel import check_tensor_parallel
+
+    batch_schedule(cfg, data_world(cfg.parallel.strategy, World(size=size)).size)
+    if cfg.parallel.strategy == "tp" and size > 1:
+        check_tensor_parallel(cfg.model, cfg.lora.r, size)
+
+
+def data_world(parallel: str, world: World) -> World:
+    """The ranks that split each batch: all of them (ddp, fsdp), or none under tensor parallelism,
+    where every rank computes its shard of the same rows."""
+    return World() if parallel == "tp" else world
+
+
 def wrap_model(model: torch.nn.Module, parallel: str, world: World) -> torch.nn.Module:
-    """The module training steps call: the model itself, DDP around it, or the model sharded in
-    place with FSDP2 (`fully_shard` per block, then the root, which holds the tied embedding)."""
+    """The module training steps call: the model itself, DDP around it, the model sharded in place
+    with FSDP2 (`fully_shard` per block, then the root, which holds the tied embedding), or its
+    blocks split across the ranks (tensor parallelism, train/tensor_parallel.py)."""
     if world.size == 1:
         return model
+    if parallel == "tp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from hybridlm.train.tensor_parallel import apply_tensor_parallel
+
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        return apply_tensor_parallel(model, init_device_mesh(device, (world.size,)))
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -92,6 +119,22 @@ def wrap_model(model: torch.nn.Module, parallel: str, world: World) -> torch.nn.
     for block in model.blocks:
         fully_shard(block)
     return fully_shard(model)
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip the gradients to a total 2-norm of `max_norm` and return the norm before clipping, as
+    torch.nn.utils.clip_grad_norm_ does. Its fused path refuses a mix of DTensor and plain gradients
+    (tensor parallelism shards the blocks, not the embeddings), so a mix takes each gradient's own
+    norm (a DTensor's reduced over its shards) and scales with the same coefficient."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if len({isinstance(g, DTensor) for g in grads}) < 2:
+        return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+    norms = torch.stack([full_tensor(torch.linalg.vector_norm(g, 2.0)) for g in grads])
+    total = torch.linalg.vector_norm(norms, 2.0)
+    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coefficient)
+    return float(total)
 
 
 def shard_like(reference: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,6 @@ from hybridlm.model import HybridLM
 from hybridlm.model.converters.lora import attach_lora
 from hybridlm.model.moe import moe_layers, pop_moe_stats, pop_router_loss
 from hybridlm.run import final_weights, load_run, lora_settings, save_final
-from hybridlm.tensors import full_tensor
 from hybridlm.tokenizer import TextTokenizer
 from hybridlm.train.config import RunConfig, saved_run_config
 from hybridlm.train.checkpoint import (
@@ -36,7 +35,10 @@ from hybridlm.train.checkpoint import (
 from hybridlm.train.distributed import (
     World,
     barrier,
+    check_world,
+    clip_gradients,
     gradient_sync,
+    data_world,
     init_world,
     mean_across,
     sum_across,
@@ -56,7 +58,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, world: World) -> tuple[RunConf
     run's data (built before anything is written, so bad sources fail first). Every rank checks;
     only the main rank writes."""
     run_dir = Path(cfg.train.out)
-    batch_schedule(cfg, world.size)  # a world size that does not divide the batch fails here
+    check_world(cfg, world.size)  # a world that does not divide the batch (or the heads, under tp) fails here
     if resume:
         if not (run_dir / "config.json").is_file():
             raise UserError(f"nothing to resume in {run_dir}: no config.json; start without --resume")
@@ -65,7 +67,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, world: World) -> tuple[RunConf
         if checkpoint is None:
             raise UserError(f"no valid checkpoint in {run_dir}/checkpoints; start the run again without --resume")
         saved = saved.replace(train={"steps": cfg.train.steps}, parallel={"strategy": cfg.parallel.strategy})
-        batch_schedule(saved, world.size)
+        check_world(saved, world.size)
         return saved, checkpoint, build_stage_data(saved, TextTokenizer.load(run_dir / "tokenizer.json"))
     if checkpoint_dirs(run_dir) or final_weights(run_dir):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or set another train.out")
@@ -152,7 +154,8 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
     tcfg, run_dir = cfg.train, Path(cfg.train.out)
     device = default_device()
     dtype = resolve_dtype(tcfg.dtype, device)
-    schedule = batch_schedule(cfg, world.size)
+    batch_world = data_world(cfg.parallel.strategy, world)  # the ranks that split each batch
+    schedule = batch_schedule(cfg, batch_world.size)
     torch.manual_seed(tcfg.seed)
     model = HybridLM(cfg.model).to(device)
     if tcfg.init_from and (checkpoint is None or cfg.lora.r):  # a LoRA checkpoint holds only the adapters
@@ -170,12 +173,12 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
     bar = tqdm(total=tcfg.steps, initial=start_step, file=sys.stderr, disable=not (progress and world.is_main),
                unit="step", desc=f"train {run_dir.name}", dynamic_ncols=True, mininterval=1.0)
     stepper = torch.compile(stepper) if tcfg.compile else stepper  # same parameters; eval and saving use model
-    batches = RankBatches(data, schedule, world, StepContext(cfg, data.tokenizer, model, data.state), device)
+    batches = RankBatches(data, schedule, batch_world, StepContext(cfg, data.tokenizer, model, data.state), device)
     drawn = SourceTokens(data.mixture, schedule)
     t0, eval_s, last_eval, bad_in_row = time.perf_counter(), 0.0, {}, 0
     for step in range(start_step, tcfg.steps):
         step_start = time.perf_counter()
-        loss = train_step(stepper, optimizer, batches, step, cfg, dtype, world)
+        loss = train_step(stepper, optimizer, batches, step, cfg, dtype, batch_world)
         step_s = time.perf_counter() - step_start
         done = step + 1
         elapsed = time.perf_counter() - t0
@@ -300,7 +303,7 @@ def train_step(stepper, optimizer, batches: RankBatches, step: int, cfg: RunConf
         total += loss.item()
     total = mean_across(total, world)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)))
+    norm = clip_gradients(params, cfg.optim.grad_clip or math.inf)
     if math.isfinite(total) and math.isfinite(norm):
         optimizer.step()
         for layer in moe_layers(batches.ctx.model).values():

@@ -81,6 +81,30 @@ def test_tensor_parallel_degree_must_divide_the_heads(tiny_shards, tmp_path):
     assert not (tmp_path / "tp").exists()
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipeline_parallel_follows_one_process_and_its_checkpoint_resumes_on_one(schedule, single, tiny_shards,
+                                                                                  tmp_path):
+    """One block per stage on two ranks, four micro-batches a step, the tied embedding's two
+    gradients summed: the one-process loss curve; the step-5 checkpoint then continues on one process."""
+    run = tmp_path / "pp"
+    done = _torchrun(2, _overrides(tiny_shards, run, "parallel.strategy=pp", f"parallel.pp_schedule={schedule}"),
+                     "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(run) == pytest.approx(single, rel=1e-4)
+    shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")
+    (run / "model.safetensors").unlink()
+    train(load_run_config(None, _overrides(tiny_shards, run)), resume=True, progress=False)
+    assert _losses(run) == pytest.approx(single, rel=1e-4)
+
+
+def test_pipeline_stages_must_not_outnumber_the_blocks(tiny_shards, tmp_path):
+    overrides = _overrides(tiny_shards, tmp_path / "pp", "parallel.strategy=pp", "model.n_layer=1")
+    done = subprocess.run([sys.executable, "-m", "hybridlm", "train", "--nproc-per-node", "2", *overrides],
+                          capture_output=True, text=True, timeout=120)
+    one_line_error(done, "the model has 1 blocks (model.n_layer); use at most 1")
+    assert not (tmp_path / "pp").exists()
+
+
 MOE = ['model.ffn="moe"', "model.n_experts=4", "model.top_k=2", 'model.moe_balance="bias"', "model.moe_bias_rate=0.01",
        "model.moe_aux_loss=0", "model.capacity_factor=0.75"]
 """Capacity binds (some tokens skip an expert), the balancing biases move with loads summed over

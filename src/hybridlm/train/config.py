@@ -41,7 +41,8 @@ from hybridlm.settings import (
 
 DTYPES = ("auto", "bf16", "fp32")
 DECAYS = ("cosine", "linear", "constant")
-PARALLEL = ("ddp", "fsdp", "tp")
+PARALLEL = ("ddp", "fsdp", "tp", "pp")
+PP_SCHEDULES = ("gpipe", "1f1b")
 
 
 def _one_of(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -225,11 +226,22 @@ class ParallelConfig:
     """Scale-out under torchrun (one process otherwise)."""
 
     strategy: str = "ddp"
-    """ddp (DistributedDataParallel), fsdp (FSDP2 fully_shard), or tp (tensor parallelism: every
-    block split across all the processes, column-wise q/k/v and FFN in, row-wise out)."""
+    """ddp (DistributedDataParallel), fsdp (FSDP2 fully_shard), tp (tensor parallelism: every
+    block split across all the processes, column-wise q/k/v and FFN in, row-wise out), or pp
+    (pipeline parallelism: each process one stage of consecutive blocks)."""
+    pp_schedule: str = "gpipe"
+    """With strategy = "pp": gpipe (all forwards, then all backwards) or 1f1b (interleaved)."""
+    pp_microbatches: int = 4
+    """With strategy = "pp": micro-batches each batch is cut into (at least the number of stages)."""
 
     def __post_init__(self) -> None:
         _one_of("parallel", "strategy", self.strategy, PARALLEL)
+        _one_of("parallel", "pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        if self.strategy != "pp" and (self.pp_schedule != "gpipe" or self.pp_microbatches != 4):
+            raise UserError("parallel.pp_schedule and parallel.pp_microbatches apply to parallel.strategy = \"pp\"; "
+                            "set it or leave them unset")
+        if self.pp_microbatches < 1:
+            raise UserError(f"parallel.pp_microbatches must be >= 1 (got {self.pp_microbatches})")
 
 
 @dataclass(kw_only=True)

@@ -89,12 +89,16 @@ def check_world(cfg, size: int) -> None:
     batch_schedule(cfg, data_world(cfg.parallel.strategy, World(size=size)).size)
     if cfg.parallel.strategy == "tp" and size > 1:
         check_tensor_parallel(cfg.model, cfg.lora.r, size)
+    if cfg.parallel.strategy == "pp" and size > 1:
+        from hybridlm.train.pipeline_parallel import check_pipeline
+
+        check_pipeline(cfg, size)
 
 
 def data_world(parallel: str, world: World) -> World:
-    """The ranks that split each batch: all of them (ddp, fsdp), or none under tensor parallelism,
-    where every rank computes its shard of the same rows."""
-    return World() if parallel == "tp" else world
+    """The ranks that split each batch: all of them (ddp, fsdp), or none under tensor and pipeline
+    parallelism, where every rank computes its part of the same rows."""
+    return World() if parallel in ("tp", "pp") else world
 
 
 def wrap_model(model: torch.nn.Module, parallel: str, world: World) -> torch.nn.Module:
@@ -103,6 +107,8 @@ def wrap_model(model: torch.nn.Module, parallel: str, world: World) -> torch.nn.
     blocks split across the ranks (tensor parallelism, train/tensor_parallel.py)."""
     if world.size == 1:
         return model
+    if parallel == "pp":
+        return model  # the stages are built by train/pipeline_parallel.py around it
     if parallel == "tp":
         from torch.distributed.device_mesh import init_device_mesh
 

@@ -46,6 +46,7 @@ from hybridlm.train.distributed import (
     wrap_model,
 )
 from hybridlm.train.metrics import MetricsLog
+from hybridlm.train.pipeline_parallel import Pipeline, build_pipeline, pipeline_train_step, share_parameters
 from hybridlm.train.tracking import MlflowRun, flatten
 from hybridlm.train.optim import build_optimizer, lr_at
 from hybridlm.train.schedule import BatchSchedule, batch_schedule
@@ -66,7 +67,8 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, world: World) -> tuple[RunConf
         checkpoint = latest_valid_checkpoint(run_dir)
         if checkpoint is None:
             raise UserError(f"no valid checkpoint in {run_dir}/checkpoints; start the run again without --resume")
-        saved = saved.replace(train={"steps": cfg.train.steps}, parallel={"strategy": cfg.parallel.strategy})
+        # the layout is this launch's (any layout resumes any other): the whole [parallel] section
+        saved = saved.replace(train={"steps": cfg.train.steps}, parallel=dataclasses.asdict(cfg.parallel))
         check_world(saved, world.size)
         return saved, checkpoint, build_stage_data(saved, TextTokenizer.load(run_dir / "tokenizer.json"))
     if checkpoint_dirs(run_dir) or final_weights(run_dir):
@@ -90,6 +92,16 @@ def data_head(cfg: RunConfig) -> str:
         raise UserError(f"model.head = {cfg.model.head!r} does not fit train.objective = {cfg.train.objective!r}, "
                         f"which trains a {head!r} head; leave model.head unset")
     return head
+
+
+def _pipeline(model: HybridLM, cfg: RunConfig, world: World, device: torch.device) -> Pipeline | None:
+    """This process's pipeline stage under parallel.strategy = "pp" with several processes."""
+    if cfg.parallel.strategy != "pp" or world.size == 1:
+        return None
+    if cfg.data.grad_accum != 1:
+        raise UserError("pipeline parallelism cuts each batch into parallel.pp_microbatches itself; "
+                        "leave data.grad_accum at 1")
+    return build_pipeline(model, cfg, world.rank, world.size, device)
 
 
 def _load_initial_weights(model: HybridLM, init_from: str) -> None:
@@ -164,6 +176,7 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
         attach_lora(model, lora_settings(cfg.to_dict()))
     start_step = load_checkpoint_weights(checkpoint, model)["step"] if checkpoint else 0
     stepper = wrap_model(model, cfg.parallel.strategy, world)
+    pipeline = _pipeline(model, cfg, world, device)
     optimizer = build_optimizer(model, cfg)
     if checkpoint is not None:
         load_optimizer_state(checkpoint, model, optimizer)
@@ -178,7 +191,11 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
     t0, eval_s, last_eval, bad_in_row = time.perf_counter(), 0.0, {}, 0
     for step in range(start_step, tcfg.steps):
         step_start = time.perf_counter()
-        loss = train_step(stepper, optimizer, batches, step, cfg, dtype, batch_world)
+        if pipeline is None:
+            loss = train_step(stepper, optimizer, batches, step, cfg, dtype, batch_world)
+        else:
+            loss = pipeline_train_step(pipeline, optimizer, batches.get(step, 0), lr_at(step, cfg),
+                                       cfg.optim.grad_clip or math.inf, dtype)
         step_s = time.perf_counter() - step_start
         done = step + 1
         elapsed = time.perf_counter() - t0
@@ -196,7 +213,10 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
                            "seq_len": schedule.seq_len_at(step), "batch_size": schedule.batch_at(step),
                            "tok_s": tok_s, "elapsed_s": elapsed, "train_s": elapsed - eval_s,
                            "tokens_by_source": drawn.at(done), "step_s": step_s, **objective_figures, **moe_figures})
-        if (cfg.eval.every and done % cfg.eval.every == 0) or done == tcfg.steps:
+        evaluating = (cfg.eval.every and done % cfg.eval.every == 0) or done == tcfg.steps
+        if pipeline is not None and (evaluating or done % cfg.checkpoint.every == 0):
+            share_parameters(pipeline, optimizer)  # every process holds the whole model before using it
+        if evaluating:
             eval_start = time.perf_counter()
             last_eval = data.evaluate(model, dtype)
             eval_s += time.perf_counter() - eval_start

@@ -91,7 +91,7 @@ def main() -> None:
         run_dir = args.out / name
         if not (run_dir / "model.safetensors").exists():
             train(run_config_from_dict({
-                "model": model, "train": {"out": str(run_dir), "steps": args.steps, "log_every": 10},
+                "model": model, "train": {"out": str(run_dir), "steps": args.steps, "log_every": 5},
                 "data": {"path": str(data), "batch_size": 16, "seq_len": 256}, "optim": {"lr": 2e-3},
                 "schedule": {"warmup_steps": 20}, "eval": {"every": 25, "tokens": 32768},
                 "checkpoint": {"every": args.steps}}), progress=False)

@@ -4,6 +4,7 @@ forward, quality figures, sensitivity) and `hybridlm quantize`'s bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -108,6 +109,14 @@ def test_a_quantized_run_round_trips_decodes_like_its_forward_and_reports_qualit
         # the cached path runs the integer kernels in bf16, the full forward dequantizes in fp32
         assert (stepped - full).abs().max() < 0.05 * full.abs().max()
         assert (stepped.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9
+        with torch.no_grad():  # the scheduler's batched step: rows at different positions, each its own cache
+            caches = [run.model.new_cache(), run.model.new_cache()]
+            run.model(ids, caches[0])
+            run.model(ids[:, :4], caches[1])
+            single = copy.deepcopy(caches[1])
+            batched = run.model.decode_rows([5, 6], caches)
+            alone = run.model(torch.tensor([[6]]), single)[0, -1]
+        assert (batched[1] - alone).abs().max() < 1e-3 * alone.abs().max()
     assert 0 <= results["int8"]["quality"]["mean_kl"] < results["int4"]["quality"]["mean_kl"]
     assert results["int4"]["bytes"] < results["int8"]["bytes"] < results["int8"]["source_bytes"]
     data = bytearray((tmp_path / "int8" / "model.safetensors").read_bytes())
@@ -154,6 +163,13 @@ def test_quantize_cli_and_its_bad_input(cli, tiny_run, tmp_path):
     code, stdout, err = cli("generate", "--model", str(out), "--prompt", "Paragraph 3:", "--temperature", "0",
                             "--max-new-tokens", "5")
     assert code == 0 and stdout.strip(), err
+    text = tmp_path / "eval.txt"
+    text.write_text("".join(f"Paragraph {i}: the value of x{i} is {i * 7 % 13}.\n\n" for i in range(40)))
+    code, stdout, err = cli("eval", "perplexity", "--model", str(out), "--data", str(text), "--json")
+    assert code == 0, err
+    quantized_bpb = json.loads(stdout)["bpb"]
+    code, stdout, err = cli("eval", "perplexity", "--model", str(tiny_run), "--data", str(text), "--json")
+    assert quantized_bpb == pytest.approx(json.loads(stdout)["bpb"], rel=0.05) and quantized_bpb != json.loads(stdout)["bpb"]
     for args, words in [
         (("--to", "int3", "--out", str(tmp_path / "a")), "'int3' is not one of"),
         (("--to", "int4", "--group-size", "48", "--out", str(tmp_path / "a")), "--group-size for int4 must be one of"),

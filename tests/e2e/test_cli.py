@@ -63,13 +63,14 @@ def test_generate_is_seeded_streams_and_stops(quickstart):
     assert plain.stdout.rstrip("\n") == "The value" + text
 
 
-def test_eval_perplexity_on_a_text_file(quickstart):
-    path = shared_file("tinyshakespeare/input.txt")
+def test_eval_perplexity_on_a_text_file(quickstart, tmp_path):
+    path = tmp_path / "shakespeare.txt"  # the first 80,000 characters: many windows, a few seconds
+    path.write_text(shared_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:80_000], encoding="utf-8")
     result = hybridlm("eval", "perplexity", "--model", quickstart["run_dir"], "--data", str(path), "--json")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert metrics["bytes"] == path.stat().st_size
-    assert metrics["tokens"] > 100_000 and metrics["bpb"] > 0 and metrics["ppl"] > 1
+    assert metrics["tokens"] > 20_000 and metrics["bpb"] > 0 and metrics["ppl"] > 1
 
 
 def test_model_info_json():

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 from hybridlm.config import ModelConfig
 from hybridlm.model import HybridLM
 from hybridlm.model.moe import MoEFeedForward
+from hybridlm.timing import median_seconds
 
 
 def masked_loop(layer: MoEFeedForward, x_BTC: torch.Tensor) -> torch.Tensor:
@@ -37,16 +36,6 @@ def masked_loop(layer: MoEFeedForward, x_BTC: torch.Tensor) -> torch.Tensor:
         y_NC = torch.zeros(B * T, C, dtype=out.dtype) if y_NC is None else y_NC
         y_NC = y_NC.index_add(0, tokens, out * gates[tokens, slots, None].to(out.dtype))
     return y_NC.view(B, T, C)
-
-
-def _time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -73,8 +62,8 @@ def main() -> None:
 
         with torch.autocast("cpu", dtype=torch.bfloat16):
             difference = float((layer(x).float() - masked_loop(layer, x)).abs().max())
-        sorted_s = _time(lambda: step(layer), args.repeats)
-        loop_s = _time(lambda: step(lambda t: masked_loop(layer, t)), args.repeats)
+        sorted_s = median_seconds(lambda: step(layer), args.repeats)
+        loop_s = median_seconds(lambda: step(lambda t: masked_loop(layer, t)), args.repeats)
         results.append({"top_k": top_k, "sorted_s": sorted_s, "masked_loop_s": loop_s,
                         "speedup": loop_s / sorted_s, "max_abs_difference": difference})
         print(f"top_k={top_k}: sorted {sorted_s * 1e3:.1f} ms, masked loop {loop_s * 1e3:.1f} ms "

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,21 +30,15 @@ from hybridlm.model.converters.quant import QuantizedLinear, QuantSpec, quantiza
 from hybridlm.quantize.quality import compare_models, text_windows
 from hybridlm.quantize.writer import quantize_run
 from hybridlm.run import load_run
+from hybridlm.timing import median_seconds
 
 ROWS = (1, 4, 16, 64, 512)
 VARIANTS = {"int8": QuantSpec(to="int8"), "int4-g32": QuantSpec(to="int4", group_size=32),
             "int4-g64": QuantSpec(to="int4", group_size=64), "int4-g128": QuantSpec(to="int4", group_size=128)}
 
 
-def _median_us(fn, repeats: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+def _median_us(fn) -> float:
+    return median_seconds(fn, 30, warmup=3) * 1e6
 
 
 def kernels(run_dir: Path) -> list[dict]:

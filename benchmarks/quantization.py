@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save as st_save
 
 from hybridlm.model.converters.quant import QuantizedLinear, QuantSpec, quantizable_layers
 from hybridlm.quantize.quality import compare_models, text_windows
@@ -50,8 +51,7 @@ def kernels(run_dir: Path) -> list[dict]:
         linear = torch.nn.Linear(in_features, out_features, bias=False)
         weight = linear.weight.detach().to(torch.bfloat16)
         int8, int4 = (QuantizedLinear.from_linear(linear, kind, 64) for kind in ("int8", "int4"))
-        packed = int4._kernel_weight()
-        scales_zeros = torch.stack([int4.scales, int4.zeros], -1).transpose(0, 1).contiguous()
+        packed, scales_zeros = int4._kernel_weight()
         for rows in ROWS:
             x = torch.randn(rows, in_features, dtype=torch.bfloat16)
             rows_out.append({"shape": f"{in_features}x{out_features}", "rows": rows,
@@ -76,6 +76,8 @@ def quality(run_dir: Path, data: Path, out: Path, tokens: int) -> dict:
         figures = json.loads((target / "quantization_quality.json").read_text())
         results[name] = {**figures, "bytes": (target / "model.safetensors").stat().st_size}
     results["source_bytes"] = (Path(run_dir) / "model.safetensors").stat().st_size
+    state = {k: v.to(torch.bfloat16) for k, v in run.model.state_dict().items() if k != "lm_head.weight"}
+    results["bf16_bytes"] = len(st_save(state))  # the same run saved in bf16 (tied head once, as run.py does)
     return results
 
 

@@ -151,15 +151,28 @@ def load_run(path: Path, dtype: str = "fp32") -> LoadedRun:
     verify_manifest(path)
     config = read_json(run_dir / "config.json", "run config")
     lora = config.get("lora", {}).get("r", 0)
-    model = _lora_model(run_dir, config) if lora else HybridLM(ModelConfig(**config["model"]))
     if quantization := config.get("quantization"):
-        empty_quantized(model, quantization["layers"], quantization["to"], quantization["group_size"] or 0)
+        model = _quantized_model(ModelConfig(**config["model"]), quantization)
+    else:
+        model = _lora_model(run_dir, config) if lora else HybridLM(ModelConfig(**config["model"]))
     weights = path / ("model.safetensors" if not lora or path != run_dir else ADAPTER_WEIGHTS)
     load_weights_bytes(model, weights.read_bytes(), weights)
     model.eval()
     if dtype == "bf16":
         model.to(torch.bfloat16)
     return LoadedRun(model=model, tokenizer=TextTokenizer.load(run_dir / "tokenizer.json"), config=config, path=run_dir)
+
+
+def _quantized_model(cfg: ModelConfig, quantization: dict) -> HybridLM:
+    """A quantized run's model, its codes still to be loaded, built on the meta device so the fp32
+    weights of the layers it quantizes are never allocated (they would stay in the process's peak
+    memory)."""
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+        empty_quantized(model, quantization["layers"], quantization["to"], quantization["group_size"] or 0)
+    model.to_empty(device="cpu")
+    model.fill_position_tables()
+    return model
 
 
 def _lora_model(run_dir: Path, config: dict) -> HybridLM:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,20 +14,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TINY_MODEL
+from hybridlm.config import ModelConfig
 from hybridlm.errors import UserError
 from hybridlm.model.converters.quant import (
     KERNEL_MAX_ROWS,
     QuantizedLinear,
     QuantSpec,
     chosen_layers,
+    quantizable_layers,
     quantize_int4,
     quantize_int8,
+    quantize_linears,
+    round_embeddings_to_bf16,
     unpack_int4,
 )
 from hybridlm.quantize.quality import compare_models, text_windows
 from hybridlm.quantize.sensitivity import layer_sensitivity
 from hybridlm.quantize.writer import QUALITY_FILE, quantize_run
-from hybridlm.run import load_run
+from hybridlm.fileio import atomic_write_json
+from hybridlm.model import HybridLM
+from hybridlm.run import load_run, save_final
+from hybridlm.train.config import DataConfig, RunConfig, TrainConfig
 
 CASES = [("int8", 0, (64, 96)), ("int8", 0, (128, 40)), ("int8", 0, (256, 384)),
          ("int4", 32, (64, 96)), ("int4", 64, (128, 48)), ("int4", 128, (256, 384)), ("int4", 256, (256, 32))]
@@ -124,6 +132,28 @@ def test_a_quantized_run_round_trips_decodes_like_its_forward_and_reports_qualit
     (tmp_path / "int8" / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(Exception, match="does not match its recorded sha256"):
         load_run(tmp_path / "int8")
+
+
+@pytest.mark.parametrize("fields", [{"position": "sinusoidal"}, {"position": "learned", "ffn": "moe", "n_experts": 4}])
+def test_a_saved_quantized_run_loads_the_model_that_was_quantized(tiny_run, tmp_path, fields):
+    """Built on the meta device at load, so every table must be recomputed and every code loaded:
+    the loaded run's logits equal the in-memory quantized model's."""
+    tokenizer = load_run(tiny_run).tokenizer
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, d_model=64, max_seq_len=64,
+                      layer_pattern="DS", window=8, stride=8, n_global=2, **fields)
+    source = tmp_path / "src"
+    source.mkdir()
+    atomic_write_json(source / "config.json", RunConfig(model=cfg, train=TrainConfig(out=str(source)),
+                                                       data=DataConfig(seq_len=64)).to_dict())
+    shutil.copy(tiny_run / "tokenizer.json", source / "tokenizer.json")
+    save_final(source, HybridLM(cfg))
+    quantize_run(source, QuantSpec(to="int4", group_size=32), tmp_path / "q")
+    in_memory = load_run(source).model
+    quantize_linears(in_memory, quantizable_layers(in_memory), "int4", 32)
+    round_embeddings_to_bf16(in_memory)
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(load_run(tmp_path / "q").model(ids), in_memory(ids))
 
 
 def test_quality_of_a_model_against_itself_is_exact_and_sensitivity_ranks_every_layer(tiny_run, tmp_path):

@@ -52,8 +52,10 @@ class MoEFeedForward(nn.Module):
         else:
             self.balance_bias = None
         self._losses: list[torch.Tensor] = []
-        self._stats = torch.zeros(cfg.n_experts + 3)  # assignments per expert, dropped, entropy sum, tokens
-        self._step_load = torch.zeros(cfg.n_experts)
+        # host-side tallies (also when the model is built on the meta device): assignments per
+        # expert, dropped, entropy sum, tokens; and this step's load for the balancing bias
+        self._stats = torch.zeros(cfg.n_experts + 3, device="cpu")
+        self._step_load = torch.zeros(cfg.n_experts, device="cpu")
 
     def route(self, x_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(chosen experts (N, k), their gates (N, k) fp32, router logits (N, E) fp32, probabilities)."""

@@ -13,10 +13,17 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles_TF = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos_TF", angles_TF.cos(), persistent=False)
-        self.register_buffer("sin_TF", angles_TF.sin(), persistent=False)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer("cos_TF", torch.empty(0), persistent=False)
+        self.register_buffer("sin_TF", torch.empty(0), persistent=False)
+        self.fill_tables()
+
+    def fill_tables(self) -> None:
+        """Compute the tables (again, after a model built on the meta device got real storage)."""
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        angles_TF = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32), inv_freq)
+        device = self.cos_TF.device
+        self.cos_TF, self.sin_TF = angles_TF.cos().to(device), angles_TF.sin().to(device)
 
     def forward(self, x_BHTD: torch.Tensor, start: int) -> torch.Tensor:
         n = x_BHTD.shape[2]

@@ -179,6 +179,15 @@ class HybridLM(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
+    def fill_position_tables(self) -> None:
+        """Recompute the non-persistent position tables (RoPE, sinusoidal), which a model built on
+        the meta device and given storage with to_empty() holds uninitialised."""
+        for module in self.modules():
+            if isinstance(module, Rotary):
+                module.fill_tables()
+        if self.cfg.position == "sinusoidal":
+            self.pos_table = sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model).to(self.pos_table.device)
+
     def new_cache(self) -> list[LayerCache]:
         """Empty per-layer caches for incremental decoding."""
         return [

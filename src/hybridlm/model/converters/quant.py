@@ -128,7 +128,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.bfloat16))
             self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.bfloat16))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self._packed: tuple[torch.device, torch.Tensor] | None = None
+        self._packed: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kind: str, group_size: int) -> "QuantizedLinear":
@@ -150,12 +150,19 @@ class QuantizedLinear(nn.Module):
             weight = weight.view(self.out_features, self.in_features)
         return weight.to(dtype)
 
-    def _kernel_weight(self) -> torch.Tensor:
-        """int4: aten's packed layout for this CPU, made once per device."""
+    def _kernel_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int4: aten's packed layout of the codes for this CPU and its (groups, out, 2) bf16 scales
+        and zeros, made once per device (not at every decoding step)."""
         if self._packed is None or self._packed[0] != self.qweight.device:
             codes = unpack_int4(self.qweight).to(torch.int32)
-            self._packed = (self.qweight.device, torch._convert_weight_to_int4pack_for_cpu(codes, 1))
-        return self._packed[1]
+            scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).to(torch.bfloat16)
+            self._packed = (self.qweight.device, torch._convert_weight_to_int4pack_for_cpu(codes, 1),
+                            scales_and_zeros.contiguous())
+        return self._packed[1], self._packed[2]
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._packed = None  # new codes: pack again at the next call
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -165,8 +172,8 @@ class QuantizedLinear(nn.Module):
         if self.kind == "int8":
             y = torch._weight_int8pack_mm(flat, self.qweight, self.scales.to(torch.bfloat16))
         else:
-            scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
-            y = torch._weight_int4pack_mm_for_cpu(flat, self._kernel_weight(), self.group_size, scales_and_zeros)
+            packed, scales_and_zeros = self._kernel_weight()
+            y = torch._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scales_and_zeros)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 

@@ -94,6 +94,28 @@ def data_head(cfg: RunConfig) -> str:
     return head
 
 
+def _build(cfg: RunConfig, checkpoint: Path | None, world: World, device: torch.device):
+    """The model (initial weights, adapters, checkpoint weights), the module steps call (wrapped or
+    sharded), this process's pipeline stage (pp only), the optimizer (with restored moments) and
+    the step to start from."""
+    tcfg = cfg.train
+    torch.manual_seed(tcfg.seed)
+    model = HybridLM(cfg.model).to(device)
+    if tcfg.init_from and (checkpoint is None or cfg.lora.r):  # a LoRA checkpoint holds only the adapters
+        _load_initial_weights(model, tcfg.init_from)
+    if cfg.lora.r:
+        attach_lora(model, lora_settings(cfg.to_dict()))
+    start_step = load_checkpoint_weights(checkpoint, model)["step"] if checkpoint else 0
+    stepper = wrap_model(model, cfg.parallel.strategy, world)
+    pipeline = _pipeline(model, cfg, world, device)
+    optimizer = build_optimizer(model, cfg)
+    if checkpoint is not None:
+        load_optimizer_state(checkpoint, model, optimizer)
+    elif tcfg.init_from and tcfg.init_optimizer:
+        _load_initial_moments(model, optimizer, tcfg.init_from)
+    return model, stepper, pipeline, optimizer, start_step
+
+
 def _pipeline(model: HybridLM, cfg: RunConfig, world: World, device: torch.device) -> Pipeline | None:
     """This process's pipeline stage under parallel.strategy = "pp" with several processes."""
     if cfg.parallel.strategy != "pp" or world.size == 1:
@@ -168,20 +190,7 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
     dtype = resolve_dtype(tcfg.dtype, device)
     batch_world = data_world(cfg.parallel.strategy, world)  # the ranks that split each batch
     schedule = batch_schedule(cfg, batch_world.size)
-    torch.manual_seed(tcfg.seed)
-    model = HybridLM(cfg.model).to(device)
-    if tcfg.init_from and (checkpoint is None or cfg.lora.r):  # a LoRA checkpoint holds only the adapters
-        _load_initial_weights(model, tcfg.init_from)
-    if cfg.lora.r:
-        attach_lora(model, lora_settings(cfg.to_dict()))
-    start_step = load_checkpoint_weights(checkpoint, model)["step"] if checkpoint else 0
-    stepper = wrap_model(model, cfg.parallel.strategy, world)
-    pipeline = _pipeline(model, cfg, world, device)
-    optimizer = build_optimizer(model, cfg)
-    if checkpoint is not None:
-        load_optimizer_state(checkpoint, model, optimizer)
-    elif tcfg.init_from and tcfg.init_optimizer:
-        _load_initial_moments(model, optimizer, tcfg.init_from)
+    model, stepper, pipeline, optimizer, start_step = _build(cfg, checkpoint, world, device)
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if checkpoint else None, world.is_main, tracker)
     bar = tqdm(total=tcfg.steps, initial=start_step, file=sys.stderr, disable=not (progress and world.is_main),
                unit="step", desc=f"train {run_dir.name}", dynamic_ncols=True, mininterval=1.0)

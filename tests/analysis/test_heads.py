@@ -108,6 +108,20 @@ def test_explicit_maps_reproduce_the_models_attention(n_kv_head):
         torch.testing.assert_close(explicit, real, atol=1e-5, rtol=1e-5)
 
 
+def test_explicit_maps_reproduce_a_quantized_models_attention():
+    """A quantized run has attention weights to analyse: its projections are QuantizedLinear modules,
+    and the maps recomputed through them still give each layer's own output."""
+    from hybridlm.model.converters.quant import quantizable_layers, quantize_linears
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, n_layer=2, n_head=4, d_model=32, max_seq_len=64, layer_pattern="DS",
+                      window=5, stride=4, n_global=2)
+    model = quantize_linears(HybridLM(cfg).eval(), quantizable_layers(HybridLM(cfg)), "int4", 32)
+    ids = torch.randint(64, (1, 40))
+    for explicit, real in layer_outputs(model, ids):
+        torch.testing.assert_close(explicit, real, atol=1e-5, rtol=1e-5)
+
+
 def test_clusters_of_known_groups():
     prev, uniform = LayerMap(0, DENSE, previous_token_head()[None]), LayerMap(0, DENSE, uniform_head()[None])
     rows = torch.cat([folded_rows(prev), folded_rows(prev), folded_rows(uniform), folded_rows(uniform)])

@@ -78,12 +78,30 @@ def test_tensor_parallel_follows_one_process_and_its_checkpoint_resumes_on_one(s
     _two_ranks_then_one(single, tiny_shards, tmp_path / "tp", "parallel.strategy=tp")
 
 
+def test_tensor_parallel_with_fsdp_on_a_2d_mesh_follows_one_process(single, tiny_shards, tmp_path):
+    """Four processes as a (dp 2, tp 2) mesh: each pair splits the blocks, FSDP2 shards across the
+    pairs, which read different rows; the one-process losses, and a checkpoint that resumes on one."""
+    run = tmp_path / "2d"
+    done = _torchrun(4, _overrides(tiny_shards, run, "parallel.strategy=tp", "parallel.tp_degree=2"), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["world_size"] == 4
+    assert _losses(run) == pytest.approx(single, rel=1e-4)
+    shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")
+    (run / "model.safetensors").unlink()
+    train(load_run_config(None, _overrides(tiny_shards, run)), resume=True, progress=False)
+    assert _losses(run) == pytest.approx(single, rel=1e-4)
+
+
 def test_tensor_parallel_degree_must_divide_the_heads(tiny_shards, tmp_path):
     overrides = _overrides(tiny_shards, tmp_path / "tp", "parallel.strategy=tp", "model.n_head=1", "model.n_kv_head=1")
     done = subprocess.run([sys.executable, "-m", "hybridlm", "train", "--nproc-per-node", "2", *overrides],
                           capture_output=True, text=True, timeout=120)
     one_line_error(done, "splits model.n_head (1) across 2 processes; it must be divisible by 2")
     assert not (tmp_path / "tp").exists()
+    overrides = _overrides(tiny_shards, tmp_path / "tp", "parallel.strategy=tp", "parallel.tp_degree=3")
+    done = subprocess.run([sys.executable, "-m", "hybridlm", "train", "--nproc-per-node", "2", *overrides],
+                          capture_output=True, text=True, timeout=120)
+    one_line_error(done, "parallel.tp_degree (3) must divide the number of processes (2)")
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])

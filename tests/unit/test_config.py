@@ -61,6 +61,9 @@ def test_overrides_parse_as_toml_values(tmp_path):
         ("nosection=1", "unknown config section"),
         ("train.lr", "not of the form"),
         ("train.dtype=fp16", "train.dtype must be one of"),
+        ("parallel.tp_degree=2", "parallel.tp_degree \\(2\\) applies to parallel.strategy = \"tp\""),
+        ("parallel.pp_microbatches=8", "apply to parallel.strategy = \"pp\""),
+        ("parallel.strategy=\"zero3\"", "parallel.strategy must be one of ddp, fsdp, tp, pp"),
     ],
 )
 def test_bad_overrides(override, message):

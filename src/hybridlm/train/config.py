@@ -229,6 +229,10 @@ class ParallelConfig:
     """ddp (DistributedDataParallel), fsdp (FSDP2 fully_shard), tp (tensor parallelism: every
     block split across all the processes, column-wise q/k/v and FFN in, row-wise out), or pp
     (pipeline parallelism: each process one stage of consecutive blocks)."""
+    tp_degree: int = 0
+    """With strategy = "tp": processes that split each block; 0 means all of them. Fewer make a
+    (dp, tp) mesh: each group of tp_degree consecutive ranks splits the blocks, and FSDP2 shards
+    the model across the groups, which read different rows."""
     pp_schedule: str = "gpipe"
     """With strategy = "pp": gpipe (all forwards, then all backwards) or 1f1b (interleaved)."""
     pp_microbatches: int = 4
@@ -240,6 +244,9 @@ class ParallelConfig:
         if self.strategy != "pp" and (self.pp_schedule != "gpipe" or self.pp_microbatches != 4):
             raise UserError("parallel.pp_schedule and parallel.pp_microbatches apply to parallel.strategy = \"pp\"; "
                             "set it or leave them unset")
+        if self.tp_degree < 0 or (self.tp_degree and self.strategy != "tp"):
+            raise UserError(f"parallel.tp_degree ({self.tp_degree}) applies to parallel.strategy = \"tp\" and must "
+                            "be >= 0 (0: all processes)")
         if self.pp_microbatches < 1:
             raise UserError(f"parallel.pp_microbatches must be >= 1 (got {self.pp_microbatches})")
 

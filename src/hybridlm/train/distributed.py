@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from hybridlm.errors import UserError
 from hybridlm.tensors import full_tensor
 
 
@@ -25,6 +26,8 @@ from hybridlm.tensors import full_tensor
 class World:
     rank: int = 0
     size: int = 1
+    group: object = None
+    """The process group of these ranks for reductions (None: the default group of all ranks)."""
 
     @property
     def is_main(self) -> bool:
@@ -61,7 +64,7 @@ def sum_across(value: float, world: World) -> float:
         return value
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors only
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=world.group)
     return float(t)
 
 
@@ -71,7 +74,7 @@ def sum_tensor_across(values: torch.Tensor, world: World) -> torch.Tensor:
         return values
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = values.to(device=device, dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=world.group)
     return t.to(values.dtype).cpu()
 
 
@@ -86,45 +89,79 @@ def check_world(cfg, size: int) -> None:
     from hybridlm.train.schedule import batch_schedule
     from hybridlm.train.tensor_parallel import check_tensor_parallel
 
-    batch_schedule(cfg, data_world(cfg.parallel.strategy, World(size=size)).size)
-    if cfg.parallel.strategy == "tp" and size > 1:
-        check_tensor_parallel(cfg.model, cfg.lora.r, size)
+    degree = tensor_parallel_degree(cfg.parallel, size)
+    if size % degree:
+        raise UserError(f"parallel.tp_degree ({degree}) must divide the number of processes ({size})")
+    batch_schedule(cfg, size // degree if cfg.parallel.strategy == "tp" else
+                   data_world(cfg.parallel, World(size=size)).size)
+    if degree > 1:
+        check_tensor_parallel(cfg.model, cfg.lora.r, degree)
     if cfg.parallel.strategy == "pp" and size > 1:
         from hybridlm.train.pipeline_parallel import check_pipeline
 
         check_pipeline(cfg, size)
 
 
-def data_world(parallel: str, world: World) -> World:
-    """The ranks that split each batch: all of them (ddp, fsdp), or none under tensor and pipeline
-    parallelism, where every rank computes its part of the same rows."""
-    return World() if parallel in ("tp", "pp") else world
+def tensor_parallel_degree(parallel, size: int) -> int:
+    """How many processes split each block: parallel.tp_degree (0: all of them) under tp, else 1."""
+    if parallel.strategy != "tp":
+        return 1
+    return parallel.tp_degree or size
 
 
-def wrap_model(model: torch.nn.Module, parallel: str, world: World) -> torch.nn.Module:
+def device_mesh(parallel, world: World):
+    """Under tensor parallelism, the (dp, tp) mesh of the processes: consecutive ranks split a block,
+    and the dp groups (FSDP2 across them when there are several) read different rows."""
+    if parallel.strategy != "tp" or world.size == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    degree = tensor_parallel_degree(parallel, world.size)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device, (world.size // degree, degree), mesh_dim_names=("dp", "tp"))
+
+
+def data_world(parallel, world: World, mesh=None) -> World:
+    """The ranks that split each batch: all of them (ddp, fsdp); none under pipeline parallelism
+    or plain tensor parallelism, where every rank computes its part of the same rows; the dp groups
+    of a (dp, tp) mesh."""
+    if parallel.strategy == "pp" or (parallel.strategy == "tp" and (mesh is None or mesh["dp"].size() == 1)):
+        return World()
+    if parallel.strategy == "tp":
+        return World(rank=mesh["dp"].get_local_rank(), size=mesh["dp"].size(), group=mesh["dp"].get_group())
+    return world
+
+
+def wrap_model(model: torch.nn.Module, parallel, world: World, mesh=None) -> torch.nn.Module:
     """The module training steps call: the model itself, DDP around it, the model sharded in place
     with FSDP2 (`fully_shard` per block, then the root, which holds the tied embedding), or its
-    blocks split across the ranks (tensor parallelism, train/tensor_parallel.py)."""
+    blocks split across the ranks (tensor parallelism, train/tensor_parallel.py; on a (dp, tp)
+    mesh with FSDP2 across dp too)."""
     if world.size == 1:
         return model
-    if parallel == "pp":
+    if parallel.strategy == "pp":
         return model  # the stages are built by train/pipeline_parallel.py around it
-    if parallel == "tp":
-        from torch.distributed.device_mesh import init_device_mesh
+    if parallel.strategy == "tp":
+        from hybridlm.train.tensor_parallel import apply_tensor_parallel, mark_layouts
 
-        from hybridlm.train.tensor_parallel import apply_tensor_parallel
-
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        return apply_tensor_parallel(model, init_device_mesh(device, (world.size,)))
-    if parallel == "ddp":
+        layouts = apply_tensor_parallel(model, mesh["tp"])
+        if mesh["dp"].size() > 1:
+            _fully_shard(model, mesh["dp"])
+            mark_layouts(model, layouts)  # fully_shard made new Parameters
+        return model
+    if parallel.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model)
+    return _fully_shard(model, None)
+
+
+def _fully_shard(model: torch.nn.Module, mesh) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     for block in model.blocks:
-        fully_shard(block)
-    return fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
@@ -133,7 +170,8 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
     (tensor parallelism shards the blocks, not the embeddings), so a mix takes each gradient's own
     norm (a DTensor's reduced over its shards) and scales with the same coefficient."""
     grads = [p.grad for p in params if p.grad is not None]
-    if len({isinstance(g, DTensor) for g in grads}) < 2:
+    meshes = {g.device_mesh for g in grads if isinstance(g, DTensor)}
+    if len({isinstance(g, DTensor) for g in grads}) < 2 and len(meshes) < 2:
         return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
     norms = torch.stack([full_tensor(torch.linalg.vector_norm(g, 2.0)) for g in grads])
     total = torch.linalg.vector_norm(norms, 2.0)

@@ -44,14 +44,23 @@ def _reorder(linear: nn.Linear, segments: list[int], degree: int) -> None:
                 tensor.copy_(rank_major(tensor, segments, degree))
 
 
-def apply_tensor_parallel(model: nn.Module, mesh) -> nn.Module:
-    """Shard every block of `model` in place over the 1-D device mesh `mesh`."""
+def mark_layouts(model: nn.Module, layouts: dict[str, tuple[list[int], int]]) -> None:
+    """Record each reordered parameter's row order on it (again, after FSDP2 replaced them)."""
+    for name, param in model.named_parameters():
+        if name in layouts:
+            param.tp_segments = layouts[name]
+
+
+def apply_tensor_parallel(model: nn.Module, mesh) -> dict[str, tuple[list[int], int]]:
+    """Shard every block of `model` in place over the 1-D device mesh `mesh`; return the row order
+    of each reordered parameter by name."""
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     degree, cfg = mesh.size(), model.cfg
     qkv_segments = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
-    for block in model.blocks:
+    marks: dict[str, tuple[list[int], int]] = {}
+    for index, block in enumerate(model.blocks):
         attn, ffn = block.attn, block.ffn
         layouts = {"attn.qkv": qkv_segments}
         if ffn.gated:
@@ -61,10 +70,11 @@ def apply_tensor_parallel(model: nn.Module, mesh) -> nn.Module:
         parallelize_module(block, mesh, {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
                                          "ffn.up": ColwiseParallel(), "ffn.down": RowwiseParallel()})
         for name, segments in layouts.items():
-            for param in block.get_submodule(name).parameters():
-                param.tp_segments = (segments, degree)
+            for param_name, _ in block.get_submodule(name).named_parameters():
+                marks[f"blocks.{index}.{name}.{param_name}"] = (segments, degree)
         attn.n_head, attn.n_kv_head = cfg.n_head // degree, cfg.n_kv_head // degree
         for slot in ("k_global", "v_global"):
             if getattr(attn, slot) is not None:
                 setattr(attn, slot, nn.Parameter(distribute_tensor(getattr(attn, slot).data, mesh, [Shard(0)])))
-    return model
+    mark_layouts(model, marks)
+    return marks

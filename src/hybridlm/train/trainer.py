@@ -39,6 +39,7 @@ from hybridlm.train.distributed import (
     clip_gradients,
     gradient_sync,
     data_world,
+    device_mesh,
     init_world,
     mean_across,
     sum_across,
@@ -94,7 +95,7 @@ def data_head(cfg: RunConfig) -> str:
     return head
 
 
-def _build(cfg: RunConfig, checkpoint: Path | None, world: World, device: torch.device):
+def _build(cfg: RunConfig, checkpoint: Path | None, world: World, device: torch.device, mesh):
     """The model (initial weights, adapters, checkpoint weights), the module steps call (wrapped or
     sharded), this process's pipeline stage (pp only), the optimizer (with restored moments) and
     the step to start from."""
@@ -106,7 +107,7 @@ def _build(cfg: RunConfig, checkpoint: Path | None, world: World, device: torch.
     if cfg.lora.r:
         attach_lora(model, lora_settings(cfg.to_dict()))
     start_step = load_checkpoint_weights(checkpoint, model)["step"] if checkpoint else 0
-    stepper = wrap_model(model, cfg.parallel.strategy, world)
+    stepper = wrap_model(model, cfg.parallel, world, mesh)
     pipeline = _pipeline(model, cfg, world, device)
     optimizer = build_optimizer(model, cfg)
     if checkpoint is not None:
@@ -188,9 +189,10 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
     tcfg, run_dir = cfg.train, Path(cfg.train.out)
     device = default_device()
     dtype = resolve_dtype(tcfg.dtype, device)
-    batch_world = data_world(cfg.parallel.strategy, world)  # the ranks that split each batch
+    mesh = device_mesh(cfg.parallel, world)
+    batch_world = data_world(cfg.parallel, world, mesh)  # the ranks that split each batch
     schedule = batch_schedule(cfg, batch_world.size)
-    model, stepper, pipeline, optimizer, start_step = _build(cfg, checkpoint, world, device)
+    model, stepper, pipeline, optimizer, start_step = _build(cfg, checkpoint, world, device, mesh)
     metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if checkpoint else None, world.is_main, tracker)
     bar = tqdm(total=tcfg.steps, initial=start_step, file=sys.stderr, disable=not (progress and world.is_main),
                unit="step", desc=f"train {run_dir.name}", dynamic_ncols=True, mininterval=1.0)

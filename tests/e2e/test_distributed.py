@@ -58,12 +58,12 @@ def test_two_processes_follow_one_process(parallel, single, tiny_shards, tmp_pat
     assert losses[-1] < losses[0] - 1.0
 
 
-def _two_ranks_then_one(single: list[float], data: Path, run: Path, *layout: str) -> None:
-    """Train on two ranks in `layout`: the one-process losses; then drop the last checkpoint and the
-    final weights and resume on one process from step 5: the same losses again."""
-    done = _torchrun(2, _overrides(data, run, *layout), "--json")
+def _ranks_then_one(single: list[float], data: Path, run: Path, *layout: str, ranks: int = 2) -> None:
+    """Train on `ranks` processes in `layout`: the one-process losses; then drop the last checkpoint
+    and the final weights and resume on one process from step 5: the same losses again."""
+    done = _torchrun(ranks, _overrides(data, run, *layout), "--json")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout)["world_size"] == 2
+    assert json.loads(done.stdout)["world_size"] == ranks
     assert _losses(run) == pytest.approx(single, rel=1e-4)
     shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")
     (run / "model.safetensors").unlink()
@@ -75,21 +75,13 @@ def test_tensor_parallel_follows_one_process_and_its_checkpoint_resumes_on_one(s
     """Heads, FFN units and the global slots split over two ranks (gloo), fp32: the loss curve of one
     process; the run's step-5 checkpoint (saved in the single-process layout) then continues on one
     process with the same losses."""
-    _two_ranks_then_one(single, tiny_shards, tmp_path / "tp", "parallel.strategy=tp")
+    _ranks_then_one(single, tiny_shards, tmp_path / "tp", "parallel.strategy=tp")
 
 
 def test_tensor_parallel_with_fsdp_on_a_2d_mesh_follows_one_process(single, tiny_shards, tmp_path):
     """Four processes as a (dp 2, tp 2) mesh: each pair splits the blocks, FSDP2 shards across the
     pairs, which read different rows; the one-process losses, and a checkpoint that resumes on one."""
-    run = tmp_path / "2d"
-    done = _torchrun(4, _overrides(tiny_shards, run, "parallel.strategy=tp", "parallel.tp_degree=2"), "--json")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout)["world_size"] == 4
-    assert _losses(run) == pytest.approx(single, rel=1e-4)
-    shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")
-    (run / "model.safetensors").unlink()
-    train(load_run_config(None, _overrides(tiny_shards, run)), resume=True, progress=False)
-    assert _losses(run) == pytest.approx(single, rel=1e-4)
+    _ranks_then_one(single, tiny_shards, tmp_path / "2d", "parallel.strategy=tp", "parallel.tp_degree=2", ranks=4)
 
 
 def test_tensor_parallel_degree_must_divide_the_heads(tiny_shards, tmp_path):
@@ -109,7 +101,7 @@ def test_pipeline_parallel_follows_one_process_and_its_checkpoint_resumes_on_one
                                                                                   tmp_path):
     """One block per stage on two ranks, four micro-batches a step, the tied embedding's two
     gradients summed: the one-process loss curve; the step-5 checkpoint then continues on one process."""
-    _two_ranks_then_one(single, tiny_shards, tmp_path / "pp", "parallel.strategy=pp", f"parallel.pp_schedule={schedule}")
+    _ranks_then_one(single, tiny_shards, tmp_path / "pp", "parallel.strategy=pp", f"parallel.pp_schedule={schedule}")
 
 
 def test_pipeline_stages_must_not_outnumber_the_blocks(tiny_shards, tmp_path):

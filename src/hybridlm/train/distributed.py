@@ -92,8 +92,7 @@ def check_world(cfg, size: int) -> None:
     degree = tensor_parallel_degree(cfg.parallel, size)
     if size % degree:
         raise UserError(f"parallel.tp_degree ({degree}) must divide the number of processes ({size})")
-    batch_schedule(cfg, size // degree if cfg.parallel.strategy == "tp" else
-                   data_world(cfg.parallel, World(size=size)).size)
+    batch_schedule(cfg, 1 if cfg.parallel.strategy == "pp" else size // degree)  # the ranks that split a batch
     if degree > 1:
         check_tensor_parallel(cfg.model, cfg.lora.r, degree)
     if cfg.parallel.strategy == "pp" and size > 1:

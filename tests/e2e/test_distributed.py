@@ -60,15 +60,18 @@ def test_two_processes_follow_one_process(parallel, single, tiny_shards, tmp_pat
 
 def _ranks_then_one(single: list[float], data: Path, run: Path, *layout: str, ranks: int = 2) -> None:
     """Train on `ranks` processes in `layout`: the one-process losses; then drop the last checkpoint
-    and the final weights and resume on one process from step 5: the same losses again."""
+    and the final weights and resume on one process from step 5: the same losses again, and the
+    same final validation loss as the ranks evaluated together."""
     done = _torchrun(ranks, _overrides(data, run, *layout), "--json")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout)["world_size"] == ranks
+    summary = json.loads(done.stdout)
+    assert summary["world_size"] == ranks
     assert _losses(run) == pytest.approx(single, rel=1e-4)
     shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")
     (run / "model.safetensors").unlink()
-    train(load_run_config(None, _overrides(data, run)), resume=True, progress=False)
+    resumed = train(load_run_config(None, _overrides(data, run)), resume=True, progress=False)
     assert _losses(run) == pytest.approx(single, rel=1e-4)
+    assert resumed["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
 
 
 def test_tensor_parallel_follows_one_process_and_its_checkpoint_resumes_on_one(single, tiny_shards, tmp_path):
@@ -102,6 +105,14 @@ def test_pipeline_parallel_follows_one_process_and_its_checkpoint_resumes_on_one
     """One block per stage on two ranks, four micro-batches a step, the tied embedding's two
     gradients summed: the one-process loss curve; the step-5 checkpoint then continues on one process."""
     _ranks_then_one(single, tiny_shards, tmp_path / "pp", "parallel.strategy=pp", f"parallel.pp_schedule={schedule}")
+
+
+def test_pipeline_with_fsdp_on_a_2d_mesh_follows_one_process(single, tiny_shards, tmp_path):
+    """Four processes as a (pp 2, dp 2) mesh: two stages, each on a pair of processes that read
+    different rows and shard the model with FSDP2; the one-process losses, and a checkpoint that
+    resumes on one."""
+    _ranks_then_one(single, tiny_shards, tmp_path / "2d", "parallel.strategy=pp", "parallel.pp_degree=2",
+                    "parallel.pp_microbatches=2", ranks=4)
 
 
 def test_pipeline_stages_must_not_outnumber_the_blocks(tiny_shards, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 from hybridlm.config import PRESETS, ModelConfig, preset
 from hybridlm.errors import UserError
 from hybridlm.train.config import load_run_config
+from hybridlm.train.distributed import check_world
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -63,12 +64,29 @@ def test_overrides_parse_as_toml_values(tmp_path):
         ("train.dtype=fp16", "train.dtype must be one of"),
         ("parallel.tp_degree=2", "parallel.tp_degree \\(2\\) applies to parallel.strategy = \"tp\""),
         ("parallel.pp_microbatches=8", "apply to parallel.strategy = \"pp\""),
+        ("parallel.pp_degree=2", "parallel.pp_degree \\(2\\) applies to parallel.strategy = \"pp\""),
         ("parallel.strategy=\"zero3\"", "parallel.strategy must be one of ddp, fsdp, tp, pp"),
     ],
 )
 def test_bad_overrides(override, message):
     with pytest.raises(UserError, match=message):
         load_run_config(None, ['model.preset="tiny"', override])
+
+
+@pytest.mark.parametrize(
+    "overrides,size,message",
+    [
+        (["parallel.pp_degree=3"], 4, "parallel.pp_degree \\(3\\) must divide the number of processes \\(4\\)"),
+        (["parallel.pp_degree=2", "data.batch_size=6", "parallel.pp_microbatches=2"], 4,
+         "data.batch_size \\(6\\) must be divisible by parallel.pp_microbatches \\(2\\) times the 2 processes"),
+        (["parallel.pp_degree=4"], 4, "the model has 2 blocks"),
+    ],
+)
+def test_pipeline_layouts_a_world_cannot_run_are_refused_before_training(overrides, size, message):
+    cfg = load_run_config(None, ['model.preset="tiny"', "model.n_layer=2", "parallel.strategy=\"pp\"",
+                                 "data.batch_size=8", *overrides])
+    with pytest.raises(UserError, match=message):
+        check_world(cfg, size)
 
 
 def test_help_config_prints_every_key_at_its_default_as_loadable_toml(tmp_path):

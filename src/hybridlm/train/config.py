@@ -233,6 +233,10 @@ class ParallelConfig:
     """With strategy = "tp": processes that split each block; 0 means all of them. Fewer make a
     (dp, tp) mesh: each group of tp_degree consecutive ranks splits the blocks, and FSDP2 shards
     the model across the groups, which read different rows."""
+    pp_degree: int = 0
+    """With strategy = "pp": pipeline stages; 0 means one per process. Fewer make a (pp, dp) mesh:
+    each stage runs on world / pp_degree consecutive ranks, which read different rows and shard the
+    model with FSDP2."""
     pp_schedule: str = "gpipe"
     """With strategy = "pp": gpipe (all forwards, then all backwards) or 1f1b (interleaved)."""
     pp_microbatches: int = 4
@@ -247,6 +251,9 @@ class ParallelConfig:
         if self.tp_degree < 0 or (self.tp_degree and self.strategy != "tp"):
             raise UserError(f"parallel.tp_degree ({self.tp_degree}) applies to parallel.strategy = \"tp\" and must "
                             "be >= 0 (0: all processes)")
+        if self.pp_degree < 0 or (self.pp_degree and self.strategy != "pp"):
+            raise UserError(f"parallel.pp_degree ({self.pp_degree}) applies to parallel.strategy = \"pp\" and must "
+                            "be >= 0 (0: one stage per process)")
         if self.pp_microbatches < 1:
             raise UserError(f"parallel.pp_microbatches must be >= 1 (got {self.pp_microbatches})")
 

@@ -85,20 +85,23 @@ def mean_across(value: float, world: World) -> float:
 
 def check_world(cfg, size: int) -> None:
     """Refuse a run config that `size` processes cannot train (the batch split, tensor parallel
-    divisibility), in one line, before any of them starts."""
+    divisibility, the pipeline's stages), in one line, before any of them starts."""
     from hybridlm.train.schedule import batch_schedule
     from hybridlm.train.tensor_parallel import check_tensor_parallel
 
     degree = tensor_parallel_degree(cfg.parallel, size)
     if size % degree:
         raise UserError(f"parallel.tp_degree ({degree}) must divide the number of processes ({size})")
-    batch_schedule(cfg, 1 if cfg.parallel.strategy == "pp" else size // degree)  # the ranks that split a batch
+    stages = pipeline_degree(cfg.parallel, size)
+    if size % stages:
+        raise UserError(f"parallel.pp_degree ({stages}) must divide the number of processes ({size})")
+    batch_schedule(cfg, size // degree // stages)  # the ranks that split a batch
     if degree > 1:
         check_tensor_parallel(cfg.model, cfg.lora.r, degree)
-    if cfg.parallel.strategy == "pp" and size > 1:
+    if stages > 1:
         from hybridlm.train.pipeline_parallel import check_pipeline
 
-        check_pipeline(cfg, size)
+        check_pipeline(cfg, stages, size // stages)
 
 
 def tensor_parallel_degree(parallel, size: int) -> int:
@@ -108,27 +111,39 @@ def tensor_parallel_degree(parallel, size: int) -> int:
     return parallel.tp_degree or size
 
 
+def pipeline_degree(parallel, size: int) -> int:
+    """How many pipeline stages: parallel.pp_degree (0: one per process) under pp, else 1."""
+    if parallel.strategy != "pp":
+        return 1
+    return parallel.pp_degree or size
+
+
 def device_mesh(parallel, world: World):
     """Under tensor parallelism, the (dp, tp) mesh of the processes: consecutive ranks split a block,
-    and the dp groups (FSDP2 across them when there are several) read different rows."""
-    if parallel.strategy != "tp" or world.size == 1:
+    and the dp groups (FSDP2 across them when there are several) read different rows. Under
+    pipeline parallelism, the (pp, dp) mesh: consecutive ranks run one stage, sharded with FSDP2
+    across them when there are several, and read different rows."""
+    if parallel.strategy not in ("tp", "pp") or world.size == 1:
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
-    degree = tensor_parallel_degree(parallel, world.size)
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    if parallel.strategy == "pp":
+        stages = pipeline_degree(parallel, world.size)
+        return init_device_mesh(device, (stages, world.size // stages), mesh_dim_names=("pp", "dp"))
+    degree = tensor_parallel_degree(parallel, world.size)
     return init_device_mesh(device, (world.size // degree, degree), mesh_dim_names=("dp", "tp"))
 
 
 def data_world(parallel, world: World, mesh=None) -> World:
-    """The ranks that split each batch: all of them (ddp, fsdp); none under pipeline parallelism
-    or plain tensor parallelism, where every rank computes its part of the same rows; the dp groups
-    of a (dp, tp) mesh."""
-    if parallel.strategy == "pp" or (parallel.strategy == "tp" and (mesh is None or mesh["dp"].size() == 1)):
+    """The ranks that split each batch: all of them (ddp, fsdp); the dp groups of a (dp, tp) or
+    (pp, dp) mesh, where the ranks of one group compute their parts of the same rows (tensor
+    parallelism) or the stages of the same rows (pipeline parallelism); none without such groups."""
+    if parallel.strategy not in ("tp", "pp"):
+        return world
+    if mesh is None or mesh["dp"].size() == 1:
         return World()
-    if parallel.strategy == "tp":
-        return World(rank=mesh["dp"].get_local_rank(), size=mesh["dp"].size(), group=mesh["dp"].get_group())
-    return world
+    return World(rank=mesh["dp"].get_local_rank(), size=mesh["dp"].size(), group=mesh["dp"].get_group())
 
 
 def wrap_model(model: torch.nn.Module, parallel, world: World, mesh=None) -> torch.nn.Module:
@@ -139,28 +154,30 @@ def wrap_model(model: torch.nn.Module, parallel, world: World, mesh=None) -> tor
     if world.size == 1:
         return model
     if parallel.strategy == "pp":
-        return model  # the stages are built by train/pipeline_parallel.py around it
+        return model  # the stages are built (and sharded across dp) by train/pipeline_parallel.py
     if parallel.strategy == "tp":
         from hybridlm.train.tensor_parallel import apply_tensor_parallel, mark_layouts
 
         layouts = apply_tensor_parallel(model, mesh["tp"])
         if mesh["dp"].size() > 1:
-            _fully_shard(model, mesh["dp"])
+            fully_shard_model(model, mesh["dp"])
             mark_layouts(model, layouts)  # fully_shard made new Parameters
         return model
     if parallel.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model)
-    return _fully_shard(model, None)
+    return fully_shard_model(model, None)
 
 
-def _fully_shard(model: torch.nn.Module, mesh) -> torch.nn.Module:
+def fully_shard_model(model: torch.nn.Module, mesh, root: torch.nn.Module | None = None) -> torch.nn.Module:
+    """FSDP2 per block, then the root (the model, or a pipeline stage around it): the module whose
+    forward gathers the embeddings, final norm and head."""
     from torch.distributed.fsdp import fully_shard
 
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+    return fully_shard(model if root is None else root, mesh=mesh)
 
 
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:

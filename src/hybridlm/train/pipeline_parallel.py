@@ -1,17 +1,23 @@
 """Pipeline parallelism (parallel.strategy = "pp") on torch.distributed.pipelining.
 
-Each of the N torchrun processes is one stage: a contiguous group of blocks (stage 0 also embeds
-the tokens, the last stage applies the final norm and the head), and `parallel.pp_schedule`
-(gpipe or 1f1b) runs `parallel.pp_microbatches` micro-batches of every batch through them. Every
-process keeps the whole model's parameters but updates only its stage's; the tied embedding, used
-by the first stage (input) and the last (output), has its two gradients summed across them first,
-as Megatron does. Before a checkpoint or an evaluation each stage broadcasts its parameters (and
-AdamW moments), so checkpoints keep the single-process format and any layout resumes any other.
-Causal language modelling only.
+The processes form a (pp, dp) mesh of `parallel.pp_degree` stages (one per process by default).
+A stage is a contiguous group of blocks (stage 0 also embeds the tokens, the last stage applies
+the final norm and the head), and `parallel.pp_schedule` (gpipe or 1f1b) runs
+`parallel.pp_microbatches` micro-batches of every batch through them. With several processes per
+stage, those read different rows and FSDP2 shards the model across them (the stage module is the
+FSDP root, so the pipeline schedule drives its gradient reduce-scatter).
+
+Every process keeps the whole model's parameters (sharded across dp) but updates only its
+stage's; the tied embedding, used by the first stage (input) and the last (output), has its two
+gradients summed across them first, as Megatron does. Before a checkpoint or an evaluation each
+stage broadcasts its parameters (and AdamW moments) along the pp dimension, so checkpoints keep
+the single-process format and any layout resumes any other. Causal language modelling only.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +27,11 @@ from torch import nn
 
 from hybridlm.errors import UserError
 from hybridlm.model.loss import IGNORE_INDEX
+from hybridlm.tensors import local_tensor
 
 
-def check_pipeline(cfg, stages: int) -> None:
-    """Refuse, by name, a run `stages` processes cannot pipeline."""
+def check_pipeline(cfg, stages: int, replicas: int) -> None:
+    """Refuse, by name, a run that `stages` stages of `replicas` processes each cannot pipeline."""
     if stages > cfg.model.n_layer:
         raise UserError(f"parallel.strategy = \"pp\" puts one stage of blocks on each of {stages} processes, but "
                         f"the model has {cfg.model.n_layer} blocks (model.n_layer); use at most {cfg.model.n_layer}")
@@ -34,9 +41,10 @@ def check_pipeline(cfg, stages: int) -> None:
     if cfg.parallel.pp_microbatches < stages:
         raise UserError(f"parallel.pp_microbatches ({cfg.parallel.pp_microbatches}) must be at least the number of "
                         f"stages ({stages}), or the pipeline idles")
-    if cfg.data.batch_size % cfg.parallel.pp_microbatches:
+    if cfg.data.batch_size % (replicas * cfg.parallel.pp_microbatches):
+        per_stage = f" times the {replicas} processes of a stage" if replicas > 1 else ""
         raise UserError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by parallel.pp_microbatches "
-                        f"({cfg.parallel.pp_microbatches})")
+                        f"({cfg.parallel.pp_microbatches}){per_stage}")
     if cfg.model.ffn == "moe" or cfg.lora.r:
         raise UserError("pipeline parallelism of MoE or LoRA runs is not implemented; use ddp or fsdp")
 
@@ -73,8 +81,12 @@ class Pipeline:
     """This process's stage, its schedule and which parameters it owns."""
 
     model: nn.Module
+    module: nn.Module
+    """The stage module (the FSDP2 root when the stage's processes shard it)."""
     stage: int
     stages: int
+    group: object
+    """The process group of this rank's stages (one rank of each, the same rows)."""
     schedule: object
     owner: dict[str, int]
     """Parameter name -> the stage that updates it."""
@@ -84,10 +96,13 @@ class Pipeline:
         return self.stage == self.stages - 1
 
 
-def build_pipeline(model: nn.Module, cfg, rank: int, stages: int, device: torch.device) -> Pipeline:
+def build_pipeline(model: nn.Module, cfg, mesh, device: torch.device) -> Pipeline:
+    """This rank's stage of the (pp, dp) `mesh`, sharded across dp when the stage has several ranks."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    blocks = stage_blocks(model.cfg.n_layer, stages, rank)
+    from hybridlm.train.distributed import fully_shard_model
+
+    stage, stages = mesh["pp"].get_local_rank(), mesh["pp"].size()
     owner = {}
     for name, _ in model.named_parameters():
         if name.startswith("blocks."):
@@ -95,10 +110,14 @@ def build_pipeline(model: nn.Module, cfg, rank: int, stages: int, device: torch.
                 model.cfg.n_layer, stages, s))
         else:  # embeddings (stage 0; the tied head's gradient is summed into it), final norm and head (last)
             owner[name] = 0 if name.startswith(("tok_emb", "pos_emb")) else stages - 1
-    module = Stage(model, blocks, rank == 0, rank == stages - 1)
-    stage = PipelineStage(module, rank, stages, device)
+    module = Stage(model, stage_blocks(model.cfg.n_layer, stages, stage), stage == 0, stage == stages - 1)
+    if mesh["dp"].size() > 1:
+        fully_shard_model(model, mesh["dp"], root=module)
+    group = mesh["pp"].get_group()
+    runner = PipelineStage(module, stage, stages, device, group=group)
     kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[cfg.parallel.pp_schedule]
-    return Pipeline(model, rank, stages, kind(stage, cfg.parallel.pp_microbatches, loss_fn=_loss), owner)
+    return Pipeline(model, module, stage, stages, group, kind(runner, cfg.parallel.pp_microbatches, loss_fn=_loss),
+                    owner)
 
 
 def pipeline_loss(pipeline: Pipeline, ids: torch.Tensor, targets: torch.Tensor) -> float:
@@ -111,7 +130,7 @@ def pipeline_loss(pipeline: Pipeline, ids: torch.Tensor, targets: torch.Tensor) 
     else:
         pipeline.schedule.step(return_outputs=False)
     loss = torch.tensor([float(torch.stack(losses).mean()) if losses else 0.0], dtype=torch.float64)
-    dist.broadcast(loss, src=pipeline.stages - 1)
+    dist.broadcast(loss, group=pipeline.group, group_src=pipeline.stages - 1)
     return float(loss)
 
 
@@ -122,16 +141,17 @@ def sum_tied_gradients(pipeline: Pipeline) -> None:
         return
     weight = model.tok_emb.weight
     grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
-    dist.all_reduce(grad)
+    dist.all_reduce(local_tensor(grad), group=pipeline.group)  # the same shard of it on each stage
     weight.grad = grad
 
 
 def owned_gradient_norm(pipeline: Pipeline, params: dict[str, torch.Tensor]) -> float:
-    """The 2-norm of all stages' gradients (each parameter counted on its owner only)."""
+    """The 2-norm of all stages' gradients (each parameter counted on its owner only; the sum over
+    all ranks adds up the shards of a stage too)."""
     square = torch.zeros(1, dtype=torch.float64)
     for name, param in params.items():
         if pipeline.owner[name] == pipeline.stage and param.grad is not None:
-            square += param.grad.double().pow(2).sum()
+            square += local_tensor(param.grad).double().pow(2).sum()
     dist.all_reduce(square)
     return float(square.sqrt())
 
@@ -152,33 +172,53 @@ def clip_owned(pipeline: Pipeline, max_norm: float) -> float:
 
 
 def share_parameters(pipeline: Pipeline, optimizer: torch.optim.Optimizer) -> None:
-    """Broadcast every parameter (and its AdamW moments) from its owner, so each process holds the
-    whole up-to-date model: before a checkpoint or an evaluation."""
+    """Broadcast every parameter (and its AdamW moments) from its owner stage, so each process holds
+    the whole up-to-date model: before a checkpoint or an evaluation. Sharded parameters go shard by
+    shard: the ranks of one pp group hold the same shard."""
     for name, param in pipeline.model.named_parameters():
         src = pipeline.owner[name]
-        dist.broadcast(param.data, src=src)
+        dist.broadcast(local_tensor(param.data), group=pipeline.group, group_src=src)
         state = optimizer.state.setdefault(param, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state or src != pipeline.stage:
                 state[key] = state.get(key, torch.zeros_like(param))
-                dist.broadcast(state[key], src=src)
+                dist.broadcast(local_tensor(state[key]), group=pipeline.group, group_src=src)
         step = state.get("step", torch.zeros(()))
-        dist.broadcast(step, src=src)
+        dist.broadcast(step, group=pipeline.group, group_src=src)
         state["step"] = step
 
 
+@contextlib.contextmanager
+def whole_model(pipeline: Pipeline) -> Iterator[None]:
+    """The model callable as a whole (an evaluation): the stage's FSDP2 root keeps the embeddings,
+    final norm and head, which the model's own forward then needs unsharded; the blocks gather
+    themselves."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(pipeline.module, FSDPModule):
+        yield
+        return
+    pipeline.module.unshard()
+    try:
+        yield
+    finally:
+        pipeline.module.reshard()
+
+
 def pipeline_train_step(pipeline: Pipeline, optimizer: torch.optim.Optimizer, rows: tuple, lr: float,
-                        max_norm: float, dtype: str) -> float:
-    """One optimizer step of a batch through the pipeline: the mean loss (nan when the update was
-    skipped for a non-finite loss or gradient, on every stage alike)."""
+                        max_norm: float, dtype: str, replicas) -> float:
+    """One optimizer step of a batch through the pipeline: the mean loss over the stage's
+    `replicas` (the World of ranks that split the batch; nan when the update was skipped for a
+    non-finite loss or gradient, on every rank alike)."""
     import math
 
     from hybridlm.device import autocast
+    from hybridlm.train.distributed import mean_across
 
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(dtype, rows[0].device):
-        loss = pipeline_loss(pipeline, rows[0], rows[1])
+        loss = mean_across(pipeline_loss(pipeline, rows[0], rows[1]), replicas)
     sum_tied_gradients(pipeline)
     norm = clip_owned(pipeline, max_norm)
     if math.isfinite(loss) and math.isfinite(norm):

@@ -47,7 +47,13 @@ from hybridlm.train.distributed import (
     wrap_model,
 )
 from hybridlm.train.metrics import MetricsLog
-from hybridlm.train.pipeline_parallel import Pipeline, build_pipeline, pipeline_train_step, share_parameters
+from hybridlm.train.pipeline_parallel import (
+    Pipeline,
+    build_pipeline,
+    pipeline_train_step,
+    share_parameters,
+    whole_model,
+)
 from hybridlm.train.tracking import MlflowRun, flatten
 from hybridlm.train.optim import build_optimizer, lr_at
 from hybridlm.train.schedule import BatchSchedule, batch_schedule
@@ -108,7 +114,7 @@ def _build(cfg: RunConfig, checkpoint: Path | None, world: World, device: torch.
         attach_lora(model, lora_settings(cfg.to_dict()))
     start_step = load_checkpoint_weights(checkpoint, model)["step"] if checkpoint else 0
     stepper = wrap_model(model, cfg.parallel, world, mesh)
-    pipeline = _pipeline(model, cfg, world, device)
+    pipeline = _pipeline(model, cfg, world, device, mesh)
     optimizer = build_optimizer(model, cfg)
     if checkpoint is not None:
         load_optimizer_state(checkpoint, model, optimizer)
@@ -117,14 +123,15 @@ def _build(cfg: RunConfig, checkpoint: Path | None, world: World, device: torch.
     return model, stepper, pipeline, optimizer, start_step
 
 
-def _pipeline(model: HybridLM, cfg: RunConfig, world: World, device: torch.device) -> Pipeline | None:
-    """This process's pipeline stage under parallel.strategy = "pp" with several processes."""
+def _pipeline(model: HybridLM, cfg: RunConfig, world: World, device: torch.device, mesh) -> Pipeline | None:
+    """This process's pipeline stage under parallel.strategy = "pp" with several processes (sharded
+    across the stage's processes when it has several)."""
     if cfg.parallel.strategy != "pp" or world.size == 1:
         return None
     if cfg.data.grad_accum != 1:
         raise UserError("pipeline parallelism cuts each batch into parallel.pp_microbatches itself; "
                         "leave data.grad_accum at 1")
-    return build_pipeline(model, cfg, world.rank, world.size, device)
+    return build_pipeline(model, cfg, mesh, device)
 
 
 def _load_initial_weights(model: HybridLM, init_from: str) -> None:
@@ -206,7 +213,7 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
             loss = train_step(stepper, optimizer, batches, step, cfg, dtype, batch_world)
         else:
             loss = pipeline_train_step(pipeline, optimizer, batches.get(step, 0), lr_at(step, cfg),
-                                       cfg.optim.grad_clip or math.inf, dtype)
+                                       cfg.optim.grad_clip or math.inf, dtype, batch_world)
         step_s = time.perf_counter() - step_start
         done = step + 1
         elapsed = time.perf_counter() - t0
@@ -229,7 +236,8 @@ def _train(cfg: RunConfig, checkpoint, data, world, progress: bool, tracker: Mlf
             share_parameters(pipeline, optimizer)  # every process holds the whole model before using it
         if evaluating:
             eval_start = time.perf_counter()
-            last_eval = data.evaluate(model, dtype)
+            with contextlib.nullcontext() if pipeline is None else whole_model(pipeline):
+                last_eval = data.evaluate(model, dtype)
             eval_s += time.perf_counter() - eval_start
             metrics.write({"step": done, **{f"val_{k}": v for k, v in last_eval.items()}})
         if done % cfg.checkpoint.every == 0 or done == tcfg.steps:

@@ -645,11 +645,16 @@ def _bench_command(bench: str, default_seq: str, default_pass: str):
                 raise UserError("bench attention measures one layer and takes no --preset; use bench train or generate")
             preset(preset_name)  # validates the name before any subprocess starts
             options["preset"] = preset_name
+        from hybridlm.model.cpu_kernels import machine
+
+        ran_on = machine()
+        if not as_json:
+            click.echo(f"{ran_on['cpu']} ({ran_on['cpu_flags']}), kernel path {ran_on['kernel_path']}")
         show = None if as_json else (lambda row: click.echo(format_row(row)))
         results = compare(bench, _int_list(seq, "--seq"), dtypes, [p for p in passes.split(",") if p], repeats,
                           options, progress=show)
         if as_json:
-            click.echo(json.dumps({"bench": bench, "results": results}, indent=2))
+            click.echo(json.dumps({"bench": bench, "machine": ran_on, "results": results}, indent=2))
 
     command.__doc__ = f"Time hybridlm's sparse and dense paths side by side ({bench})."
     return command
@@ -977,6 +982,10 @@ def lora_merge_cmd(run_dir: Path, out: Path, as_json: bool) -> None:
 def main() -> None:
     """Entry point: map bad input to exit 2 and failures to exit 1, each with one line."""
     try:
+        if os.environ.get("HYBRIDLM_KERNEL", "auto") != "auto":  # a path this CPU cannot run fails before any work
+            from hybridlm.model.cpu_kernels import kernel_path
+
+            kernel_path()
         app.main(standalone_mode=False, prog_name="hybridlm")
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -46,7 +46,7 @@ def test_quickstart_tiny_runs_three_stages_and_beats_the_unigram_baseline(quicks
     assert abs(drawn["reference"] / sum(drawn.values()) - 0.7) < 0.01  # the 70/30 mixture, realised
     prepared = json.loads((run.parent / "1-broad" / "lineage.json").read_text())["sources"][0]["sources"][0]
     assert prepared["spec"] == "stdlib-docs:docstrings" and len(prepared["sha256"]) == 64
-    assert quickstart["sample"]
+    assert quickstart["sample"] and "\ufffd" not in quickstart["sample"]
 
 
 def test_generate_is_seeded_streams_and_stops(quickstart):

@@ -10,6 +10,7 @@ import pytest
 from e2e.test_cli import _bad, hybridlm
 
 from hybridlm.config import ModelConfig
+from hybridlm.device import cpu_model
 from hybridlm.eval.efficiency import (
     FIELDS,
     EnergyMeter,
@@ -18,6 +19,7 @@ from hybridlm.eval.efficiency import (
     rapl_joules,
     training_cost,
 )
+from hybridlm.model.cpu_kernels import kernel_path
 from hybridlm.model.info import model_info
 
 UNITS = {"params": "params", "flops_per_token": "FLOP/token", "training_time": "s", "tokens_seen": "tokens",
@@ -41,6 +43,7 @@ def test_every_field_is_positive_with_its_unit_and_method(report, tiny_run):
         assert isinstance(item["value"], (int, float)) and item["value"] > 0, (key, item)
     assert report["prompt_tokens"] == 64 and report["new_tokens"] == 32 and report["repeats"] == 2
     assert report["dtype"] in ("bf16", "fp32") and report["device"] == "cpu"
+    assert report["machine"]["kernel_path"] == kernel_path() and report["machine"]["cpu"] == cpu_model()
 
 
 def test_figures_match_their_sources(report, tiny_run):

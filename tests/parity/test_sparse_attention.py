@@ -144,7 +144,7 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
     import os
     import time
 
-    from hybridlm.model.sparse_kernel_bf16 import STALE_LOCK_S, clear_stale_lock
+    from hybridlm.model.cpu_kernels import STALE_LOCK_S, clear_stale_lock
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = tmp_path / "probe_ext" / "lock"

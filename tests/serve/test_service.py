@@ -244,6 +244,22 @@ def test_streamed_text_holds_back_unfinished_utf8(run):
     assert stream.stopped
 
 
+def test_a_reply_cut_inside_a_character_or_with_bad_bytes_shows_no_replacement_character(run):
+    """The model may stop (max_tokens) after the first byte of a character, or emit bytes that
+    never form one: those bytes are dropped, never shown as U+FFFD, and the rest comes through."""
+    tok = run.tokenizer
+    whole = tok.encode("ok 日本")
+    cut = next(n for n in range(1, len(whole)) if tok.decode(whole[:n]).endswith("\ufffd"))
+    stream = TextStream(tok)
+    text = "".join(stream.push(t) for t in whole[:cut]) + stream.flush()
+    assert "\ufffd" not in text and text == tok.decode(whole[:cut]).replace("\ufffd", "")
+    lead_byte = next(t for t in range(tok.vocab_size) if tok.decode([t]) == "\ufffd")  # a lone multi-byte lead
+    stream = TextStream(tok)
+    ids = [*tok.encode("a"), lead_byte, *tok.encode("b c")]
+    assert "\ufffd" in tok.decode(ids)  # what a plain decode would show
+    assert "".join(stream.push(t) for t in ids) + stream.flush() == "ab c"
+
+
 def test_the_server_section_sizes_the_service_create_app_builds(tiny_run, tmp_path):
     """`create_app` builds its Service from config.server: the batch, queue and token cap the
     scheduler enforces are the configured ones (they used to be whatever the caller passed)."""

@@ -25,6 +25,7 @@ from hybridlm.fileio import read_json
 from hybridlm.inference.decode import generate_ids, prefill
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.model import HybridLM
+from hybridlm.model.cpu_kernels import machine
 from hybridlm.model.info import model_info
 from hybridlm.run import load_run_on_device
 from hybridlm.timing import median_seconds, seconds
@@ -215,6 +216,7 @@ def efficiency_report(model_dir: Path, *, prompt_tokens: int | None = None, new_
         "energy_per_token": speed["energy"],
     }
     return {"model": str(model_dir), "device": device.type, "dtype": dtype, "threads": torch.get_num_threads(),
+            "machine": machine() if device.type == "cpu" else {"gpu": torch.cuda.get_device_name(device)},
             "prompt_tokens": prompt, "new_tokens": new, "repeats": repeats, "efficiency": fields}
 
 
@@ -223,6 +225,8 @@ def format_table(result: dict) -> str:
     rows = [(FIELDS.get(key, key), format_value(f["value"], f["unit"]), f["method"])
             for key, f in result["efficiency"].items()]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
-    head = (f"{result['model']}: {result['dtype']} on {result['device']}, "
+    ran_on = result["machine"]
+    where = (f"{ran_on['cpu']}, kernel path {ran_on['kernel_path']}" if "cpu" in ran_on else ran_on["gpu"])
+    head = (f"{result['model']}: {result['dtype']} on {result['device']} ({where}), "
             f"{result['prompt_tokens']}-token prompt + {result['new_tokens']} new tokens")
     return "\n".join([head, *(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c}" for a, b, c in rows)])

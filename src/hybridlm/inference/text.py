@@ -1,7 +1,9 @@
 """Text streaming on top of token ids: incremental decoding that honours stop strings.
 
 Text is released only once it can no longer turn into a stop string or an unfinished UTF-8
-character, so a streamed reply never shows text that the final reply would not contain.
+character, so a streamed reply never shows text that the final reply would not contain. Bytes
+that never form a character (an invalid sequence, or a reply cut off inside a character) are
+dropped rather than shown as U+FFFD.
 `TextStream` is the push form (the server feeds it tokens as they arrive from the batching
 engine); `stream_text` is the pull form over an iterable of ids (`hybridlm generate`).
 """
@@ -58,7 +60,7 @@ class TextStream:
         before = self.tokenizer.decode(self.generated[self.prefix : self.read])
         after = self.tokenizer.decode(self.generated[self.prefix :])
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self.text += after[len(before) :]
+            self.text += after[len(before) :].replace("\ufffd", "")  # the decoder's stand-in for bad bytes
             self.prefix, self.read = self.read, len(self.generated)
 
     def _release(self, text: str, upto: int) -> str:

@@ -21,6 +21,7 @@ from hybridlm.model.attention import (
     dense_causal_attention,
     sparse_causal_attention,
 )
+from hybridlm.model.decode_kernel_bf16 import linear_applies, linear_bf16
 from hybridlm.model.kv_cache import DenseKVCache, SparseKVCache
 from hybridlm.model.layout import LayerSpec, resolve_layers
 from hybridlm.model.loss import chunked_cross_entropy, target_log_probs
@@ -29,6 +30,30 @@ from hybridlm.model.positions import Rotary, sinusoidal_table
 from hybridlm.tensors import local_tensor
 
 LayerCache = DenseKVCache | SparseKVCache
+
+
+def _swiglu(y: torch.Tensor) -> torch.Tensor:
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+ACTIVATIONS = {"none": lambda y: y, "gelu_tanh": partial(F.gelu, approximate="tanh"), "swiglu": _swiglu}
+"""What may follow a Linear layer (the decode kernel fuses each into the layer's output)."""
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose few-row bf16 inference calls (a decode step) take the decode kernel, which
+    reads the weights at several times the bandwidth of oneDNN's GEMM there and applies the
+    following activation before rounding (decode_kernel_bf16.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activated(x, "none")
+
+    def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """ACTIVATIONS[activation] of this layer's output."""
+        if linear_applies(x, self.weight):
+            return linear_bf16(x, self.weight, self.bias, activation)
+        return ACTIVATIONS[activation](F.linear(x, self.weight, self.bias))
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -44,8 +69,8 @@ class Attention(nn.Module):
         super().__init__()
         self.spec, self.rotary = spec, rotary
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv = Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
         if spec.sparse and spec.n_global:
             self.k_global = nn.Parameter(torch.zeros(cfg.n_kv_head, spec.n_global, cfg.head_dim))
@@ -112,16 +137,16 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gated = cfg.ffn in ("swiglu", "moe")
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.gated else 1), bias=cfg.bias)
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.up = Linear(cfg.d_model, cfg.d_ff * (2 if self.gated else 1), bias=cfg.bias)
+        self.down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            gate, up = self.up(x_BTC).chunk(2, dim=-1)
-            hidden = F.silu(gate) * up
-        else:
-            hidden = F.gelu(self.up(x_BTC), approximate="tanh")
+        activation = "swiglu" if self.gated else "gelu_tanh"
+        if isinstance(self.up, Linear):
+            hidden = self.up.activated(x_BTC, activation)
+        else:  # a converter's layer (LoRA, quantized)
+            hidden = ACTIVATIONS[activation](self.up(x_BTC))
         return self.dropout(self.down(hidden))
 
 
@@ -162,10 +187,10 @@ class HybridLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, spec, rotary) for spec in self.specs)
         self.norm_f = _norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.reward_head = nn.Linear(cfg.d_model, 1, bias=False) if cfg.head == "reward" else None
+        self.reward_head = Linear(cfg.d_model, 1, bias=False) if cfg.head == "reward" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

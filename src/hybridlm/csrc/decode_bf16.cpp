@@ -1,0 +1,186 @@
+// Decode-step kernels for CPUs with AVX-512 BF16: a few rows through a Linear layer, and one new
+// query per head against a KV cache.
+//
+// A decode step multiplies one (or a batch's few) rows by every weight matrix: a matrix-vector
+// product that is bound by reading the weights once. oneDNN's bf16 GEMM is built for large M and
+// reaches about a tenth of the memory bandwidth there; PyTorch's flash-attention kernel for
+// CPUs splits work by query blocks, so one query per head leaves it mostly idle. Both kernels
+// here read each weight (or key and value) once, with fp32 accumulation (vdpbf16ps) and one
+// bf16 rounding of the result, as torch's bf16 matmul does.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using bf16 = at::BFloat16;
+constexpr int kMaxRows = 8;
+
+inline __m512bh load_pairs(const bf16* p, __mmask32 mask) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+}
+
+inline __mmask32 tail_mask(int64_t remaining) {
+  return remaining >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << remaining) - 1u);
+}
+
+// res[m][j] = x[m, :] . w[n0 + j, :] (+ bias[n0 + j]) for kRows rows and kOuts outputs:
+// independent accumulators hide vdpbf16ps latency.
+template <int kRows, int kOuts>
+void dot_tile(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int64_t n0, float (*res)[4]) {
+  __m512 acc[kRows][kOuts];
+  for (int m = 0; m < kRows; ++m)
+    for (int j = 0; j < kOuts; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = tail_mask(K - k);
+    __m512bh wv[kOuts];
+    for (int j = 0; j < kOuts; ++j) wv[j] = load_pairs(w + (n0 + j) * K + k, mask);
+    for (int m = 0; m < kRows; ++m) {
+      const __m512bh xv = load_pairs(x + m * K + k, mask);
+      for (int j = 0; j < kOuts; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
+    }
+  }
+  for (int j = 0; j < kOuts; ++j) {
+    const float b = bias ? static_cast<float>(bias[n0 + j]) : 0.0f;
+    for (int m = 0; m < kRows; ++m) res[m][j] = _mm512_reduce_add_ps(acc[m][j]) + b;
+  }
+}
+
+enum Activation { kNone = 0, kGeluTanh = 1, kSwiGLU = 2 };
+
+inline float gelu_tanh(float y) {
+  return 0.5f * y * (1.0f + std::tanh(0.7978845608028654f * (y + 0.044715f * y * y * y)));
+}
+
+// Outputs [n0, n0 + kOuts) of kRows rows, with the activation applied in fp32 before the one
+// rounding to bf16. SwiGLU reads the gate from weight rows n and the value from rows n + N.
+template <int kRows, int kOuts>
+void output_tile(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t N, int act,
+                 bf16* out) {
+  float res[kRows][4], up[kRows][4];
+  dot_tile<kRows, kOuts>(x, K, w, bias, n0, res);
+  if (act == kSwiGLU) dot_tile<kRows, kOuts>(x, K, w, bias, n0 + N, up);
+  for (int m = 0; m < kRows; ++m)
+    for (int j = 0; j < kOuts; ++j) {
+      float y = res[m][j];
+      if (act == kGeluTanh) y = gelu_tanh(y);
+      if (act == kSwiGLU) y = y / (1.0f + std::exp(-y)) * up[m][j];
+      out[m * N + n0 + j] = static_cast<bf16>(y);
+    }
+}
+
+template <int kRows>
+void output_rows(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t n1, int64_t N,
+                 int act, bf16* out) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) output_tile<kRows, 4>(x, K, w, bias, n, N, act, out);
+  for (; n < n1; ++n) output_tile<kRows, 1>(x, K, w, bias, n, N, act, out);
+}
+
+// Rows in groups of up to four (the accumulators of a 4 x 4 tile fill half the vector registers).
+void linear_block(const bf16* x, int64_t M, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t n1,
+                  int64_t N, int act, bf16* out) {
+  for (int64_t m = 0; m < M; m += 4) {
+    const bf16* xm = x + m * K;
+    bf16* om = out + m * N;
+    switch (std::min<int64_t>(4, M - m)) {
+      case 1: output_rows<1>(xm, K, w, bias, n0, n1, N, act, om); break;
+      case 2: output_rows<2>(xm, K, w, bias, n0, n1, N, act, om); break;
+      case 3: output_rows<3>(xm, K, w, bias, n0, n1, N, act, om); break;
+      default: output_rows<4>(xm, K, w, bias, n0, n1, N, act, om); break;
+    }
+  }
+}
+
+// One query row (D) against `length` keys and values with row stride `stride`: softmax(q.K * scale) V.
+void attend_one(const bf16* q, const bf16* k, const bf16* v, int64_t length, int64_t stride, int64_t D,
+                float scale, float* scores, bf16* out) {
+  float top = -INFINITY;
+  for (int64_t s = 0; s < length; ++s) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      __mmask32 mask = tail_mask(D - d);
+      acc = _mm512_dpbf16_ps(acc, load_pairs(k + s * stride + d, mask), load_pairs(q + d, mask));
+    }
+    scores[s] = _mm512_reduce_add_ps(acc) * scale;
+    top = std::max(top, scores[s]);
+  }
+  float total = 0.0f;
+  for (int64_t s = 0; s < length; ++s) {
+    scores[s] = std::exp(scores[s] - top);
+    total += scores[s];
+  }
+  std::vector<float> acc(D, 0.0f);
+  for (int64_t s = 0; s < length; ++s) {
+    const bf16* row = v + s * stride;
+    __m512 p = _mm512_set1_ps(scores[s]);
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      __m512 vv = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d))), 16));
+      _mm512_storeu_ps(acc.data() + d, _mm512_fmadd_ps(p, vv, _mm512_loadu_ps(acc.data() + d)));
+    }
+    for (; d < D; ++d) acc[d] += scores[s] * static_cast<float>(row[d]);
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<bf16>(acc[d] / total);
+}
+
+}  // namespace
+
+// x (M, K) bf16, M <= 8; weight (N, K) bf16 contiguous; bias (N) bf16 or None; act 0 (none),
+// 1 (tanh GELU) or 2 (SwiGLU: silu of the first N/2 outputs times the last N/2) -> (M, N or N/2).
+at::Tensor linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, int64_t act) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows && x.size(1) == weight.size(1), "linear: bad shapes");
+  TORCH_CHECK(act >= kNone && act <= kSwiGLU && (act != kSwiGLU || weight.size(0) % 2 == 0), "linear: bad act");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = act == kSwiGLU ? weight.size(0) / 2 : weight.size(0);
+  auto out = at::empty({M, N}, x.options());
+  const bf16* b = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->contiguous();
+    b = bias_c.data_ptr<bf16>();
+  }
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = weight.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  // About 16 KiB of weights per task: big enough to amortise the fork, small enough to balance.
+  const int64_t grain = std::max<int64_t>(8, 8192 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { linear_block(xp, M, K, wp, b, n0, n1, N, act, op); });
+  return out;
+}
+
+// q (B, H, 1, D); k, v (B, KV, S, D) with unit stride in D (a slice of a cache buffer) -> (B, H, 1, D).
+at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && k.sizes() == v.sizes(), "decode_attention: bad shapes");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.strides() == v.strides(), "decode_attention: bad strides");
+  q = q.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k.size(1), S = k.size(2);
+  TORCH_CHECK(H % KV == 0, "decode_attention: heads must be a multiple of the key-value heads");
+  auto out = at::empty({B, H, 1, D}, q.options());
+  const bf16* qp = q.data_ptr<bf16>();
+  const bf16* kp = k.data_ptr<bf16>();
+  const bf16* vp = v.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const int64_t group = H / KV, sb = k.stride(0), sh = k.stride(1), ss = k.stride(2);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(S);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, offset = b * sb + (h / group) * sh;
+      attend_one(qp + i * D, kp + offset, vp + offset, S, ss, D, static_cast<float>(scale), scores.data(),
+                 op + i * D);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "a few bf16 rows through a Linear layer");
+  m.def("decode_attention", &decode_attention, "one bf16 query per head against a KV cache");
+}

@@ -14,6 +14,7 @@ from hybridlm.errors import UserError
 from hybridlm.interop.hf_export import export_hf
 from hybridlm.interop.lora_merge import merge_lora_run
 from hybridlm.model.converters.lora import adapters_disabled, attach_lora, LoraSettings
+from hybridlm.model.transformer import Linear
 from hybridlm.run import load_run
 from hybridlm.tokenizer import train_tokenizer
 from hybridlm.train.config import run_config_from_dict
@@ -92,7 +93,7 @@ def test_merged_run_gives_the_unmerged_logits(runs):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), unmerged(ids), atol=2e-5, rtol=0)
     assert result["base"] == str(runs / "base") and (runs / "merged" / "model.safetensors").is_file()
-    assert type(merged.blocks[0].attn.qkv) is torch.nn.Linear
+    assert type(merged.blocks[0].attn.qkv) is Linear  # the model's own layer, no adapter around it
     with pytest.raises(UserError, match="has no LoRA adapters"):
         merge_lora_run(runs / "merged", runs / "again")
 

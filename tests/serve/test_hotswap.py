@@ -21,6 +21,7 @@ from hybridlm.fileio import atomic_write_json, read_json
 from hybridlm.inference.decode import generate_ids
 from hybridlm.inference.generate import completion_prompt_ids
 from hybridlm.inference.sampling import SamplingParams
+from hybridlm.inference.text import stream_text
 from hybridlm.registry.card import render_card
 from hybridlm.registry.serving import AliasSource
 from hybridlm.registry.store import Registry
@@ -39,7 +40,7 @@ def reference(run_dir) -> dict[str, str]:
     for prompt in PROMPTS:
         ids = list(generate_ids(run.model, completion_prompt_ids(run.tokenizer, prompt),
                                 SamplingParams(max_new_tokens=TOKENS, temperature=0), eos_id=run.tokenizer.eos_id))
-        out[prompt] = run.tokenizer.decode(ids)
+        out[prompt] = "".join(stream_text(run.tokenizer, ids))  # the text a reply shows
     return out
 
 

@@ -370,7 +370,7 @@ def test_logprobs_in_openai_shapes_streamed_and_not(live):
     content = chat.logprobs.content
     assert content and all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
                            and c.logprob == pytest.approx(c.top_logprobs[0].logprob) for c in content)
-    spelled = bytes(b for c in content for b in c.bytes).decode("utf-8", errors="replace")
+    spelled = bytes(b for c in content for b in c.bytes).decode("utf-8", errors="ignore")  # as replies drop them
     assert spelled.removesuffix("<|end|>").removesuffix("<|eos|>") == chat.message.content
     done = live.client.completions.create(prompt="Paragraph 3:", logprobs=2, **args).choices[0]
     lp = done.logprobs

@@ -13,6 +13,8 @@ import pytest
 from conftest import one_line_error as _bad
 from conftest import shared_file
 
+from hybridlm.model.cpu_kernels import machine
+
 
 def hybridlm(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hybridlm", *args], capture_output=True, text=True, timeout=timeout)
@@ -168,7 +170,9 @@ def test_bench_json_pairs_dense_and_sparse():
     assert row["dense_peak_mb"] >= 0 and row["sparse_peak_mb"] >= 0
     gen = hybridlm("bench", "generate", "--preset", "tiny", "--seq", "200", "--repeats", "1", "--json")
     assert gen.returncode == 0, gen.stderr
-    (row,) = json.loads(gen.stdout)["results"]
+    report = json.loads(gen.stdout)
+    assert report["machine"] == machine()  # the CPU and the kernel path the figures ran on
+    (row,) = report["results"]
     assert row["pass"] == "decode" and row["sparse_kv_cache_mb"] < row["dense_kv_cache_mb"]
     assert row["dense_prefill_tokens_per_s"] > 0 and row["sparse_prefill_tokens_per_s"] > 0
     _bad(hybridlm("bench", "train", "--pass", "decode"), "measures passes train")

@@ -74,9 +74,27 @@ def test_decode_attention_equals_sdpa_on_a_cache_slice(kernel, heads, kv_heads, 
     q = _bf16(2, heads, 1, dim, seed=4)
     k_buffer, v_buffer = _bf16(2, kv_heads, length + 30, dim, seed=5), _bf16(2, kv_heads, length + 30, dim, seed=6)
     k, v = k_buffer[:, :, :length], v_buffer[:, :, :length]
-    assert attention_applies(q, k)
+    assert attention_applies(q, [k])
     reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=heads != kv_heads)
-    torch.testing.assert_close(decode_attention_bf16(q, k, v).float(), reference, rtol=ONE_ROUNDING, atol=2e-3)
+    torch.testing.assert_close(decode_attention_bf16(q, [k], [v]).float(), reference, rtol=ONE_ROUNDING, atol=2e-3)
+
+
+@torch.no_grad()
+def test_decode_attention_over_key_sets_equals_sdpa_over_their_concatenation():
+    """A sparse layer's three key sets: global slots shared by the batch (expanded, stride 0), the
+    strided store, and the window (a slice of a larger buffer); one empty set."""
+    q = _bf16(2, 6, 1, 64, seed=7)
+    slots = _bf16(1, 2, 4, 64, seed=8).expand(2, -1, -1, -1), _bf16(1, 2, 4, 64, seed=9).expand(2, -1, -1, -1)
+    strided = _bf16(2, 2, 9, 64, seed=10), _bf16(2, 2, 9, 64, seed=11)
+    window = _bf16(2, 2, 40, 64, seed=12)[:, :, 3:30], _bf16(2, 2, 40, 64, seed=13)[:, :, 3:30]
+    empty = _bf16(2, 2, 0, 64), _bf16(2, 2, 0, 64)
+    sets = [slots, empty, strided, window]
+    keys, values = [k for k, _ in sets], [v for _, v in sets]
+    assert attention_applies(q, keys)
+    reference = F.scaled_dot_product_attention(q.float(), torch.cat(keys, 2).float(), torch.cat(values, 2).float(),
+                                               enable_gqa=True)
+    torch.testing.assert_close(decode_attention_bf16(q, keys, values).float(), reference, rtol=ONE_ROUNDING,
+                               atol=2e-3)
 
 
 def _decode_logits(model: HybridLM, ids: list[int]) -> torch.Tensor:
@@ -89,12 +107,17 @@ def _decode_logits(model: HybridLM, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("layers", ["DDSS", "SSSS"])
 def test_forcing_the_torch_path_gives_the_same_decoding(kernel, layers, monkeypatch):
     """A bf16 hybrid model decodes alike on both kernel paths (the kernels' one rounding against
-    torch's rounding before each activation); the paths really differ, or this would prove nothing."""
+    torch's rounding before each activation), and like its whole-sequence forward; the paths
+    really differ, or this would prove nothing. 40 tokens through a window of 8 and a stride of 4
+    roll the sparse caches' buffers several times."""
     cfg = preset("tiny", n_layer=4, layer_pattern=layers, window=8, stride=4, max_seq_len=128)
     torch.manual_seed(0)
     model = HybridLM(cfg).to(torch.bfloat16).eval()
     ids = torch.randint(0, cfg.vocab_size, (40,)).tolist()
     ours = _decode_logits(model, ids).float()
+    with torch.no_grad():
+        whole = model(torch.tensor([ids]))[0].float()
+    assert (ours - whole).abs().max() < 0.05 * whole.abs().max()
     monkeypatch.setenv("HYBRIDLM_KERNEL", "torch")
     theirs = _decode_logits(model, ids).float()
     difference = (ours - theirs).abs().max()

@@ -97,36 +97,46 @@ void linear_block(const bf16* x, int64_t M, int64_t K, const bf16* w, const bf16
   }
 }
 
-// One query row (D) against `length` keys and values with row stride `stride`: softmax(q.K * scale) V.
-void attend_one(const bf16* q, const bf16* k, const bf16* v, int64_t length, int64_t stride, int64_t D,
-                float scale, float* scores, bf16* out) {
+// One key set of one (batch, head): `length` keys and values, rows `stride` apart.
+struct Keys {
+  const bf16* k;
+  const bf16* v;
+  int64_t length, stride;
+};
+
+// One query row (D) against the key sets: softmax(q.K * scale) V over all of them together.
+void attend_one(const bf16* q, const std::vector<Keys>& sets, int64_t D, float scale, float* scores, bf16* out) {
   float top = -INFINITY;
-  for (int64_t s = 0; s < length; ++s) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 32) {
-      __mmask32 mask = tail_mask(D - d);
-      acc = _mm512_dpbf16_ps(acc, load_pairs(k + s * stride + d, mask), load_pairs(q + d, mask));
+  int64_t i = 0;
+  for (const Keys& set : sets)
+    for (int64_t s = 0; s < set.length; ++s, ++i) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 32) {
+        __mmask32 mask = tail_mask(D - d);
+        acc = _mm512_dpbf16_ps(acc, load_pairs(set.k + s * set.stride + d, mask), load_pairs(q + d, mask));
+      }
+      scores[i] = _mm512_reduce_add_ps(acc) * scale;
+      top = std::max(top, scores[i]);
     }
-    scores[s] = _mm512_reduce_add_ps(acc) * scale;
-    top = std::max(top, scores[s]);
-  }
   float total = 0.0f;
-  for (int64_t s = 0; s < length; ++s) {
+  for (int64_t s = 0; s < i; ++s) {
     scores[s] = std::exp(scores[s] - top);
     total += scores[s];
   }
   std::vector<float> acc(D, 0.0f);
-  for (int64_t s = 0; s < length; ++s) {
-    const bf16* row = v + s * stride;
-    __m512 p = _mm512_set1_ps(scores[s]);
-    int64_t d = 0;
-    for (; d + 16 <= D; d += 16) {
-      __m512 vv = _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d))), 16));
-      _mm512_storeu_ps(acc.data() + d, _mm512_fmadd_ps(p, vv, _mm512_loadu_ps(acc.data() + d)));
+  i = 0;
+  for (const Keys& set : sets)
+    for (int64_t s = 0; s < set.length; ++s, ++i) {
+      const bf16* row = set.v + s * set.stride;
+      __m512 p = _mm512_set1_ps(scores[i]);
+      int64_t d = 0;
+      for (; d + 16 <= D; d += 16) {
+        __m512 vv = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d))), 16));
+        _mm512_storeu_ps(acc.data() + d, _mm512_fmadd_ps(p, vv, _mm512_loadu_ps(acc.data() + d)));
+      }
+      for (; d < D; ++d) acc[d] += scores[i] * static_cast<float>(row[d]);
     }
-    for (; d < D; ++d) acc[d] += scores[s] * static_cast<float>(row[d]);
-  }
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<bf16>(acc[d] / total);
 }
 
@@ -156,25 +166,37 @@ at::Tensor linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bia
   return out;
 }
 
-// q (B, H, 1, D); k, v (B, KV, S, D) with unit stride in D (a slice of a cache buffer) -> (B, H, 1, D).
-at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, double scale) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && k.sizes() == v.sizes(), "decode_attention: bad shapes");
-  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.strides() == v.strides(), "decode_attention: bad strides");
+// q (B, H, 1, D); ks[i], vs[i] (B or 1, KV, S_i, D) key sets attended together (a sparse layer's
+// global slots, strided keys and window), each with unit stride in D (slices of cache buffers; a
+// batch dim of 1 or stride 0 is shared by every row) -> (B, H, 1, D).
+at::Tensor decode_attention(at::Tensor q, std::vector<at::Tensor> ks, std::vector<at::Tensor> vs, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && !ks.empty() && ks.size() == vs.size(), "decode_attention: bad shapes");
   q = q.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k.size(1), S = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = ks[0].size(1);
   TORCH_CHECK(H % KV == 0, "decode_attention: heads must be a multiple of the key-value heads");
+  int64_t total = 0;
+  for (size_t j = 0; j < ks.size(); ++j) {
+    const at::Tensor &k = ks[j], &v = vs[j];
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.strides() == v.strides() && k.stride(3) == 1 &&
+                    k.size(1) == KV && k.size(3) == D && (k.size(0) == B || k.size(0) == 1),
+                "decode_attention: bad key set");
+    total += k.size(2);
+  }
   auto out = at::empty({B, H, 1, D}, q.options());
   const bf16* qp = q.data_ptr<bf16>();
-  const bf16* kp = k.data_ptr<bf16>();
-  const bf16* vp = v.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
-  const int64_t group = H / KV, sb = k.stride(0), sh = k.stride(1), ss = k.stride(2);
+  const int64_t group = H / KV;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(S);
+    std::vector<float> scores(std::max<int64_t>(total, 1));
+    std::vector<Keys> sets(ks.size());
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / H, h = i % H, offset = b * sb + (h / group) * sh;
-      attend_one(qp + i * D, kp + offset, vp + offset, S, ss, D, static_cast<float>(scale), scores.data(),
-                 op + i * D);
+      const int64_t b = i / H, h = i % H;
+      for (size_t j = 0; j < ks.size(); ++j) {
+        const at::Tensor &k = ks[j], &v = vs[j];
+        const int64_t offset = (k.size(0) == 1 ? 0 : b * k.stride(0)) + (h / group) * k.stride(1);
+        sets[j] = {k.data_ptr<bf16>() + offset, v.data_ptr<bf16>() + offset, k.size(2), k.stride(2)};
+      }
+      attend_one(qp + i * D, sets, D, static_cast<float>(scale), scores.data(), op + i * D);
     }
   });
   return out;
@@ -182,5 +204,5 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, double sca
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "a few bf16 rows through a Linear layer");
-  m.def("decode_attention", &decode_attention, "one bf16 query per head against a KV cache");
+  m.def("decode_attention", &decode_attention, "one bf16 query per head against a KV cache's key sets");
 }

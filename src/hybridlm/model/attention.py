@@ -41,8 +41,8 @@ def dense_causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: t
     if n_query == n_key:
         return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True, enable_gqa=gqa)
     if n_query == 1:
-        if _dense_backend["name"] == "auto" and attention_applies(q_BHTD, k_BHSD):
-            return decode_attention_bf16(q_BHTD, k_BHSD, v_BHSD)
+        if _dense_backend["name"] == "auto" and attention_applies(q_BHTD, [k_BHSD]):
+            return decode_attention_bf16(q_BHTD, [k_BHSD], [v_BHSD])
         return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, enable_gqa=gqa)
     offset = n_key - n_query
     q_pos = torch.arange(offset, n_key, device=q_BHTD.device)

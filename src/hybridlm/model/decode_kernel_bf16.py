@@ -48,14 +48,16 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def attention_applies(q_BH1D: torch.Tensor, k_BKSD: torch.Tensor) -> bool:
-    """One bf16 query per head without autograd, keys with unit stride along the head dim."""
-    return (q_BH1D.shape[2] == 1 and k_BKSD.stride(3) == 1 and _inference_bf16(q_BH1D, k_BKSD)
+def attention_applies(q_BH1D: torch.Tensor, keys: list[torch.Tensor]) -> bool:
+    """One bf16 query per head without autograd; key sets with unit stride along the head dim."""
+    return (q_BH1D.shape[2] == 1 and all(k.stride(3) == 1 and _inference_bf16(q_BH1D, k) for k in keys)
             and _extension() is not None)
 
 
-def decode_attention_bf16(q_BH1D: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor) -> torch.Tensor:
-    """softmax(q K^T / sqrt(D)) V for one query per head; grouped heads share a key-value head."""
-    if k_BKSD.stride() != v_BKSD.stride():
-        k_BKSD, v_BKSD = k_BKSD.contiguous(), v_BKSD.contiguous()
-    return _extension().decode_attention(q_BH1D, k_BKSD, v_BKSD, 1.0 / math.sqrt(q_BH1D.shape[-1]))
+def decode_attention_bf16(q_BH1D: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    """softmax(q K^T / sqrt(D)) V for one query per head over the key sets `keys` (each (B or 1,
+    n_kv_head, S_i, D)) taken together, as if concatenated along S; grouped heads share a key-value
+    head."""
+    pairs = [(k, v) if k.stride() == v.stride() else (k.contiguous(), v.contiguous()) for k, v in zip(keys, values)]
+    return _extension().decode_attention(q_BH1D, [k for k, _ in pairs], [v for _, v in pairs],
+                                         1.0 / math.sqrt(q_BH1D.shape[-1]))

@@ -14,6 +14,7 @@ from hybridlm.model.attention import (
     sparse_causal_attention,
     strided_positions,
 )
+from hybridlm.model.decode_kernel_bf16 import attention_applies, decode_attention_bf16
 
 
 class DenseKVCache:
@@ -55,13 +56,19 @@ class DenseKVCache:
 
 
 class SparseKVCache:
-    """Rolling local run + evicted strided keys for one sparse layer."""
+    """Rolling local run + evicted strided keys for one sparse layer.
+
+    The run lives in a buffer with room for a window more keys than it holds, so a decode step
+    writes its key in place and the run's start moves forward: the buffer is copied only when it
+    fills, once per window of steps, not at every step."""
 
     def __init__(self, window: int, stride: int) -> None:
         self.window, self.stride = window, stride
         self.length = 0  # tokens seen so far
         self.run_start = 0  # absolute position of run_k[:, :, 0]
         self.run_k = self.run_v = self.far_k = self.far_v = None
+        self._buffer_k = self._buffer_v = None
+        self._offset = 0  # run_k is _buffer_k[:, :, _offset : _offset + run length]
 
     def attend(
         self,
@@ -71,12 +78,15 @@ class SparseKVCache:
         k_global_BHGD: torch.Tensor | None,
         v_global_BHGD: torch.Tensor | None,
     ) -> torch.Tensor:
-        run_k = k_BHTD if self.run_k is None else torch.cat([self.run_k, k_BHTD], dim=2)
-        run_v = v_BHTD if self.run_v is None else torch.cat([self.run_v, v_BHTD], dim=2)
+        run_k, run_v = self._extend_run(k_BHTD, v_BHTD)
         extra_k = [t for t in (k_global_BHGD, self.far_k) if t is not None]
         extra_v = [t for t in (v_global_BHGD, self.far_v) if t is not None]
         if q_BHTD.shape[2] == 1:  # one new token sees every key this cache holds: no mask needed
-            out = dense_causal_attention(q_BHTD, torch.cat([*extra_k, run_k], 2), torch.cat([*extra_v, run_v], 2))
+            keys, values = [*extra_k, run_k], [*extra_v, run_v]
+            if attention_applies(q_BHTD, keys):  # the key sets as they are, nothing concatenated
+                out = decode_attention_bf16(q_BHTD, keys, values)
+            else:
+                out = dense_causal_attention(q_BHTD, torch.cat(keys, 2), torch.cat(values, 2))
             self._roll(run_k, run_v, self.length + 1)
             return out
         out = sparse_causal_attention(
@@ -88,6 +98,21 @@ class SparseKVCache:
         self._roll(run_k, run_v, self.length + k_BHTD.shape[2])
         return out
 
+    def _extend_run(self, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run with the new keys written after it (in place while the buffer has room)."""
+        held = 0 if self.run_k is None else self.run_k.shape[2]
+        new = k_BHTD.shape[2]
+        if self._buffer_k is None or self._offset + held + new > self._buffer_k.shape[2]:
+            shape = (*k_BHTD.shape[:2], max(2 * self.window, held + new), k_BHTD.shape[3])
+            buffer_k, buffer_v = k_BHTD.new_empty(shape), v_BHTD.new_empty(shape)
+            if held:
+                buffer_k[:, :, :held], buffer_v[:, :, :held] = self.run_k, self.run_v
+            self._buffer_k, self._buffer_v, self._offset = buffer_k, buffer_v, 0
+        end = self._offset + held
+        self._buffer_k[:, :, end : end + new] = k_BHTD
+        self._buffer_v[:, :, end : end + new] = v_BHTD
+        return self._buffer_k[:, :, self._offset : end + new], self._buffer_v[:, :, self._offset : end + new]
+
     def _roll(self, run_k: torch.Tensor, run_v: torch.Tensor, new_length: int) -> None:
         """Keep the last window-1 keys; move strided keys that leave the run to the far store."""
         keep_from = max(self.run_start, new_length - (self.window - 1))
@@ -97,10 +122,12 @@ class SparseKVCache:
             self.far_k = far_k if self.far_k is None else torch.cat([self.far_k, far_k], 2)
             self.far_v = far_v if self.far_v is None else torch.cat([self.far_v, far_v], 2)
         cut = keep_from - self.run_start
-        self.run_k, self.run_v = run_k[:, :, cut:].contiguous(), run_v[:, :, cut:].contiguous()
+        self.run_k, self.run_v = run_k[:, :, cut:], run_v[:, :, cut:]
+        self._offset += cut
         self.run_start, self.length = keep_from, new_length
 
     def nbytes(self) -> int:
-        """Bytes of cached keys and values (run + strided store)."""
+        """Bytes of cached keys and values held (run + strided store; the run's buffer has room
+        for up to a window more)."""
         tensors = (self.run_k, self.run_v, self.far_k, self.far_v)
         return sum(t.nelement() * t.element_size() for t in tensors if t is not None)

@@ -43,17 +43,21 @@ ACTIVATIONS = {"none": lambda y: y, "gelu_tanh": partial(F.gelu, approximate="ta
 
 class Linear(nn.Linear):
     """nn.Linear whose few-row bf16 inference calls (a decode step) take the decode kernel, which
-    reads the weights at several times the bandwidth of oneDNN's GEMM there and applies the
+    reads cached weights at several times the speed of oneDNN's GEMM there and can apply the
     following activation before rounding (decode_kernel_bf16.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activated(x, "none")
-
-    def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
-        """ACTIVATIONS[activation] of this layer's output."""
         if linear_applies(x, self.weight):
-            return linear_bf16(x, self.weight, self.bias, activation)
-        return ACTIVATIONS[activation](F.linear(x, self.weight, self.bias))
+            return linear_bf16(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def fused(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
+        """ACTIVATIONS[activation] of this layer's output in one kernel call, or None where the
+        kernel does not apply or hooks wait on this layer's own call (tensor parallelism's input and
+        output layouts, analysis probes): the caller then calls the layer and the activation."""
+        if self._forward_hooks or self._forward_pre_hooks or not linear_applies(x, self.weight):
+            return None
+        return linear_bf16(x, self.weight, self.bias, activation)
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -143,9 +147,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
         activation = "swiglu" if self.gated else "gelu_tanh"
-        if isinstance(self.up, Linear):
-            hidden = self.up.activated(x_BTC, activation)
-        else:  # a converter's layer (LoRA, quantized)
+        hidden = self.up.fused(x_BTC, activation) if isinstance(self.up, Linear) else None  # not a converter's
+        if hidden is None:
             hidden = ACTIVATIONS[activation](self.up(x_BTC))
         return self.dropout(self.down(hidden))
 

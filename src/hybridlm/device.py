@@ -13,26 +13,25 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=None)
+def _cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` line of /proc/cpuinfo, its value (None where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((line for line in text.splitlines() if line.startswith(name)), None)
+    return None if line is None else line.partition(":")[2].strip()
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
+    return frozenset((_cpuinfo_field("flags") or "").split())
 
 
-@lru_cache(maxsize=1)
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo ("unknown" where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    line = next((line for line in text.splitlines() if line.startswith("model name")), ":unknown")
-    return line.partition(":")[2].strip()
+    return _cpuinfo_field("model name") or "unknown"
 
 
 def cpu_has_bf16() -> bool:

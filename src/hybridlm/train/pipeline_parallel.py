@@ -17,6 +17,7 @@ the single-process format and any layout resumes any other. Causal language mode
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,9 +26,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from hybridlm.device import autocast
 from hybridlm.errors import UserError
 from hybridlm.model.loss import IGNORE_INDEX
 from hybridlm.tensors import local_tensor
+from hybridlm.train.distributed import fully_shard_model, mean_across
 
 
 def check_pipeline(cfg, stages: int, replicas: int) -> None:
@@ -99,8 +102,6 @@ class Pipeline:
 def build_pipeline(model: nn.Module, cfg, mesh, device: torch.device) -> Pipeline:
     """This rank's stage of the (pp, dp) `mesh`, sharded across dp when the stage has several ranks."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-
-    from hybridlm.train.distributed import fully_shard_model
 
     stage, stages = mesh["pp"].get_local_rank(), mesh["pp"].size()
     owner = {}
@@ -210,10 +211,6 @@ def pipeline_train_step(pipeline: Pipeline, optimizer: torch.optim.Optimizer, ro
     """One optimizer step of a batch through the pipeline: the mean loss over the stage's
     `replicas` (the World of ranks that split the batch; nan when the update was skipped for a
     non-finite loss or gradient, on every rank alike)."""
-    import math
-
-    from hybridlm.device import autocast
-    from hybridlm.train.distributed import mean_across
 
     for group in optimizer.param_groups:
         group["lr"] = lr

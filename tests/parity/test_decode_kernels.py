@@ -27,11 +27,17 @@ from hybridlm.model.transformer import ACTIVATIONS
 ONE_ROUNDING = 2.0**-8
 
 
-@pytest.fixture
-def kernel():
+@pytest.fixture(params=["avx512_bf16", "avx2"])
+def kernel(request, monkeypatch):
+    """Each build of the kernels this CPU can run, forced by HYBRIDLM_KERNEL (an AVX-512 CPU runs both)."""
+    monkeypatch.setenv("HYBRIDLM_KERNEL", request.param)
+    try:
+        kernel_path()
+    except UserError:
+        pytest.skip(f"this CPU cannot run the {request.param} kernel path")
     with torch.no_grad():
         if not linear_applies(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(4, 32, dtype=torch.bfloat16)):
-            pytest.skip("the decode kernels need a CPU with avx512_bf16 and a C++ compiler")
+            pytest.skip("the decode kernels need a C++ compiler")
 
 
 def _bf16(*shape, seed=0):
@@ -80,7 +86,7 @@ def test_decode_attention_equals_sdpa_on_a_cache_slice(kernel, heads, kv_heads, 
 
 
 @torch.no_grad()
-def test_decode_attention_over_key_sets_equals_sdpa_over_their_concatenation():
+def test_decode_attention_over_key_sets_equals_sdpa_over_their_concatenation(kernel):
     """A sparse layer's three key sets: global slots shared by the batch (expanded, stride 0), the
     strided store, and the window (a slice of a larger buffer); one empty set."""
     q = _bf16(2, 6, 1, 64, seed=7)
@@ -131,7 +137,9 @@ def test_forcing_the_torch_path_gives_the_same_decoding(kernel, layers, monkeypa
         ("avx512_bf16", frozenset({"avx", "avx2", "fma"}), "needs the CPU flags avx512_bf16 avx512bw avx512f avx512vl, "
                                                           "which this CPU lacks \\(its SIMD flags: avx avx2\\)"),
         ("amx", frozenset({"amx_bf16", "avx512_bf16"}), "no AMX kernel of its own yet"),
-        ("fast", frozenset(), "'fast' is not a kernel path; use auto, avx512_bf16, torch"),
+        ("avx2", frozenset({"avx", "sse4_2"}), "needs the CPU flags avx2 fma, which this CPU lacks \\(its SIMD "
+                                               "flags: avx\\)"),
+        ("fast", frozenset(), "'fast' is not a kernel path; use auto, avx512_bf16, avx2, torch"),
     ],
 )
 def test_a_kernel_path_the_cpu_cannot_run_is_refused_by_name(value, flags, message, monkeypatch):
@@ -142,7 +150,8 @@ def test_a_kernel_path_the_cpu_cannot_run_is_refused_by_name(value, flags, messa
 
 def test_the_kernel_path_follows_the_cpu_flags(monkeypatch):
     monkeypatch.delenv("HYBRIDLM_KERNEL", raising=False)
-    assert kernel_path(frozenset({"avx2"})) == "torch"
-    assert kernel_path(frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})) == "avx512_bf16"
+    assert kernel_path(frozenset({"avx", "avx2"})) == "torch"  # AVX2 without FMA
+    assert kernel_path(frozenset({"avx2", "fma"})) == "avx2"
+    assert kernel_path(frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})) == "avx512_bf16"
     monkeypatch.setenv("HYBRIDLM_KERNEL", "torch")
     assert kernel_path(frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})) == "torch"

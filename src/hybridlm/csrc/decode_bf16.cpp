@@ -1,12 +1,13 @@
-// Decode-step kernels for CPUs with AVX-512 BF16: a few rows through a Linear layer, and one new
-// query per head against a KV cache.
+// Decode-step kernels for x86 CPUs: a few rows through a Linear layer, and one new query per head
+// against a KV cache. Built twice: with AVX-512 BF16 (vdpbf16ps on bf16 pairs) and with AVX2 + FMA
+// (bf16 widened to fp32 by a shift, then fused multiply-adds), for CPUs without AVX-512.
 //
 // A decode step multiplies one (or a batch's few) rows by every weight matrix: a matrix-vector
 // product that is bound by reading the weights once. oneDNN's bf16 GEMM is built for large M and
-// reaches about a tenth of the memory bandwidth there; PyTorch's flash-attention kernel for
-// CPUs splits work by query blocks, so one query per head leaves it mostly idle. Both kernels
-// here read each weight (or key and value) once, with fp32 accumulation (vdpbf16ps) and one
-// bf16 rounding of the result, as torch's bf16 matmul does.
+// reaches about a tenth of the memory bandwidth there (without native bf16, far less); PyTorch's
+// flash-attention kernel for CPUs splits work by query blocks, so one query per head leaves it
+// mostly idle. Both kernels here read each weight (or key and value) once, with fp32 accumulation
+// and one bf16 rounding of the result, as torch's bf16 matmul does.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -21,6 +22,8 @@ namespace {
 using bf16 = at::BFloat16;
 constexpr int kMaxRows = 8;
 
+#if defined(__AVX512BF16__)
+
 inline __m512bh load_pairs(const bf16* p, __mmask32 mask) {
   return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
 }
@@ -28,6 +31,9 @@ inline __m512bh load_pairs(const bf16* p, __mmask32 mask) {
 inline __mmask32 tail_mask(int64_t remaining) {
   return remaining >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << remaining) - 1u);
 }
+
+// A 4 x 4 tile's 16 accumulators fill half the 32 vector registers.
+constexpr int kMaxAccumulators = 16;
 
 // res[m][j] = x[m, :] . w[n0 + j, :] (+ bias[n0 + j]) for kRows rows and kOuts outputs:
 // independent accumulators hide vdpbf16ps latency.
@@ -50,6 +56,92 @@ void dot_tile(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int64_t
     for (int m = 0; m < kRows; ++m) res[m][j] = _mm512_reduce_add_ps(acc[m][j]) + b;
   }
 }
+
+// q . k for one key row (D bf16 values each).
+inline float dot_row(const bf16* q, const bf16* k, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    __mmask32 mask = tail_mask(D - d);
+    acc = _mm512_dpbf16_ps(acc, load_pairs(k + d, mask), load_pairs(q + d, mask));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// acc[0, D) += p * row[0, D)
+inline void axpy_row(float p, const bf16* row, int64_t D, float* acc) {
+  const __m512 pv = _mm512_set1_ps(p);
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    __m512 vv = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d))), 16));
+    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, vv, _mm512_loadu_ps(acc + d)));
+  }
+  for (; d < D; ++d) acc[d] += p * static_cast<float>(row[d]);
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+// Eight bf16 values widened to fp32: a bf16 is the top half of an fp32.
+inline __m256 load8(const bf16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+inline float reduce8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 16 vector registers: a tile keeps at most 8 accumulators (2 rows x 4 outputs, 4 x 2).
+constexpr int kMaxAccumulators = 8;
+
+// res[m][j] = x[m, :] . w[n0 + j, :] (+ bias[n0 + j]), x widened once per 8 columns and reused
+// across the tile's outputs; the K % 8 tail in scalar code.
+template <int kRows, int kOuts>
+void dot_tile(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int64_t n0, float (*res)[4]) {
+  __m256 acc[kRows][kOuts];
+  for (int m = 0; m < kRows; ++m)
+    for (int j = 0; j < kOuts; ++j) acc[m][j] = _mm256_setzero_ps();
+  const int64_t K8 = K - K % 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 wv[kOuts];
+    for (int j = 0; j < kOuts; ++j) wv[j] = load8(w + (n0 + j) * K + k);
+    for (int m = 0; m < kRows; ++m) {
+      const __m256 xv = load8(x + m * K + k);
+      for (int j = 0; j < kOuts; ++j) acc[m][j] = _mm256_fmadd_ps(wv[j], xv, acc[m][j]);
+    }
+  }
+  for (int j = 0; j < kOuts; ++j) {
+    const float b = bias ? static_cast<float>(bias[n0 + j]) : 0.0f;
+    for (int m = 0; m < kRows; ++m) {
+      float tail = 0.0f;
+      for (int64_t k = K8; k < K; ++k) tail += static_cast<float>(w[(n0 + j) * K + k]) * static_cast<float>(x[m * K + k]);
+      res[m][j] = reduce8(acc[m][j]) + tail + b;
+    }
+  }
+}
+
+inline float dot_row(const bf16* q, const bf16* k, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  const int64_t D8 = D - D % 8;
+  for (int64_t d = 0; d < D8; d += 8) acc = _mm256_fmadd_ps(load8(k + d), load8(q + d), acc);
+  float tail = 0.0f;
+  for (int64_t d = D8; d < D; ++d) tail += static_cast<float>(k[d]) * static_cast<float>(q[d]);
+  return reduce8(acc) + tail;
+}
+
+inline void axpy_row(float p, const bf16* row, int64_t D, float* acc) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, load8(row + d), _mm256_loadu_ps(acc + d)));
+  for (; d < D; ++d) acc[d] += p * static_cast<float>(row[d]);
+}
+
+#else
+#error "decode_bf16.cpp needs AVX-512 BF16 or AVX2 with FMA"
+#endif
 
 enum Activation { kNone = 0, kGeluTanh = 1, kSwiGLU = 2 };
 
@@ -77,12 +169,13 @@ void output_tile(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int6
 template <int kRows>
 void output_rows(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t n1, int64_t N,
                  int act, bf16* out) {
+  constexpr int kOuts = std::min(4, std::max(1, kMaxAccumulators / kRows));
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) output_tile<kRows, 4>(x, K, w, bias, n, N, act, out);
+  for (; n + kOuts <= n1; n += kOuts) output_tile<kRows, kOuts>(x, K, w, bias, n, N, act, out);
   for (; n < n1; ++n) output_tile<kRows, 1>(x, K, w, bias, n, N, act, out);
 }
 
-// Rows in groups of up to four (the accumulators of a 4 x 4 tile fill half the vector registers).
+// Rows in groups of up to four, each group in tiles of as many outputs as the registers hold.
 void linear_block(const bf16* x, int64_t M, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t n1,
                   int64_t N, int act, bf16* out) {
   for (int64_t m = 0; m < M; m += 4) {
@@ -110,12 +203,7 @@ void attend_one(const bf16* q, const std::vector<Keys>& sets, int64_t D, float s
   int64_t i = 0;
   for (const Keys& set : sets)
     for (int64_t s = 0; s < set.length; ++s, ++i) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 32) {
-        __mmask32 mask = tail_mask(D - d);
-        acc = _mm512_dpbf16_ps(acc, load_pairs(set.k + s * set.stride + d, mask), load_pairs(q + d, mask));
-      }
-      scores[i] = _mm512_reduce_add_ps(acc) * scale;
+      scores[i] = dot_row(q, set.k + s * set.stride, D) * scale;
       top = std::max(top, scores[i]);
     }
   float total = 0.0f;
@@ -126,17 +214,7 @@ void attend_one(const bf16* q, const std::vector<Keys>& sets, int64_t D, float s
   std::vector<float> acc(D, 0.0f);
   i = 0;
   for (const Keys& set : sets)
-    for (int64_t s = 0; s < set.length; ++s, ++i) {
-      const bf16* row = set.v + s * set.stride;
-      __m512 p = _mm512_set1_ps(scores[i]);
-      int64_t d = 0;
-      for (; d + 16 <= D; d += 16) {
-        __m512 vv = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d))), 16));
-        _mm512_storeu_ps(acc.data() + d, _mm512_fmadd_ps(p, vv, _mm512_loadu_ps(acc.data() + d)));
-      }
-      for (; d < D; ++d) acc[d] += scores[i] * static_cast<float>(row[d]);
-    }
+    for (int64_t s = 0; s < set.length; ++s, ++i) axpy_row(scores[i], set.v + s * set.stride, D, acc.data());
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<bf16>(acc[d] / total);
 }
 

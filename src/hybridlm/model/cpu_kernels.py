@@ -1,9 +1,11 @@
 """Which CPU kernel path runs, and the builder of our C++ extensions.
 
-The path is chosen from the CPU's flags: `avx512_bf16` (our C++ kernels, csrc/, built on first
-use) where the CPU has AVX-512 BF16, else `torch` (PyTorch's own kernels). HYBRIDLM_KERNEL forces
-one (`auto`, `avx512_bf16`, `torch`); forcing a path this CPU cannot run is refused in one line
-that names the flags found, rather than dying on an illegal instruction. `bench` and
+The path is chosen from the CPU's flags, the first of these the CPU can run:
+- `avx512_bf16`: all our C++ kernels (csrc/, built on first use): training attention and decoding;
+- `avx2` (AVX2 + FMA, every x86-64 CPU since about 2013): the decode kernels, built for AVX2;
+- `torch`: PyTorch's own kernels only.
+HYBRIDLM_KERNEL forces one (`auto` or a path); forcing a path this CPU cannot run is refused in
+one line that names the flags found, rather than dying on an illegal instruction. `bench` and
 `eval efficiency` report the path that ran. There is no AMX path of our own yet: on AMX CPUs the
 AVX-512 BF16 kernels run, and PyTorch's matmuls and SDPA use AMX through oneDNN.
 """
@@ -20,15 +22,18 @@ from pathlib import Path
 from hybridlm.device import cpu_flags, cpu_model
 from hybridlm.errors import UserError
 
-KERNEL_PATHS = ("avx512_bf16", "torch")
-_NEEDS = {"avx512_bf16": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}, "torch": set()}
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+KERNEL_PATHS = ("avx512_bf16", "avx2", "torch")
+"""Best first: `auto` takes the first one the CPU's flags allow."""
+_NEEDS = {"avx512_bf16": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}, "avx2": {"avx2", "fma"}, "torch": set()}
+_FLAGS = {"avx512_bf16": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
+          "avx2": ["-O3", "-mavx2", "-mfma", "-fopenmp"]}
 SOURCES = Path(__file__).resolve().parents[1] / "csrc"
 STALE_LOCK_S = 300
 """torch's build lock older than this is left over from a killed process (a build takes ~30 s)."""
 _lock = threading.Lock()
-_built: dict[str, object] = {}
+_built: dict[str, object] = {}  # by module name
 _failed: set[str] = set()
+_chosen: dict[tuple[str, str], object] = {}  # (extension, HYBRIDLM_KERNEL) -> its module, or None
 
 
 def kernel_path(flags: frozenset[str] | None = None) -> str:
@@ -37,7 +42,7 @@ def kernel_path(flags: frozenset[str] | None = None) -> str:
     flags = cpu_flags() if flags is None else flags
     forced = os.environ.get("HYBRIDLM_KERNEL", "auto")
     if forced == "auto":
-        return "avx512_bf16" if _NEEDS["avx512_bf16"] <= flags else "torch"
+        return next(path for path in KERNEL_PATHS if _NEEDS[path] <= flags)
     if forced == "amx":
         raise UserError("HYBRIDLM_KERNEL=amx: hybridlm has no AMX kernel of its own yet (on AMX CPUs the avx512_bf16 "
                         "path runs, and PyTorch's matmuls use AMX); set HYBRIDLM_KERNEL to auto, avx512_bf16 or torch")
@@ -53,7 +58,7 @@ def kernel_path(flags: frozenset[str] | None = None) -> str:
 
 def machine() -> dict:
     """What a speed figure ran on: the CPU model, the SIMD flags that pick a path, and the path."""
-    flags = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"))
+    flags = sorted(f for f in cpu_flags() if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"))
     return {"cpu": cpu_model(), "cpu_flags": " ".join(flags), "kernel_path": kernel_path()}
 
 
@@ -72,25 +77,30 @@ def clear_stale_lock(name: str) -> bool:
     return False
 
 
-def avx512_extension(name: str, source: str, what: str):
-    """The compiled extension `name` from csrc/`source` on the avx512_bf16 path (built once per
-    process, cached on disk by torch), or None on the torch path or when it cannot be built here
-    (one warning, then PyTorch's kernels)."""
-    if name in _built and os.environ.get("HYBRIDLM_KERNEL", "auto") in ("auto", "avx512_bf16"):
-        return _built[name]  # the per-call fast path: built, and the path has not been forced away since
-    if kernel_path() != "avx512_bf16":
-        return None
-    with _lock:
-        if name not in _built and name not in _failed:
-            module = _build(name, SOURCES / source, what)
-            if module is None:
-                _failed.add(name)
-            else:
-                _built[name] = module
-        return _built.get(name)
+def cpu_extension(name: str, source: str, what: str, paths: tuple[str, ...]):
+    """The compiled extension from csrc/`source` for this process's kernel path when it is one of
+    `paths` (module `name`_PATH, built once per process, cached on disk by torch), or None on other
+    paths or when it cannot be built here (one warning, then PyTorch's kernels)."""
+    key = (name, os.environ.get("HYBRIDLM_KERNEL", "auto"))
+    if key in _chosen:
+        return _chosen[key]  # the per-call fast path: decided, and the path has not been forced away since
+    path = kernel_path()
+    module = None
+    if path in paths:
+        module_name = f"{name}_{path}"
+        with _lock:
+            if module_name not in _built and module_name not in _failed:
+                built = _build(module_name, SOURCES / source, what, _FLAGS[path])
+                if built is None:
+                    _failed.add(module_name)
+                else:
+                    _built[module_name] = built
+            module = _built.get(module_name)
+    _chosen[key] = module
+    return module
 
 
-def _build(name: str, source: Path, what: str):
+def _build(name: str, source: Path, what: str, flags: list[str]):
     try:
         from torch.utils.cpp_extension import load
 
@@ -99,7 +109,7 @@ def _build(name: str, source: Path, what: str):
         if venv_bin not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
         print(f"hybridlm: loading the {what} (the first time compiles it, about 30 s)", file=sys.stderr, flush=True)
-        return load(name, [str(source)], extra_cflags=_FLAGS, verbose=False)
+        return load(name, [str(source)], extra_cflags=flags, verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the portable path
         warnings.warn(f"the C++ {what} could not be built ({exc}); using PyTorch's kernels", stacklevel=2)
         return None

@@ -1,10 +1,10 @@
-"""The C++ decode-step kernels for CPUs with AVX-512 BF16 (csrc/decode_bf16.cpp).
+"""The C++ decode-step kernels for CPUs with AVX-512 BF16 or AVX2 (csrc/decode_bf16.cpp).
 
 A decode step is a few rows through every weight matrix and one query per head against the KV
 cache. PyTorch's bf16 kernels are built for many rows: a one-row Linear reads its weights at
 about a tenth of the bandwidth the CPU has, and SDPA leaves its threads idle for one query. These
 kernels read each weight, key and value once (fp32 accumulation, one bf16 rounding). They serve
-inference only (no autograd), on the avx512_bf16 kernel path (cpu_kernels.py).
+inference only (no autograd), on the avx512_bf16 and avx2 kernel paths (cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
-from hybridlm.model.cpu_kernels import avx512_extension
+from hybridlm.model.cpu_kernels import cpu_extension
 
 MAX_ROWS = 4
 """Rows up to which the Linear kernel beats oneDNN's bf16 GEMM (measured at 1, 4 and 8 rows on
@@ -22,7 +22,7 @@ MAX_ROWS = 4
 
 
 def _extension():
-    return avx512_extension("hybridlm_decode_bf16", "decode_bf16.cpp", "bf16 decode kernels")
+    return cpu_extension("hybridlm_decode", "decode_bf16.cpp", "bf16 decode kernels", ("avx512_bf16", "avx2"))
 
 
 def _inference_bf16(a: torch.Tensor, b: torch.Tensor) -> bool:

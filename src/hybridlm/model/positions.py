@@ -26,11 +26,48 @@ class Rotary(nn.Module):
         self.cos_TF, self.sin_TF = angles_TF.cos().to(device), angles_TF.sin().to(device)
 
     def forward(self, x_BHTD: torch.Tensor, start: int) -> torch.Tensor:
+        """x (B, H, T, D) rotated for positions start..start+T-1."""
         n = x_BHTD.shape[2]
-        cos, sin = self.cos_TF[start : start + n], self.sin_TF[start : start + n]
-        x1, x2 = x_BHTD.float().chunk(2, dim=-1)
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return rotated.to(x_BHTD.dtype)
+        return _RotateHalf.apply(x_BHTD, self.cos_TF[start : start + n], self.sin_TF[start : start + n])
+
+    def rotate_heads(self, x_BTND: torch.Tensor, positions: int | list[int]) -> torch.Tensor:
+        """x (B, T, heads, D), heads-inner as a projection writes them (q and k of every head in
+        one call), rotated for positions start..start+T-1 (`positions` an int) or, with one
+        position per row, for a decode step of rows at different positions (T = 1)."""
+        if isinstance(positions, int):
+            n = x_BTND.shape[1]
+            cos, sin = self.cos_TF[positions : positions + n, None], self.sin_TF[positions : positions + n, None]
+        else:
+            cos, sin = self.cos_TF[positions][:, None, None], self.sin_TF[positions][:, None, None]
+        return _RotateHalf.apply(x_BTND, cos, sin)
+
+
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """(x1 cos - sign x2 sin, x2 cos + sign x1 sin) written into the halves of one new tensor: no
+    concatenation or temporaries; bf16/fp16 inputs are rotated in fp32 and rounded once."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    out1, out2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=sign)
+    return out.to(x.dtype)
+
+
+class _RotateHalf(torch.autograd.Function):
+    """Rotate-half RoPE with its own backward: the gradient is the rotation by the opposite angle,
+    so nothing but the (shared) tables is saved. Four elementwise kernels each way, where autograd
+    through the plain formula ran nine and kept their inputs."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate_half(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate_half(grad_out, cos, sin, -1.0), None, None
 
 
 def sinusoidal_table(max_seq_len: int, dim: int) -> torch.Tensor:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from hybridlm.model.cpu_kernels import avx512_extension
+from hybridlm.model.cpu_kernels import cpu_extension
 
 _HEAD_DIMS = (32, 64, 128)
 
 
 def _extension():
     """The compiled module, or None when it cannot be had here."""
-    return avx512_extension("hybridlm_sparse_bf16", "sparse_attention_bf16.cpp", "bf16 attention kernel")
+    return cpu_extension("hybridlm_sparse", "sparse_attention_bf16.cpp", "bf16 attention kernel", ("avx512_bf16",))
 
 
 def kernel_applies(q: torch.Tensor) -> bool:

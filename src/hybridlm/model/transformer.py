@@ -83,18 +83,20 @@ class Attention(nn.Module):
             self.k_global = self.v_global = None
 
     def forward(self, x_BTC: torch.Tensor, start: int, cache: LayerCache | None, causal: bool) -> torch.Tensor:
-        q_BHTD, k_BHTD, v_BHTD = self.heads(x_BTC)
-        if self.rotary is not None:
-            q_BHTD, k_BHTD = self.rotary(q_BHTD, start), self.rotary(k_BHTD, start)
+        q_BHTD, k_BHTD, v_BHTD = self.heads(x_BTC, start)
         return self.merge(self.attend(q_BHTD, k_BHTD, v_BHTD, cache, causal))
 
-    def heads(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (B, n_head, T, D), k and v (B, n_kv_head, T, D): one projection for all three."""
+    def heads(self, x_BTC: torch.Tensor, positions: int | list[int] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, n_head, T, D), k and v (B, n_kv_head, T, D): one projection for all three. With
+        `positions` (see Rotary.rotate_heads) q and k come rotated, in one call for both."""
         B, T, _ = x_BTC.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x_BTC).split([H * D, KV * D, KV * D], dim=-1)
-        return (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, KV, D).transpose(1, 2),
-                v.view(B, T, KV, D).transpose(1, 2))
+        qkv_BTND = self.qkv(x_BTC).view(B, T, H + 2 * KV, D)
+        qk_BTND, v_BTKD = qkv_BTND[:, :, : H + KV], qkv_BTND[:, :, H + KV :]
+        if positions is not None and self.rotary is not None:
+            qk_BTND = self.rotary.rotate_heads(qk_BTND, positions)
+        return qk_BTND[:, :, :H].transpose(1, 2), qk_BTND[:, :, H:].transpose(1, 2), v_BTKD.transpose(1, 2)
 
     def merge(self, y_BHTD: torch.Tensor) -> torch.Tensor:
         """The heads' outputs back to (B, T, C) through the output projection."""
@@ -123,15 +125,11 @@ class Attention(nn.Module):
 
     def decode_rows(self, x_B1C: torch.Tensor, starts: list[int], caches: list[LayerCache]) -> torch.Tensor:
         """One new token per row, row b at position starts[b] with its own cache: the projections
-        run once for the batch, RoPE and attention per row (the path `forward` takes for one
+        and RoPE run once for the batch, attention per row (the path `forward` takes for one
         sequence with a cache, so a row decodes alike alone or batched)."""
-        q_BH1D, k_BK1D, v_BK1D = self.heads(x_B1C)
-        rows = []
-        for b, (start, cache) in enumerate(zip(starts, caches)):
-            q_1H1D, k_1K1D = q_BH1D[b : b + 1], k_BK1D[b : b + 1]
-            if self.rotary is not None:
-                q_1H1D, k_1K1D = self.rotary(q_1H1D, start), self.rotary(k_1K1D, start)
-            rows.append(self.attend(q_1H1D, k_1K1D, v_BK1D[b : b + 1], cache, True))
+        q_BH1D, k_BK1D, v_BK1D = self.heads(x_B1C, starts)
+        rows = [self.attend(q_BH1D[b : b + 1], k_BK1D[b : b + 1], v_BK1D[b : b + 1], cache, True)
+                for b, cache in enumerate(caches)]
         return self.merge(torch.cat(rows))
 
 

@@ -30,6 +30,7 @@ from hybridlm.inference.decode import generate_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.interop.gguf_export import export_gguf, tensor_names
 from hybridlm.model.converters.quant import QuantSpec
+from hybridlm.model.cpu_kernels import machine
 from hybridlm.quantize.writer import quantize_run
 from hybridlm.run import load_run
 from hybridlm.train.config import run_config_from_dict
@@ -140,7 +141,7 @@ def main() -> None:
             quantize_run(run_dir, QuantSpec(to=kind, group_size=64), target)
     prompts = _prompts(run, 4, 64)
     speed_prompt = _prompts(run, 1, args.prompt_tokens)[0]
-    results = {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+    results = {"machine": machine(), "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                "tokens": {}, "llama_cpp": {}, "hybridlm": {}}
     for kind, path in files.items():
         results["tokens"][kind] = same_tokens(run_dir, path, prompts, 32, args.threads)

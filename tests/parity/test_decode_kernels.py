@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.config import preset
+from hybridlm.device import cpu_has_bf16
 from hybridlm.errors import UserError
 from hybridlm.model import HybridLM
 from hybridlm.model.cpu_kernels import kernel_path
@@ -21,8 +22,9 @@ from hybridlm.model.decode_kernel_bf16 import (
     decode_attention_bf16,
     linear_applies,
     linear_bf16,
+    widens_bf16,
 )
-from hybridlm.model.transformer import ACTIVATIONS
+from hybridlm.model.transformer import ACTIVATIONS, Linear
 
 ONE_ROUNDING = 2.0**-8
 
@@ -101,6 +103,22 @@ def test_decode_attention_over_key_sets_equals_sdpa_over_their_concatenation(ker
                                                enable_gqa=True)
     torch.testing.assert_close(decode_attention_bf16(q, keys, values).float(), reference, rtol=ONE_ROUNDING,
                                atol=2e-3)
+
+
+@torch.no_grad()
+def test_many_bf16_rows_on_a_cpu_without_native_bf16_are_multiplied_in_fp32():
+    """A prefill's rows (more than the decode kernel takes) through a bf16 Linear: where the CPU
+    has no native bf16 the layer widens to fp32 and rounds once, which is exactly the fp32
+    product rounded; elsewhere oneDNN's bf16 GEMM gives it within one rounding."""
+    layer = Linear(96, 40).to(torch.bfloat16)
+    x = _bf16(3, 7, 96, seed=4)
+    assert widens_bf16(x, layer.weight) == (not cpu_has_bf16())
+    exact = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(torch.bfloat16)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    if widens_bf16(x, layer.weight):
+        assert torch.equal(got, exact)
+    torch.testing.assert_close(got.float(), exact.float(), rtol=ONE_ROUNDING, atol=1e-3)
 
 
 def _decode_logits(model: HybridLM, ids: list[int]) -> torch.Tensor:

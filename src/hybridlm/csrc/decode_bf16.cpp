@@ -35,6 +35,10 @@ inline __mmask32 tail_mask(int64_t remaining) {
 // A 4 x 4 tile's 16 accumulators fill half the 32 vector registers.
 constexpr int kMaxAccumulators = 16;
 
+// The Linear's input rows as the tiles read them: bf16 pairs, as they come.
+using XRow = bf16;
+inline const XRow* prepared_rows(const bf16* x, int64_t, int64_t, std::vector<float>&) { return x; }
+
 // res[m][j] = x[m, :] . w[n0 + j, :] (+ bias[n0 + j]) for kRows rows and kOuts outputs:
 // independent accumulators hide vdpbf16ps latency.
 template <int kRows, int kOuts>
@@ -87,6 +91,16 @@ inline __m256 load8(const bf16* p) {
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
+// Sixteen bf16 values as two fp32 vectors in one load and two interleaves with zeros (each bf16
+// lands in the top half of a 32-bit lane). The lanes come permuted within each 128-bit half; the
+// inputs are widened in the same order (prepared_rows), which a dot product does not see.
+inline void load16(const bf16* p, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i zero = _mm256_setzero_si256();
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+}
+
 inline float reduce8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -97,27 +111,46 @@ inline float reduce8(__m256 v) {
 // 16 vector registers: a tile keeps at most 8 accumulators (2 rows x 4 outputs, 4 x 2).
 constexpr int kMaxAccumulators = 8;
 
-// res[m][j] = x[m, :] . w[n0 + j, :] (+ bias[n0 + j]), x widened once per 8 columns and reused
-// across the tile's outputs; the K % 8 tail in scalar code.
+// The Linear's input rows widened to fp32 once per call, in load16's lane order (the K % 16 tail
+// in order), so the tiles' inner loop only widens weights.
+using XRow = float;
+inline const XRow* prepared_rows(const bf16* x, int64_t M, int64_t K, std::vector<float>& buffer) {
+  buffer.resize(M * K);
+  const int64_t K16 = K - K % 16;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K16; k += 16) {
+      __m256 lo, hi;
+      load16(x + m * K + k, lo, hi);
+      _mm256_storeu_ps(buffer.data() + m * K + k, lo);
+      _mm256_storeu_ps(buffer.data() + m * K + k + 8, hi);
+    }
+    for (int64_t k = K16; k < K; ++k) buffer[m * K + k] = static_cast<float>(x[m * K + k]);
+  }
+  return buffer.data();
+}
+
+// res[m][j] = x[m, :] . w[n0 + j, :] (+ bias[n0 + j]): each weight row widened once per 16
+// columns and used by every row of the tile; the K % 16 tail in scalar code.
 template <int kRows, int kOuts>
-void dot_tile(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int64_t n0, float (*res)[4]) {
+void dot_tile(const XRow* x, int64_t K, const bf16* w, const bf16* bias, int64_t n0, float (*res)[4]) {
   __m256 acc[kRows][kOuts];
   for (int m = 0; m < kRows; ++m)
     for (int j = 0; j < kOuts; ++j) acc[m][j] = _mm256_setzero_ps();
-  const int64_t K8 = K - K % 8;
-  for (int64_t k = 0; k < K8; k += 8) {
-    __m256 wv[kOuts];
-    for (int j = 0; j < kOuts; ++j) wv[j] = load8(w + (n0 + j) * K + k);
-    for (int m = 0; m < kRows; ++m) {
-      const __m256 xv = load8(x + m * K + k);
-      for (int j = 0; j < kOuts; ++j) acc[m][j] = _mm256_fmadd_ps(wv[j], xv, acc[m][j]);
+  const int64_t K16 = K - K % 16;
+  for (int64_t k = 0; k < K16; k += 16)
+    for (int j = 0; j < kOuts; ++j) {
+      __m256 lo, hi;
+      load16(w + (n0 + j) * K + k, lo, hi);
+      for (int m = 0; m < kRows; ++m) {
+        acc[m][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * K + k), acc[m][j]);
+        acc[m][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * K + k + 8), acc[m][j]);
+      }
     }
-  }
   for (int j = 0; j < kOuts; ++j) {
     const float b = bias ? static_cast<float>(bias[n0 + j]) : 0.0f;
     for (int m = 0; m < kRows; ++m) {
       float tail = 0.0f;
-      for (int64_t k = K8; k < K; ++k) tail += static_cast<float>(w[(n0 + j) * K + k]) * static_cast<float>(x[m * K + k]);
+      for (int64_t k = K16; k < K; ++k) tail += static_cast<float>(w[(n0 + j) * K + k]) * x[m * K + k];
       res[m][j] = reduce8(acc[m][j]) + tail + b;
     }
   }
@@ -125,10 +158,15 @@ void dot_tile(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int64_t
 
 inline float dot_row(const bf16* q, const bf16* k, int64_t D) {
   __m256 acc = _mm256_setzero_ps();
-  const int64_t D8 = D - D % 8;
-  for (int64_t d = 0; d < D8; d += 8) acc = _mm256_fmadd_ps(load8(k + d), load8(q + d), acc);
+  const int64_t D16 = D - D % 16;
+  for (int64_t d = 0; d < D16; d += 16) {
+    __m256 k_lo, k_hi, q_lo, q_hi;
+    load16(k + d, k_lo, k_hi);
+    load16(q + d, q_lo, q_hi);
+    acc = _mm256_fmadd_ps(k_hi, q_hi, _mm256_fmadd_ps(k_lo, q_lo, acc));
+  }
   float tail = 0.0f;
-  for (int64_t d = D8; d < D; ++d) tail += static_cast<float>(k[d]) * static_cast<float>(q[d]);
+  for (int64_t d = D16; d < D; ++d) tail += static_cast<float>(k[d]) * static_cast<float>(q[d]);
   return reduce8(acc) + tail;
 }
 
@@ -152,7 +190,7 @@ inline float gelu_tanh(float y) {
 // Outputs [n0, n0 + kOuts) of kRows rows, with the activation applied in fp32 before the one
 // rounding to bf16. SwiGLU reads the gate from weight rows n and the value from rows n + N.
 template <int kRows, int kOuts>
-void output_tile(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t N, int act,
+void output_tile(const XRow* x, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t N, int act,
                  bf16* out) {
   float res[kRows][4], up[kRows][4];
   dot_tile<kRows, kOuts>(x, K, w, bias, n0, res);
@@ -167,7 +205,7 @@ void output_tile(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int6
 }
 
 template <int kRows>
-void output_rows(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t n1, int64_t N,
+void output_rows(const XRow* x, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t n1, int64_t N,
                  int act, bf16* out) {
   constexpr int kOuts = std::min(4, std::max(1, kMaxAccumulators / kRows));
   int64_t n = n0;
@@ -176,10 +214,10 @@ void output_rows(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int6
 }
 
 // Rows in groups of up to four, each group in tiles of as many outputs as the registers hold.
-void linear_block(const bf16* x, int64_t M, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t n1,
+void linear_block(const XRow* x, int64_t M, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t n1,
                   int64_t N, int act, bf16* out) {
   for (int64_t m = 0; m < M; m += 4) {
-    const bf16* xm = x + m * K;
+    const XRow* xm = x + m * K;
     bf16* om = out + m * N;
     switch (std::min<int64_t>(4, M - m)) {
       case 1: output_rows<1>(xm, K, w, bias, n0, n1, N, act, om); break;
@@ -235,7 +273,8 @@ at::Tensor linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bia
     bias_c = bias->contiguous();
     b = bias_c.data_ptr<bf16>();
   }
-  const bf16* xp = x.data_ptr<bf16>();
+  std::vector<float> widened;
+  const XRow* xp = prepared_rows(x.data_ptr<bf16>(), M, K, widened);
   const bf16* wp = weight.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
   // About 16 KiB of weights per task: big enough to amortise the fork, small enough to balance.

@@ -21,7 +21,7 @@ from hybridlm.model.attention import (
     dense_causal_attention,
     sparse_causal_attention,
 )
-from hybridlm.model.decode_kernel_bf16 import linear_applies, linear_bf16
+from hybridlm.model.decode_kernel_bf16 import linear_applies, linear_bf16, widens_bf16
 from hybridlm.model.kv_cache import DenseKVCache, SparseKVCache
 from hybridlm.model.layout import LayerSpec, resolve_layers
 from hybridlm.model.loss import chunked_cross_entropy, target_log_probs
@@ -49,6 +49,9 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if linear_applies(x, self.weight):
             return linear_bf16(x, self.weight, self.bias)
+        if widens_bf16(x, self.weight):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)
         return F.linear(x, self.weight, self.bias)
 
     def fused(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:

@@ -38,12 +38,13 @@ def linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and _extension() is not None)
 
 
-def widens_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A bf16 CPU matmul on a CPU without native bf16 (no AVX-512 BF16 or AMX), where oneDNN's bf16
-    GEMM runs about 5x slower than fp32 (a 512-token prefill, measured on an AVX2 CPU): widen to
-    fp32, multiply, round once, the numbers torch's bf16 matmul gives (fp32 accumulation)."""
-    return (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu"
-            and not isinstance(weight, DTensor) and not cpu_has_bf16())
+def widens_bf16(*tensors: torch.Tensor) -> bool:
+    """A bf16 CPU matmul of `tensors` on a CPU without native bf16 (no AVX-512 BF16 or AMX), where
+    oneDNN's bf16 GEMM runs about 5x slower than fp32 (a 512-token prefill, measured on an AVX2 CPU):
+    the caller widens to fp32, multiplies and rounds once, the numbers torch's bf16 matmul gives
+    (fp32 accumulation)."""
+    return (all(t.dtype is torch.bfloat16 and t.device.type == "cpu" and not isinstance(t, DTensor) for t in tensors)
+            and not cpu_has_bf16())
 
 
 _ACTIVATION_CODES = {"none": 0, "gelu_tanh": 1, "swiglu": 2}

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlm.errors import UserError
+from hybridlm.model.decode_kernel_bf16 import widens_bf16
 
 KINDS = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what aten's int4 CPU kernel takes
@@ -167,7 +168,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if x.device.type != "cpu" or rows > KERNEL_MAX_ROWS[self.kind]:
-            return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            dtype = torch.float32 if widens_bf16(x) else x.dtype  # a prefill in bf16 on a CPU without it
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return F.linear(x.to(dtype), self.dequantized(dtype), bias).to(x.dtype)
         flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
         if self.kind == "int8":
             y = torch._weight_int8pack_mm(flat, self.qweight, self.scales.to(torch.bfloat16))

@@ -157,3 +157,17 @@ def test_the_builtin_recipe_by_name_is_the_file_and_the_quickstart_resizes_it(tm
     ratios = [s.run.optim.lr / quick[0].run.optim.lr for s in quick]
     assert ratios == pytest.approx([s.run.optim.lr / by_name[0].run.optim.lr for s in by_name], rel=1e-12)
     assert quick[1].run.optim.lr == 1e-3 / 3 and quick[2].run.optim.lr == 1e-3 / 6
+
+
+def test_the_quickstart_warns_first_where_training_cannot_run_in_bf16():
+    """The presets are sized for a CPU with bf16 matmul; elsewhere (fp32 training) the small
+    preset's wait is announced, with the way out, and the tiny preset goes without a note."""
+    from hybridlm.device import default_device, resolve_dtype
+    from hybridlm.quickstart import speed_hint
+
+    assert speed_hint("tiny") is None
+    hint = speed_hint("small")
+    if resolve_dtype("auto", default_device()) == "bf16":
+        assert hint is None
+    else:
+        assert "fp32" in hint and "--preset tiny" in hint

@@ -247,7 +247,9 @@ def test_lm_eval_hf_backend_on_an_export_scores_like_eval_run(fmt, tiny_run, tmp
     pairs, theirs = _requests_and_loglikelihoods(samples)
     assert any(c == "" for c, _ in pairs) and any(c for c, _ in pairs)
     ours = [ll for ll, _ in Scorer.from_path(run, dtype="fp32").loglikelihood(pairs)]
-    assert theirs == pytest.approx(ours, abs=1e-4)
+    # fp32 sums of up to ~1,300 nats: the export's own RoPE formula rounds differently from ours
+    # (1.2e-4 apart, 1e-7 relative, measured), far below any real mismatch.
+    assert theirs == pytest.approx(ours, rel=1e-6, abs=1e-4)
     if fmt == "gpt2":
         import_hf(export, tmp_path / "imported")
         again = [ll for ll, _ in Scorer.from_path(tmp_path / "imported", dtype="fp32").loglikelihood(pairs)]

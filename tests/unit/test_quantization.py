@@ -215,3 +215,21 @@ def test_quantize_cli_and_its_bad_input(cli, tiny_run, tmp_path):
         assert not (tmp_path / "a").exists()
     code, _, err = cli("quantize", str(out), "--to", "int8", "--out", str(tmp_path / "a"))
     assert code == 2 and "is already quantized (int4)" in err and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_bf16_prefill_through_a_quantized_layer_is_the_fp32_product_rounded_once(kind):
+    """More rows than aten's quantized kernels take: the dequantized weight times the rows, in fp32
+    and rounded once where the CPU has no native bf16 (widened), within one rounding elsewhere."""
+    from hybridlm.model.decode_kernel_bf16 import widens_bf16
+
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_linear(nn.Linear(64, 24), kind, 32)
+    x = torch.randn(2, KERNEL_MAX_ROWS[kind], 64).to(torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x)
+        exact = F.linear(x.float(), layer.dequantized(torch.float32), layer.bias.float()).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    if widens_bf16(x):
+        assert torch.equal(got, exact)
+    torch.testing.assert_close(got.float(), exact.float(), rtol=2**-8, atol=1e-3)

@@ -45,7 +45,7 @@ def kernel_path(flags: frozenset[str] | None = None) -> str:
         return next(path for path in KERNEL_PATHS if _NEEDS[path] <= flags)
     if forced == "amx":
         raise UserError("HYBRIDLM_KERNEL=amx: hybridlm has no AMX kernel of its own yet (on AMX CPUs the avx512_bf16 "
-                        "path runs, and PyTorch's matmuls use AMX); set HYBRIDLM_KERNEL to auto, avx512_bf16 or torch")
+                        f"path runs, and PyTorch's matmuls use AMX); set HYBRIDLM_KERNEL to auto, {', '.join(KERNEL_PATHS)}")
     if forced not in KERNEL_PATHS:
         raise UserError(f"HYBRIDLM_KERNEL={forced!r} is not a kernel path; use auto, {', '.join(KERNEL_PATHS)}")
     missing = _NEEDS[forced] - flags

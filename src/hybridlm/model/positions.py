@@ -28,7 +28,7 @@ class Rotary(nn.Module):
     def forward(self, x_BHTD: torch.Tensor, start: int) -> torch.Tensor:
         """x (B, H, T, D) rotated for positions start..start+T-1."""
         n = x_BHTD.shape[2]
-        return _RotateHalf.apply(x_BHTD, self.cos_TF[start : start + n], self.sin_TF[start : start + n])
+        return _rotate(x_BHTD, self.cos_TF[start : start + n], self.sin_TF[start : start + n])
 
     def rotate_heads(self, x_BTND: torch.Tensor, positions: int | list[int]) -> torch.Tensor:
         """x (B, T, heads, D), heads-inner as a projection writes them (q and k of every head in
@@ -39,7 +39,17 @@ class Rotary(nn.Module):
             cos, sin = self.cos_TF[positions : positions + n, None], self.sin_TF[positions : positions + n, None]
         else:
             cos, sin = self.cos_TF[positions][:, None, None], self.sin_TF[positions][:, None, None]
-        return _RotateHalf.apply(x_BTND, cos, sin)
+        return _rotate(x_BTND, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The fused rotation in eager mode; under torch.compile the plain formula, which Inductor fuses
+    itself (AOT autograd mis-replays the fused one's writes into views of one buffer: a compiled
+    training step failed with a garbage view shape)."""
+    if torch.compiler.is_compiling():
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return _RotateHalf.apply(x, cos, sin)
 
 
 def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:

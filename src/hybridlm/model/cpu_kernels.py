@@ -29,7 +29,7 @@ _FLAGS = {"avx512_bf16": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx
           "avx2": ["-O3", "-mavx2", "-mfma", "-fopenmp"]}
 SOURCES = Path(__file__).resolve().parents[1] / "csrc"
 STALE_LOCK_S = 300
-"""torch's build lock older than this is left over from a killed process (a build takes ~30 s)."""
+"""torch's build lock older than this is left over from a killed process (a build takes 30-80 s)."""
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # by module name
 _failed: set[str] = set()
@@ -108,7 +108,7 @@ def _build(name: str, source: Path, what: str, flags: list[str]):
         venv_bin = str(Path(sys.executable).parent)  # where pip put ninja, when the venv is not activated
         if venv_bin not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
-        print(f"hybridlm: loading the {what} (the first time compiles it, about 30 s)", file=sys.stderr, flush=True)
+        print(f"hybridlm: loading the {what} (the first time compiles it, 30-80 s)", file=sys.stderr, flush=True)
         return load(name, [str(source)], extra_cflags=flags, verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the portable path
         warnings.warn(f"the C++ {what} could not be built ({exc}); using PyTorch's kernels", stacklevel=2)

@@ -12,8 +12,11 @@ import torch
 
 from hybridlm.config import ModelConfig
 from hybridlm.data.prepare import prepare
+from hybridlm.errors import UserError
 from hybridlm.fileio import atomic_write_json
 from hybridlm.model import HybridLM
+from hybridlm.model.cpu_kernels import kernel_path
+from hybridlm.model.decode_kernel_bf16 import linear_applies
 from hybridlm.run import load_run, save_final
 from hybridlm.tokenizer import train_tokenizer
 from hybridlm.train.config import RunConfig, TrainConfig
@@ -34,6 +37,20 @@ def shared_file(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: the shared datasets sit beside the checkout")
     return path
+
+
+@pytest.fixture(params=["avx512_bf16", "avx2"])
+def kernel(request, monkeypatch):
+    """Each build of the decode kernels this CPU can run, forced by HYBRIDLM_KERNEL (an AVX-512 CPU
+    runs both): their parity tests run on every build."""
+    monkeypatch.setenv("HYBRIDLM_KERNEL", request.param)
+    try:
+        kernel_path()
+    except UserError:
+        pytest.skip(f"this CPU cannot run the {request.param} kernel path")
+    with torch.no_grad():
+        if not linear_applies(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(4, 32, dtype=torch.bfloat16)):
+            pytest.skip("the decode kernels need a C++ compiler")
 
 
 @pytest.fixture

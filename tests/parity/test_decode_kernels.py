@@ -29,19 +29,6 @@ from hybridlm.model.transformer import ACTIVATIONS, Linear
 ONE_ROUNDING = 2.0**-8
 
 
-@pytest.fixture(params=["avx512_bf16", "avx2"])
-def kernel(request, monkeypatch):
-    """Each build of the kernels this CPU can run, forced by HYBRIDLM_KERNEL (an AVX-512 CPU runs both)."""
-    monkeypatch.setenv("HYBRIDLM_KERNEL", request.param)
-    try:
-        kernel_path()
-    except UserError:
-        pytest.skip(f"this CPU cannot run the {request.param} kernel path")
-    with torch.no_grad():
-        if not linear_applies(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(4, 32, dtype=torch.bfloat16)):
-            pytest.skip("the decode kernels need a C++ compiler")
-
-
 def _bf16(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 

@@ -256,6 +256,20 @@ void attend_one(const bf16* q, const std::vector<Keys>& sets, int64_t D, float s
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<bf16>(acc[d] / total);
 }
 
+// out (M, N) = act(x (M, K) @ w.T + b) for contiguous bf16 x, w (N or 2N, K) and b; the rows are
+// widened once (prepared_rows) and the outputs split across threads.
+void linear_into(const bf16* x, int64_t M, int64_t K, const at::Tensor& w, const bf16* b, int act, bf16* out) {
+  const int64_t N = act == kSwiGLU ? w.size(0) / 2 : w.size(0);
+  std::vector<float> widened;
+  const XRow* xp = prepared_rows(x, M, K, widened);
+  const bf16* wp = w.data_ptr<bf16>();
+  // About 16 KiB of weights per task: big enough to amortise the fork, small enough to balance.
+  const int64_t grain = std::max<int64_t>(8, 8192 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { linear_block(xp, M, K, wp, b, n0, n1, N, act, out); });
+}
+
+inline const bf16* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<bf16>() : nullptr; }
+
 }  // namespace
 
 // x (M, K) bf16, M <= 8; weight (N, K) bf16 contiguous; bias (N) bf16 or None; act 0 (none),
@@ -265,21 +279,9 @@ at::Tensor linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bia
   TORCH_CHECK(act >= kNone && act <= kSwiGLU && (act != kSwiGLU || weight.size(0) % 2 == 0), "linear: bad act");
   x = x.contiguous();
   weight = weight.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = act == kSwiGLU ? weight.size(0) / 2 : weight.size(0);
-  auto out = at::empty({M, N}, x.options());
-  const bf16* b = nullptr;
-  at::Tensor bias_c;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->contiguous();
-    b = bias_c.data_ptr<bf16>();
-  }
-  std::vector<float> widened;
-  const XRow* xp = prepared_rows(x.data_ptr<bf16>(), M, K, widened);
-  const bf16* wp = weight.data_ptr<bf16>();
-  bf16* op = out.data_ptr<bf16>();
-  // About 16 KiB of weights per task: big enough to amortise the fork, small enough to balance.
-  const int64_t grain = std::max<int64_t>(8, 8192 / std::max<int64_t>(K, 1));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { linear_block(xp, M, K, wp, b, n0, n1, N, act, op); });
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  auto out = at::empty({x.size(0), act == kSwiGLU ? weight.size(0) / 2 : weight.size(0)}, x.options());
+  linear_into(x.data_ptr<bf16>(), x.size(0), x.size(1), weight, data_or_null(b), act, out.data_ptr<bf16>());
   return out;
 }
 
@@ -319,7 +321,220 @@ at::Tensor decode_attention(at::Tensor q, std::vector<at::Tensor> ks, std::vecto
   return out;
 }
 
+
+// --- The fused decode step ---------------------------------------------------------------------
+// One call runs a whole bf16 decode step, every layer: norm, qkv, RoPE, the cache write,
+// attention, output projection, residual, norm, FFN, residual, then the final norm and the head.
+// At GPT-2-small widths the kernels of a step take under half of it when Python drives each op
+// (about 70 module calls and 400 small aten ops per step); here the Python side only hands over
+// the caches' buffers. Each op rounds to bf16 where the unfused bf16 path rounds, so both give the
+// same numbers up to fp32 rounding order.
+
+namespace {
+
+struct Norm {
+  at::Tensor weight, bias;  // (C) bf16; either may be undefined
+};
+
+// One layer's weights, as HybridLM holds them (nothing is copied).
+struct Layer {
+  Norm norm1, norm2;
+  at::Tensor qkv_w, qkv_b, proj_w, proj_b, up_w, up_b, down_w, down_b;
+  at::Tensor k_global, v_global;  // (KV, G, D) bf16: a sparse layer's global slots, or undefined
+  int64_t act;
+};
+
+// y = norm(x) for R rows of C, in fp32 and rounded once, as torch's bf16 LayerNorm does (RMSNorm:
+// no centring, no bias).
+void norm_rows(const Norm& n, bool rms, float eps, const bf16* x, int64_t R, int64_t C, bf16* y) {
+  const bf16* w = data_or_null(n.weight);
+  const bf16* b = data_or_null(n.bias);
+  for (int64_t r = 0; r < R; ++r) {
+    const bf16* xr = x + r * C;
+    float mean = 0.0f;
+    if (!rms) {
+      for (int64_t c = 0; c < C; ++c) mean += static_cast<float>(xr[c]);
+      mean /= C;
+    }
+    float var = 0.0f;
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = static_cast<float>(xr[c]) - mean;
+      var += d * d;
+    }
+    const float rstd = 1.0f / std::sqrt(var / C + eps);
+    for (int64_t c = 0; c < C; ++c) {
+      float v = (static_cast<float>(xr[c]) - mean) * rstd;
+      if (w) v *= static_cast<float>(w[c]);
+      if (b) v += static_cast<float>(b[c]);
+      y[r * C + c] = static_cast<bf16>(v);
+    }
+  }
+}
+
+// x += y, each sum in fp32 and rounded once (torch's bf16 add).
+void add_rows(bf16* x, const bf16* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<bf16>(static_cast<float>(x[i]) + static_cast<float>(y[i]));
+}
+
+// Rotate-half RoPE of `heads` heads of D at `position`, in place: fp32, rounded once.
+void rotate_heads(bf16* x, int64_t heads, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    bf16* xh = x + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = static_cast<float>(xh[i]), x2 = static_cast<float>(xh[half + i]);
+      xh[i] = static_cast<bf16>(x1 * cos[i] - x2 * sin[i]);
+      xh[half + i] = static_cast<bf16>(x2 * cos[i] + x1 * sin[i]);
+    }
+  }
+}
+
+// One layer's cache for `rows` consecutive rows of the step: key and value sets (each (rows or
+// 1, KV, S_i, D), unit stride in D) attended whole, except the last (the buffer the new key goes
+// to), attended over positions [first, slot] after the new key and value are written at `slot`.
+using CacheGroup = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t>;
+
+class DecodePlan {
+ public:
+  // layers[i]: norm1 w, b, qkv w, b, proj w, b, norm2 w, b, up w, b, down w, b, k_global, v_global
+  // (None where absent); acts[i]: the FFN's activation code.
+  DecodePlan(std::vector<std::vector<c10::optional<at::Tensor>>> layers, std::vector<int64_t> acts, bool rms,
+             double eps, c10::optional<at::Tensor> norm_w, c10::optional<at::Tensor> norm_b, at::Tensor head,
+             c10::optional<at::Tensor> cos, c10::optional<at::Tensor> sin, int64_t n_head, int64_t n_kv_head,
+             int64_t head_dim)
+      : rms_(rms), eps_(static_cast<float>(eps)), head_(checked(head)), H_(n_head), KV_(n_kv_head), D_(head_dim) {
+    TORCH_CHECK(layers.size() == acts.size() && H_ % KV_ == 0, "DecodePlan: bad layer list");
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const auto& t = layers[i];
+      TORCH_CHECK(t.size() == 14, "DecodePlan: each layer takes 14 tensors");
+      auto get = [&](int j) { return t[j].has_value() ? checked(*t[j]) : at::Tensor(); };
+      layers_.push_back({{get(0), get(1)}, {get(6), get(7)}, get(2), get(3), get(4), get(5), get(8), get(9),
+                         get(10), get(11), get(12), get(13), acts[i]});
+    }
+    norm_f_ = {norm_w.has_value() ? checked(*norm_w) : at::Tensor(), norm_b.has_value() ? checked(*norm_b) : at::Tensor()};
+    if (cos.has_value()) {
+      cos_ = cos->contiguous();
+      sin_ = sin->contiguous();
+      TORCH_CHECK(cos_.scalar_type() == at::kFloat && cos_.size(1) == D_ / 2, "DecodePlan: RoPE tables (T, D/2) fp32");
+    }
+  }
+
+  // x (R, C) bf16 embeddings of the rows' new tokens at `positions`; caches[i]: layer i's groups,
+  // covering the R rows in order. Writes each layer's new keys and values into its caches and
+  // returns the logits (R, vocab).
+  at::Tensor step(at::Tensor x, std::vector<int64_t> positions, std::vector<std::vector<CacheGroup>> caches) const {
+    const int64_t R = x.size(0), C = x.size(1), QKV = (H_ + 2 * KV_) * D_;
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && R <= kMaxRows && R == (int64_t)positions.size() &&
+                    caches.size() == layers_.size(),
+                "DecodePlan.step: bad inputs");
+    at::Tensor h = x.contiguous().clone();  // the residual stream
+    bf16* hp = h.data_ptr<bf16>();
+    std::vector<bf16> normed(R * C), qkv(R * QKV), attn(R * H_ * D_), out(R * C);
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const Layer& L = layers_[i];
+      norm_rows(L.norm1, rms_, eps_, hp, R, C, normed.data());
+      linear_into(normed.data(), R, C, L.qkv_w, data_or_null(L.qkv_b), kNone, qkv.data());
+      if (cos_.defined())
+        for (int64_t r = 0; r < R; ++r)
+          rotate_heads(qkv.data() + r * QKV, H_ + KV_, D_, cos_.data_ptr<float>() + positions[r] * (D_ / 2),
+                       sin_.data_ptr<float>() + positions[r] * (D_ / 2));
+      attend_layer(L, caches[i], R, qkv.data(), attn.data());
+      linear_into(attn.data(), R, H_ * D_, L.proj_w, data_or_null(L.proj_b), kNone, out.data());
+      add_rows(hp, out.data(), R * C);
+      norm_rows(L.norm2, rms_, eps_, hp, R, C, normed.data());
+      const int64_t F = L.down_w.size(1);
+      std::vector<bf16> hidden(R * F);
+      linear_into(normed.data(), R, C, L.up_w, data_or_null(L.up_b), static_cast<int>(L.act), hidden.data());
+      linear_into(hidden.data(), R, F, L.down_w, data_or_null(L.down_b), kNone, out.data());
+      add_rows(hp, out.data(), R * C);
+    }
+    norm_rows(norm_f_, rms_, eps_, hp, R, C, normed.data());
+    auto logits = at::empty({R, head_.size(0)}, x.options());
+    linear_into(normed.data(), R, C, head_, nullptr, kNone, logits.data_ptr<bf16>());
+    return logits;
+  }
+
+ private:
+  static at::Tensor checked(const at::Tensor& t) {
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device().is_cpu(),
+                "DecodePlan: weights must be contiguous bf16 CPU tensors");
+    return t;
+  }
+
+  // Writes the rows' new keys and values into their caches, then attends every head of every row
+  // over its key sets: the layer's global slots first, then the cache's sets, as the unfused path.
+  void attend_layer(const Layer& L, const std::vector<CacheGroup>& groups, int64_t R, const bf16* qkv, bf16* attn) const {
+    const int64_t QKV = (H_ + 2 * KV_) * D_;
+    struct RowCache {
+      const CacheGroup* group;
+      int64_t b;  // the row's batch index in its group
+    };
+    std::vector<RowCache> rows;
+    for (const CacheGroup& g : groups) {
+      const auto& [ks, vs, first, slot] = g;
+      TORCH_CHECK(!ks.empty() && ks.size() == vs.size(), "DecodePlan.step: bad cache group");
+      const at::Tensor &k = ks.back(), &v = vs.back();
+      TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.strides() == v.strides() && k.size(1) == KV_ &&
+                      k.size(3) == D_ && k.stride(3) == 1 && k.scalar_type() == at::kBFloat16 && 0 <= first &&
+                      first <= slot && slot < k.size(2),
+                  "DecodePlan.step: bad cache buffer");
+      for (int64_t b = 0; b < k.size(0); ++b) {
+        const int64_t r = rows.size();
+        TORCH_CHECK(r < R, "DecodePlan.step: the cache groups hold more rows than the step");
+        rows.push_back({&g, b});
+        for (int64_t kv = 0; kv < KV_; ++kv) {
+          const int64_t at = b * k.stride(0) + kv * k.stride(1) + slot * k.stride(2);
+          std::copy_n(qkv + r * QKV + (H_ + kv) * D_, D_, k.data_ptr<bf16>() + at);
+          std::copy_n(qkv + r * QKV + (H_ + KV_ + kv) * D_, D_, v.data_ptr<bf16>() + at);
+        }
+      }
+    }
+    TORCH_CHECK((int64_t)rows.size() == R, "DecodePlan.step: the cache groups hold fewer rows than the step");
+    const int64_t group = H_ / KV_;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D_));
+    at::parallel_for(0, R * H_, 1, [&](int64_t begin, int64_t end) {
+      std::vector<Keys> sets;
+      std::vector<float> scores;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = i / H_, h = i % H_, kv = h / group;
+        const auto& [ks, vs, first, slot] = *rows[r].group;
+        sets.clear();
+        if (L.k_global.defined()) {
+          const int64_t G = L.k_global.size(1);
+          sets.push_back({L.k_global.data_ptr<bf16>() + kv * G * D_, L.v_global.data_ptr<bf16>() + kv * G * D_, G, D_});
+        }
+        int64_t total = 0;
+        for (size_t j = 0; j < ks.size(); ++j) {
+          const at::Tensor &k = ks[j], &v = vs[j];
+          const int64_t offset = (k.size(0) == 1 ? 0 : rows[r].b * k.stride(0)) + kv * k.stride(1);
+          const bool last = j + 1 == ks.size();
+          const int64_t start = last ? first : 0, length = last ? slot - first + 1 : k.size(2);
+          sets.push_back({k.data_ptr<bf16>() + offset + start * k.stride(2),
+                          v.data_ptr<bf16>() + offset + start * v.stride(2), length, k.stride(2)});
+        }
+        for (const Keys& set : sets) total += set.length;
+        scores.resize(std::max<int64_t>(total, 1));
+        attend_one(qkv + r * QKV + h * D_, sets, D_, scale, scores.data(), attn + r * H_ * D_ + h * D_);
+      }
+    });
+  }
+
+  std::vector<Layer> layers_;
+  Norm norm_f_;
+  bool rms_;
+  float eps_;
+  at::Tensor head_, cos_, sin_;
+  int64_t H_, KV_, D_;
+};
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "a few bf16 rows through a Linear layer");
   m.def("decode_attention", &decode_attention, "one bf16 query per head against a KV cache's key sets");
+  py::class_<DecodePlan>(m, "DecodePlan")
+      .def(py::init<std::vector<std::vector<c10::optional<at::Tensor>>>, std::vector<int64_t>, bool, double,
+                    c10::optional<at::Tensor>, c10::optional<at::Tensor>, at::Tensor, c10::optional<at::Tensor>,
+                    c10::optional<at::Tensor>, int64_t, int64_t, int64_t>())
+      .def("step", &DecodePlan::step, py::call_guard<py::gil_scoped_release>(), "one decode step of every layer");
 }

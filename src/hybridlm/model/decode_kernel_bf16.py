@@ -22,7 +22,8 @@ MAX_ROWS = 4
 384..8192-wide layers: 3-7x faster at one row, even at four, slower at eight)."""
 
 
-def _extension():
+def decode_extension():
+    """The decode kernels' module for this process's kernel path, or None (the torch path, or no compiler)."""
     return cpu_extension("hybridlm_decode", "decode_bf16.cpp", "bf16 decode kernels", ("avx512_bf16", "avx2"))
 
 
@@ -35,7 +36,7 @@ def _inference_bf16(a: torch.Tensor, b: torch.Tensor) -> bool:
 def linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A few bf16 rows through a plain bf16 CPU weight, without autograd, on the avx512_bf16 path."""
     return (x.numel() <= MAX_ROWS * weight.shape[1] and _inference_bf16(x, weight)
-            and _extension() is not None)
+            and decode_extension() is not None)
 
 
 def widens_bf16(*tensors: torch.Tensor) -> bool:
@@ -47,21 +48,21 @@ def widens_bf16(*tensors: torch.Tensor) -> bool:
             and not cpu_has_bf16())
 
 
-_ACTIVATION_CODES = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
+ACTIVATION_CODES = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 activation: str = "none") -> torch.Tensor:
     """x @ weight.T + bias for x (..., K) of at most MAX_ROWS rows, then `activation` in fp32:
     none, gelu_tanh, or swiglu (silu of the first half of the outputs times the second half)."""
-    out = _extension().linear(x.reshape(-1, x.shape[-1]), weight, bias, _ACTIVATION_CODES[activation])
+    out = decode_extension().linear(x.reshape(-1, x.shape[-1]), weight, bias, ACTIVATION_CODES[activation])
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def attention_applies(q_BH1D: torch.Tensor, keys: list[torch.Tensor]) -> bool:
     """One bf16 query per head without autograd; key sets with unit stride along the head dim."""
     return (q_BH1D.shape[2] == 1 and all(k.stride(3) == 1 and _inference_bf16(q_BH1D, k) for k in keys)
-            and _extension() is not None)
+            and decode_extension() is not None)
 
 
 def decode_attention_bf16(q_BH1D: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
@@ -69,5 +70,5 @@ def decode_attention_bf16(q_BH1D: torch.Tensor, keys: list[torch.Tensor], values
     n_kv_head, S_i, D)) taken together, as if concatenated along S; grouped heads share a key-value
     head."""
     pairs = [(k, v) if k.stride() == v.stride() else (k.contiguous(), v.contiguous()) for k, v in zip(keys, values)]
-    return _extension().decode_attention(q_BH1D, [k for k, _ in pairs], [v for _, v in pairs],
+    return decode_extension().decode_attention(q_BH1D, [k for k, _ in pairs], [v for _, v in pairs],
                                          1.0 / math.sqrt(q_BH1D.shape[-1]))

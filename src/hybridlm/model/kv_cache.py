@@ -7,6 +7,8 @@ are parameters and are not copied.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from hybridlm.model.attention import (
@@ -40,6 +42,17 @@ class DenseKVCache:
         self.k_BHSD[:, :, self.length : end] = k_BHTD
         self.v_BHSD[:, :, self.length : end] = v_BHTD
         self.length = end
+
+    def decode_slot(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int, int] | None:
+        """For the fused decode step (decode_step.py): the buffer, whose positions [0, length] the
+        new token sees once its key is written at `length`; None before the first append."""
+        if self.k_BHSD is None:
+            return None
+        return [self.k_BHSD], [self.v_BHSD], 0, self.length
+
+    def commit_slot(self) -> None:
+        """The fused step wrote one key and value at `length`."""
+        self.length += 1
 
     def block(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the keys and values of positions [start, end) (what a prefix cache keeps)."""
@@ -98,17 +111,37 @@ class SparseKVCache:
         self._roll(run_k, run_v, self.length + k_BHTD.shape[2])
         return out
 
-    def _extend_run(self, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The run with the new keys written after it (in place while the buffer has room)."""
+    def decode_slot(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int, int] | None:
+        """For the fused decode step (decode_step.py): the strided store (when it holds keys) and
+        the run's buffer, whose positions [start of the run, slot] the new token sees once its key
+        is written at `slot`; None before the first append."""
+        if self._buffer_k is None:
+            return None
+        end = self._make_room(1, self._buffer_k, self._buffer_v)
+        if self.far_k is None:
+            return [self._buffer_k], [self._buffer_v], self._offset, end
+        return [self.far_k, self._buffer_k], [self.far_v, self._buffer_v], self._offset, end
+
+    def commit_slot(self) -> None:
+        """The fused step wrote one key and value after the run: roll the run forward."""
+        end = self._offset + self.run_k.shape[2] + 1
+        self._roll(self._buffer_k[:, :, self._offset : end], self._buffer_v[:, :, self._offset : end], self.length + 1)
+
+    def _make_room(self, new: int, like_k: torch.Tensor, like_v: torch.Tensor) -> int:
+        """Room for `new` keys after the run (a new buffer shaped like `like_k` when full); returns
+        the buffer position after the run."""
         held = 0 if self.run_k is None else self.run_k.shape[2]
-        new = k_BHTD.shape[2]
         if self._buffer_k is None or self._offset + held + new > self._buffer_k.shape[2]:
-            shape = (*k_BHTD.shape[:2], max(2 * self.window, held + new), k_BHTD.shape[3])
-            buffer_k, buffer_v = k_BHTD.new_empty(shape), v_BHTD.new_empty(shape)
+            shape = (*like_k.shape[:2], max(2 * self.window, held + new), like_k.shape[3])
+            buffer_k, buffer_v = like_k.new_empty(shape), like_v.new_empty(shape)
             if held:
                 buffer_k[:, :, :held], buffer_v[:, :, :held] = self.run_k, self.run_v
             self._buffer_k, self._buffer_v, self._offset = buffer_k, buffer_v, 0
-        end = self._offset + held
+        return self._offset + held
+
+    def _extend_run(self, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run with the new keys written after it (in place while the buffer has room)."""
+        end, new = self._make_room(k_BHTD.shape[2], k_BHTD, v_BHTD), k_BHTD.shape[2]
         self._buffer_k[:, :, end : end + new] = k_BHTD
         self._buffer_v[:, :, end : end + new] = v_BHTD
         return self._buffer_k[:, :, self._offset : end + new], self._buffer_v[:, :, self._offset : end + new]
@@ -116,8 +149,9 @@ class SparseKVCache:
     def _roll(self, run_k: torch.Tensor, run_v: torch.Tensor, new_length: int) -> None:
         """Keep the last window-1 keys; move strided keys that leave the run to the far store."""
         keep_from = max(self.run_start, new_length - (self.window - 1))
-        evicted = strided_positions(self.run_start, keep_from, self.stride, run_k.device) - self.run_start
-        if evicted.numel():
+        first_strided = self.run_start + (-(self.run_start + 1)) % self.stride
+        if first_strided < keep_from:  # (checked in ints first: most decode steps evict nothing)
+            evicted = strided_positions(self.run_start, keep_from, self.stride, run_k.device) - self.run_start
             far_k, far_v = run_k.index_select(2, evicted), run_v.index_select(2, evicted)
             self.far_k = far_k if self.far_k is None else torch.cat([self.far_k, far_k], 2)
             self.far_v = far_v if self.far_v is None else torch.cat([self.far_v, far_v], 2)
@@ -131,3 +165,24 @@ class SparseKVCache:
         for up to a window more)."""
         tensors = (self.run_k, self.run_v, self.far_k, self.far_v)
         return sum(t.nelement() * t.element_size() for t in tensors if t is not None)
+
+
+class ModelCache(list):
+    """One sequence's per-layer caches (a list, one entry per layer), and the plan of the fused
+    decode step over the model that fills them, built on the first decode step (decode_step.py):
+    a new cache per sequence means the plan always sees the model's current modules."""
+
+    def __init__(self, layers: list) -> None:
+        super().__init__(layers)
+        self._plan, self._planned = None, False
+
+    def plan_for(self, model, build):
+        """build(model) the first time, then the same plan (None where the fused step does not apply)."""
+        if not self._planned:
+            self._plan, self._planned = build(model), True
+        return self._plan
+
+    def __deepcopy__(self, memo: dict) -> "ModelCache":
+        """The layer caches copied; the copy builds its own plan (a C++ plan cannot be copied, and
+        holds nothing of the sequence)."""
+        return ModelCache([copy.deepcopy(layer, memo) for layer in self])

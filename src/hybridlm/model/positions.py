@@ -25,6 +25,14 @@ class Rotary(nn.Module):
         device = self.cos_TF.device
         self.cos_TF, self.sin_TF = angles_TF.cos().to(device), angles_TF.sin().to(device)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Keep the tables in fp32 through `model.to(torch.bfloat16)`: bf16 angles would be off by
+        up to 2^-9 relative, and a bf16 table makes x1 * cos a bf16 product (one more rounding)."""
+        super()._apply(fn, recurse)
+        if self.cos_TF.dtype != torch.float32 and self.cos_TF.device.type != "meta":
+            self.fill_tables()
+        return self
+
     def forward(self, x_BHTD: torch.Tensor, start: int) -> torch.Tensor:
         """x (B, H, T, D) rotated for positions start..start+T-1."""
         n = x_BHTD.shape[2]

@@ -22,7 +22,8 @@ from hybridlm.model.attention import (
     sparse_causal_attention,
 )
 from hybridlm.model.decode_kernel_bf16 import linear_applies, linear_bf16, widens_bf16
-from hybridlm.model.kv_cache import DenseKVCache, SparseKVCache
+from hybridlm.model.decode_step import fused_logits
+from hybridlm.model.kv_cache import DenseKVCache, ModelCache, SparseKVCache
 from hybridlm.model.layout import LayerSpec, resolve_layers
 from hybridlm.model.loss import chunked_cross_entropy, target_log_probs
 from hybridlm.model.moe import MoEFeedForward
@@ -217,12 +218,12 @@ class HybridLM(nn.Module):
         if self.cfg.position == "sinusoidal":
             self.pos_table = sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model).to(self.pos_table.device)
 
-    def new_cache(self) -> list[LayerCache]:
-        """Empty per-layer caches for incremental decoding."""
-        return [
+    def new_cache(self) -> ModelCache:
+        """Empty per-layer caches for incremental decoding (one per sequence, or per batch decoded together)."""
+        return ModelCache([
             SparseKVCache(spec.window, spec.stride) if spec.sparse else DenseKVCache(self.cfg.max_seq_len)
             for spec in self.specs
-        ]
+        ])
 
     def embed(self, ids_BT: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Token embeddings plus absolute position encodings (learned or sinusoidal) at `positions`,
@@ -250,7 +251,15 @@ class HybridLM(nn.Module):
         `reward_at_B`, the reward head's scalar (B,) at position reward_at_B[b] of row b. With a
         cache, ids continue the sequence the cache has seen. causal=False lets every position see
         later ones too (masked language modelling); the sparse layers' pattern is then symmetric.
-        Every output goes through forward, so DDP and FSDP see each use of the weights."""
+        Every output goes through forward, so DDP and FSDP see each use of the weights. A bf16
+        decode step (one token, a cache from new_cache) takes the fused step where it applies
+        (decode_step.py), with the same numbers as the modules give."""
+        if cache is not None and ids_BT.shape[1] == 1 and targets_BT is None and reward_at_B is None and causal:
+            start = cache[0].length
+            self._check_length(start + 1)
+            logits_BV = fused_logits(self, ids_BT, [start] * ids_BT.shape[0], [cache])
+            if logits_BV is not None:
+                return logits_BV[:, None]
         x_BTC = self.hidden_states(ids_BT, cache, causal)
         if reward_at_B is not None:
             if self.reward_head is None:
@@ -269,25 +278,32 @@ class HybridLM(nn.Module):
             raise ValueError("causal=False cannot use a KV cache: cached decoding is causal")
         start = 0 if cache is None else cache[0].length
         T = ids_BT.shape[1]
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.max_seq_len}")
+        self._check_length(start + T)
         x_BTC = self.embed(ids_BT, torch.arange(start, start + T, device=ids_BT.device))
         for i, block in enumerate(self.blocks):
             x_BTC = block(x_BTC, start, None if cache is None else cache[i], causal)
         return self.norm_f(x_BTC)
 
-    def decode_rows(self, tokens: list[int], caches: list[list[LayerCache]]) -> torch.Tensor:
+    def _check_length(self, length: int) -> None:
+        if length > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {length} tokens exceeds the context of {self.cfg.max_seq_len}")
+
+    def decode_rows(self, tokens: list[int], caches: list[ModelCache]) -> torch.Tensor:
         """Logits (B, vocab) after feeding token b to sequence b, for B sequences that sit at
         different positions (they joined a decode batch at different times, so one `forward` with a
         shared start cannot serve them). `caches[b]` is sequence b's filled per-layer cache list
         (from `new_cache()`); each grows by one entry. Embedding, norms, projections, FFN and head
-        run once on the (B, 1, C) batch, the weight-bound work; RoPE and attention per row."""
+        run once on the (B, 1, C) batch, the weight-bound work; RoPE and attention per row (in the
+        fused step where it applies, decode_step.py)."""
         if len(tokens) != len(caches) or not tokens:
             raise ValueError(f"need one cache list per token (got {len(tokens)} tokens, {len(caches)} caches)")
         starts = [cache[0].length for cache in caches]
         if max(starts) >= self.cfg.max_seq_len:
             raise ValueError(f"a sequence is already at the context length of {self.cfg.max_seq_len}")
         device = self.tok_emb.weight.device
+        logits_BV = fused_logits(self, torch.tensor(tokens, device=device)[:, None], starts, caches)
+        if logits_BV is not None:
+            return logits_BV
         x_B1C = self.embed(torch.tensor(tokens, device=device)[:, None], torch.tensor(starts, device=device)[:, None])
         for layer, block in enumerate(self.blocks):
             x_B1C = block.decode_rows(x_B1C, starts, [cache[layer] for cache in caches])

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from hybridlm.model.rope_kernel_bf16 import rope_kernel_applies, rotate_bf16
+
 
 class Rotary(nn.Module):
     """Rotary position embedding (rotate-half form), tables precomputed for the whole context."""
@@ -35,8 +37,7 @@ class Rotary(nn.Module):
 
     def forward(self, x_BHTD: torch.Tensor, start: int) -> torch.Tensor:
         """x (B, H, T, D) rotated for positions start..start+T-1."""
-        n = x_BHTD.shape[2]
-        return _rotate(x_BHTD, self.cos_TF[start : start + n], self.sin_TF[start : start + n])
+        return self.rotate_heads(x_BHTD.transpose(1, 2), start).transpose(1, 2)
 
     def rotate_heads(self, x_BTND: torch.Tensor, positions: int | list[int]) -> torch.Tensor:
         """x (B, T, heads, D), heads-inner as a projection writes them (q and k of every head in
@@ -61,8 +62,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    """(x1 cos - sign x2 sin, x2 cos + sign x1 sin) written into the halves of one new tensor: no
-    concatenation or temporaries; bf16/fp16 inputs are rotated in fp32 and rounded once."""
+    """(x1 cos - sign x2 sin, x2 cos + sign x1 sin) of x (B, T, heads, D) written into the halves
+    of one new tensor: no concatenation or temporaries; bf16/fp16 inputs are rotated in fp32 and
+    rounded once (bf16 on the avx512_bf16 path in one C++ pass, rope_kernel_bf16.py)."""
+    if rope_kernel_applies(x):
+        return rotate_bf16(x, cos, sin, sign)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)

@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmb
 from hybridlm.errors import UserError
 from hybridlm.model.cpu_kernels import kernel_path
 from hybridlm.model.positions import Rotary
-from hybridlm.model.rope_kernel_bf16 import rope_kernel_applies
+from hybridlm.model.glue_kernels_bf16 import rope_kernel_applies
 
 HEAD_DIM, CONTEXT, THETA = 16, 96, 10000.0
 

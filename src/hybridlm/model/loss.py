@@ -5,12 +5,15 @@ of tokens x vocab, their log-softmax and its gradient: 0.5 GB each at 16,384 tok
 8192, and on the CPU the fresh pages alone cost more than the arithmetic (the profile of a `small`
 training step at T = 16384 showed 2 of its 9 s in log-softmax, its backward, copies and fills).
 Here each chunk's logits live only inside the loop; the backward pass recomputes them from the
-saved log-sum-exp, as FlashAttention does for attention scores.
+saved log-sum-exp, as FlashAttention does for attention scores. bf16 logits on the avx512_bf16
+path go through two C++ passes (glue_kernels_bf16.py) instead of an fp32 copy and five ops.
 """
 
 from __future__ import annotations
 
 import torch
+
+from hybridlm.model.glue_kernels_bf16 import cross_entropy_grad, cross_entropy_kernel_applies, cross_entropy_rows
 
 IGNORE_INDEX = -100  # targets with this value add no loss (prompt tokens, padding), as in PyTorch
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MB in fp32): tokens per chunk = this // vocab
@@ -31,9 +34,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         lse_N = torch.empty(hidden_NC.shape[0], dtype=torch.float32, device=hidden_NC.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden_NC.device)
         for s, e in _chunks(hidden_NC.shape[0], weight_VC.shape[0]):
-            logits = (hidden_NC[s:e] @ weight_VC.T).float()
-            lse_N[s:e] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe_N[s:e, None])[:, 0]
+            logits = hidden_NC[s:e] @ weight_VC.T
+            if cross_entropy_kernel_applies(logits):  # bf16 logits read once, no fp32 copy
+                lse_N[s:e], picked = cross_entropy_rows(logits, safe_N[s:e])
+            else:
+                logits = logits.float()
+                lse_N[s:e] = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, safe_N[s:e, None])[:, 0]
             total += ((lse_N[s:e] - picked) * valid_N[s:e]).sum()
         count = valid_N.sum().clamp(min=1)
         ctx.save_for_backward(hidden_NC, weight_VC, safe_N, valid_N, lse_N, count)
@@ -46,10 +53,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden_NC)
         grad_weight = torch.zeros(weight_VC.shape, dtype=torch.float32, device=weight_VC.device)
         for s, e in _chunks(hidden_NC.shape[0], weight_VC.shape[0]):
-            logits = (hidden_NC[s:e] @ weight_VC.T).float()
-            dlogits = torch.exp_(logits.sub_(lse_N[s:e, None]))  # softmax, in place
-            dlogits.scatter_add_(1, safe_N[s:e, None], torch.full((e - s, 1), -1.0, device=dlogits.device))
-            dlogits = dlogits.mul_(scale_N[s:e, None]).to(hidden_NC.dtype)
+            logits = hidden_NC[s:e] @ weight_VC.T
+            if cross_entropy_kernel_applies(logits):
+                dlogits = cross_entropy_grad(logits, safe_N[s:e], lse_N[s:e], scale_N[s:e])
+            else:
+                dlogits = torch.exp_(logits.float().sub_(lse_N[s:e, None]))  # softmax, in place
+                dlogits.scatter_add_(1, safe_N[s:e, None], torch.full((e - s, 1), -1.0, device=dlogits.device))
+                dlogits = dlogits.mul_(scale_N[s:e, None]).to(hidden_NC.dtype)
             grad_hidden[s:e] = dlogits @ weight_VC
             grad_weight += (dlogits.T @ hidden_NC[s:e]).float()
         return grad_hidden, grad_weight.to(weight_VC.dtype), None

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from hybridlm.model.rope_kernel_bf16 import rope_kernel_applies, rotate_bf16
+from hybridlm.model.glue_kernels_bf16 import rope_kernel_applies, rotate_bf16
 
 
 class Rotary(nn.Module):
@@ -64,7 +64,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
     """(x1 cos - sign x2 sin, x2 cos + sign x1 sin) of x (B, T, heads, D) written into the halves
     of one new tensor: no concatenation or temporaries; bf16/fp16 inputs are rotated in fp32 and
-    rounded once (bf16 on the avx512_bf16 path in one C++ pass, rope_kernel_bf16.py)."""
+    rounded once (bf16 on the avx512_bf16 path in one C++ pass, glue_kernels_bf16.py)."""
     if rope_kernel_applies(x):
         return rotate_bf16(x, cos, sin, sign)
     half = x.shape[-1] // 2

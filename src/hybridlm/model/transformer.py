@@ -23,6 +23,7 @@ from hybridlm.model.attention import (
 )
 from hybridlm.model.decode_kernel_bf16 import linear_applies, linear_bf16, widens_bf16
 from hybridlm.model.decode_step import fused_logits
+from hybridlm.model.glue_kernels_bf16 import RMSNormToBF16, SwiGLU, rms_norm_kernel_applies, swiglu_kernel_applies
 from hybridlm.model.kv_cache import DenseKVCache, ModelCache, SparseKVCache
 from hybridlm.model.layout import LayerSpec, resolve_layers
 from hybridlm.model.loss import chunked_cross_entropy, target_log_probs
@@ -34,6 +35,8 @@ LayerCache = DenseKVCache | SparseKVCache
 
 
 def _swiglu(y: torch.Tensor) -> torch.Tensor:
+    if swiglu_kernel_applies(y):
+        return SwiGLU.apply(y)
     gate, up = y.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -64,9 +67,19 @@ class Linear(nn.Linear):
         return linear_bf16(x, self.weight, self.bias, activation)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm whose fp32 rows under bf16 CPU autocast (a training step) take one fused C++
+    pass each way, written in bf16 for the next matmul (glue_kernels_bf16.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.eps is not None and rms_norm_kernel_applies(x, self.weight):
+            return RMSNormToBF16.apply(x, self.weight, self.eps)
+        return super().forward(x)
+
+
 def _norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 

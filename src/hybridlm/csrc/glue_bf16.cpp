@@ -1,0 +1,300 @@
+// The elementwise glue of a bf16 training step in one pass each, for CPUs with AVX-512 BF16:
+// rotate-half RoPE, SwiGLU, RMSNorm and the cross-entropy's softmax, forward and backward.
+//
+// PyTorch runs each as several elementwise kernels with bf16/fp32 promotions and temporaries in
+// between: RoPE took about 14 ms to rotate the q and k heads of one `small` layer at 8 x 1024
+// tokens, about 8% of a bf16 training step over forward and backward; SwiGLU and RMSNorm together
+// about as much again. Here each element is read once and written once, in fp32 with one bf16
+// rounding of each bf16 result.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using bf16 = at::BFloat16;
+
+inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+inline void store16(bf16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// exp(x) in fp32 to about 2 ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-6 Taylor
+// polynomial, then scaled by 2^n (which also gives 0 and inf past the range).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 sigmoid16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// (x1 cos - sign x2 sin, x2 cos + sign x1 sin) for one head of D = 2 * half values.
+void rotate_head(const bf16* x, const float* cos, const float* sin, int64_t half, float sign, bf16* out) {
+  const __m512 sign_v = _mm512_set1_ps(sign);
+  int64_t i = 0;
+  for (; i + 16 <= half; i += 16) {
+    const __m512 x1 = load16(x + i), x2 = load16(x + half + i);
+    const __m512 c = _mm512_loadu_ps(cos + i), s = _mm512_mul_ps(sign_v, _mm512_loadu_ps(sin + i));
+    store16(out + i, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)));
+    store16(out + half + i, _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s)));
+  }
+  for (; i < half; ++i) {
+    const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[half + i]), s = sign * sin[i];
+    out[i] = static_cast<bf16>(x1 * cos[i] - x2 * s);
+    out[half + i] = static_cast<bf16>(x2 * cos[i] + x1 * s);
+  }
+}
+
+}  // namespace
+
+// x (B, T, N, D) bf16 with unit stride in D; cos, sin fp32 broadcastable to (B, T, 1, D/2) with
+// unit stride in the last dim; sign +1 rotates, -1 rotates back (the backward) -> contiguous
+// (B, T, N, D) bf16.
+at::Tensor rotate(at::Tensor x, at::Tensor cos, at::Tensor sin, double sign) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kBFloat16 && x.stride(3) == 1 && x.size(3) % 2 == 0,
+              "rotate: x must be (B, T, N, D) bf16 with unit stride in D");
+  const int64_t B = x.size(0), T = x.size(1), N = x.size(2), D = x.size(3), half = D / 2;
+  cos = cos.expand({B, T, 1, half});
+  sin = sin.expand({B, T, 1, half});
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.stride(3) == 1 &&
+                  sin.stride(3) == 1 && cos.strides() == sin.strides(),
+              "rotate: cos and sin must be fp32 tables with unit stride along the frequencies");
+  auto out = at::empty({B, T, N, D}, x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  bf16* op = out.data_ptr<bf16>();
+  const float s = static_cast<float>(sign);
+  at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / T, t = r % T;
+      const int64_t table = b * cos.stride(0) + t * cos.stride(1);
+      for (int64_t n = 0; n < N; ++n)
+        rotate_head(xp + b * x.stride(0) + t * x.stride(1) + n * x.stride(2), cp + table, sp + table, half, s,
+                    op + (r * N + n) * D);
+    }
+  });
+  return out;
+}
+
+// y (N, F) = silu(gate) * up for x (N, 2F) = [gate | up] bf16 (rows contiguous): one rounding.
+at::Tensor swiglu(at::Tensor x) {
+  x = x.contiguous();
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) % 2 == 0, "swiglu: x must be (N, 2F) bf16");
+  const int64_t N = x.size(0), F = x.size(1) / 2;
+  auto y = at::empty({N, F}, x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  bf16* yp = y.data_ptr<bf16>();
+  at::parallel_for(0, N, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const bf16 *g = xp + n * 2 * F, *u = g + F;
+      bf16* out = yp + n * F;
+      int64_t i = 0;
+      for (; i + 16 <= F; i += 16) {
+        const __m512 gv = load16(g + i);
+        store16(out + i, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), load16(u + i)));
+      }
+      for (; i < F; ++i) {
+        const float gv = static_cast<float>(g[i]);
+        out[i] = static_cast<bf16>(gv * sigmoid(gv) * static_cast<float>(u[i]));
+      }
+    }
+  });
+  return y;
+}
+
+// The gradient (N, 2F) = [dy up silu'(gate) | dy silu(gate)] of swiglu for dy (N, F) bf16.
+at::Tensor swiglu_backward(at::Tensor dy, at::Tensor x) {
+  dy = dy.contiguous();
+  x = x.contiguous();
+  TORCH_CHECK(dy.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && dy.size(0) == x.size(0) &&
+                  2 * dy.size(1) == x.size(1),
+              "swiglu_backward: bad shapes");
+  const int64_t N = x.size(0), F = dy.size(1);
+  auto dx = at::empty_like(x);
+  const bf16 *xp = x.data_ptr<bf16>(), *dyp = dy.data_ptr<bf16>();
+  bf16* dxp = dx.data_ptr<bf16>();
+  at::parallel_for(0, N, 4, [&](int64_t begin, int64_t end) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t n = begin; n < end; ++n) {
+      const bf16 *g = xp + n * 2 * F, *u = g + F, *d = dyp + n * F;
+      bf16 *dg = dxp + n * 2 * F, *du = dg + F;
+      int64_t i = 0;
+      for (; i + 16 <= F; i += 16) {
+        const __m512 gv = load16(g + i), uv = load16(u + i), dv = load16(d + i), s = sigmoid16(gv);
+        const __m512 silu = _mm512_mul_ps(gv, s);
+        // silu'(g) = s (1 + g (1 - s))
+        const __m512 dsilu = _mm512_mul_ps(s, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one));
+        store16(dg + i, _mm512_mul_ps(_mm512_mul_ps(dv, uv), dsilu));
+        store16(du + i, _mm512_mul_ps(dv, silu));
+      }
+      for (; i < F; ++i) {
+        const float gv = static_cast<float>(g[i]), s = sigmoid(gv), dv = static_cast<float>(d[i]);
+        dg[i] = static_cast<bf16>(dv * static_cast<float>(u[i]) * s * (1.0f + gv * (1.0f - s)));
+        du[i] = static_cast<bf16>(dv * gv * s);
+      }
+    }
+  });
+  return dx;
+}
+
+// RMSNorm of fp32 rows x (N, C) with fp32 weight (C), written in bf16 (what autocast's next
+// matmul reads) -> (y (N, C) bf16, rstd (N) fp32 for the backward).
+std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, double eps) {
+  x = x.contiguous();
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                  weight.numel() == x.size(1) && weight.is_contiguous(),
+              "rms_norm: x (N, C) and weight (C) must be fp32");
+  const int64_t N = x.size(0), C = x.size(1);
+  auto y = at::empty({N, C}, x.options().dtype(at::kBFloat16));
+  auto rstd = at::empty({N}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  bf16* yp = y.data_ptr<bf16>();
+  float* rp = rstd.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* row = xp + n * C;
+      __m512 acc = _mm512_setzero_ps();
+      int64_t i = 0;
+      for (; i + 16 <= C; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(row + i), acc);
+      float squares = _mm512_reduce_add_ps(acc);
+      for (; i < C; ++i) squares += row[i] * row[i];
+      const float r = 1.0f / std::sqrt(squares / C + static_cast<float>(eps));
+      rp[n] = r;
+      const __m512 rv = _mm512_set1_ps(r);
+      for (i = 0; i + 16 <= C; i += 16)
+        store16(yp + n * C + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(row + i), rv), _mm512_loadu_ps(wp + i)));
+      for (; i < C; ++i) yp[n * C + i] = static_cast<bf16>(row[i] * r * wp[i]);
+    }
+  });
+  return {y, rstd};
+}
+
+// dx (N, C) fp32 and dweight (C) fp32 of rms_norm for dy (N, C) bf16: with x^ = x rstd and
+// g = dy w, dx = rstd (g - x^ mean(g x^)) and dweight = sum over rows of dy x^ (each thread
+// sums its rows, then the partial sums are added).
+std::vector<at::Tensor> rms_norm_backward(at::Tensor dy, at::Tensor x, at::Tensor weight, at::Tensor rstd) {
+  dy = dy.contiguous().to(at::kFloat);
+  x = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK(dy.sizes() == x.sizes() && rstd.numel() == N, "rms_norm_backward: bad shapes");
+  auto dx = at::empty_like(x);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
+  auto partial = at::zeros({chunks, C}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>(), *dyp = dy.data_ptr<float>(),
+              *rp = rstd.data_ptr<float>();
+  float *dxp = dx.data_ptr<float>(), *pp = partial.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      float* dw = pp + c * C;
+      for (int64_t n = c * N / chunks; n < (c + 1) * N / chunks; ++n) {
+        const float *row = xp + n * C, *d = dyp + n * C, r = rp[n];
+        float dot = 0.0f;
+        for (int64_t i = 0; i < C; ++i) {
+          const float xhat = row[i] * r;
+          dot += d[i] * wp[i] * xhat;
+          dw[i] += d[i] * xhat;
+        }
+        const float mean = dot / C;
+        for (int64_t i = 0; i < C; ++i) dxp[n * C + i] = r * (d[i] * wp[i] - row[i] * r * mean);
+      }
+    }
+  });
+  return {dx, partial.sum(0)};
+}
+
+// Per row of bf16 logits (N, V): the log-sum-exp in fp32 and the target's logit -> (lse, picked).
+std::vector<at::Tensor> cross_entropy_rows(at::Tensor logits, at::Tensor targets) {
+  logits = logits.contiguous();
+  targets = targets.contiguous();
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kBFloat16 && targets.scalar_type() == at::kLong &&
+                  targets.numel() == logits.size(0),
+              "cross_entropy_rows: logits (N, V) bf16, targets (N) int64");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto lse = at::empty({N}, logits.options().dtype(at::kFloat));
+  auto picked = at::empty({N}, logits.options().dtype(at::kFloat));
+  const bf16* lp = logits.data_ptr<bf16>();
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  float *lsep = lse.data_ptr<float>(), *pp = picked.data_ptr<float>();
+  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const bf16* row = lp + n * V;
+      float top = -INFINITY;
+      for (int64_t i = 0; i < V; ++i) top = std::max(top, static_cast<float>(row[i]));
+      const __m512 top_v = _mm512_set1_ps(top);
+      __m512 acc = _mm512_setzero_ps();
+      int64_t i = 0;
+      for (; i + 16 <= V; i += 16) acc = _mm512_add_ps(acc, exp16(_mm512_sub_ps(load16(row + i), top_v)));
+      float total = _mm512_reduce_add_ps(acc);
+      for (; i < V; ++i) total += std::exp(static_cast<float>(row[i]) - top);
+      lsep[n] = top + std::log(total);
+      TORCH_CHECK(tp[n] >= 0 && tp[n] < V, "cross_entropy_rows: target out of range");
+      pp[n] = static_cast<float>(row[tp[n]]);
+    }
+  });
+  return {lse, picked};
+}
+
+// (softmax(logits) - onehot(target)) * scale per row, from bf16 logits and their fp32 lse, in bf16.
+at::Tensor cross_entropy_grad(at::Tensor logits, at::Tensor targets, at::Tensor lse, at::Tensor scale) {
+  logits = logits.contiguous();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(lse.numel() == N && scale.numel() == N && targets.numel() == N && lse.scalar_type() == at::kFloat &&
+                  scale.scalar_type() == at::kFloat,
+              "cross_entropy_grad: bad shapes");
+  lse = lse.contiguous();
+  scale = scale.contiguous();
+  targets = targets.contiguous();
+  auto grad = at::empty_like(logits);
+  const bf16* lp = logits.data_ptr<bf16>();
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  const float *lsep = lse.data_ptr<float>(), *sp = scale.data_ptr<float>();
+  bf16* gp = grad.data_ptr<bf16>();
+  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const bf16* row = lp + n * V;
+      bf16* out = gp + n * V;
+      const __m512 lse_v = _mm512_set1_ps(lsep[n]), scale_v = _mm512_set1_ps(sp[n]);
+      int64_t i = 0;
+      for (; i + 16 <= V; i += 16)
+        store16(out + i, _mm512_mul_ps(exp16(_mm512_sub_ps(load16(row + i), lse_v)), scale_v));
+      for (; i < V; ++i) out[i] = static_cast<bf16>(std::exp(static_cast<float>(row[i]) - lsep[n]) * sp[n]);
+      const int64_t t = tp[n];
+      out[t] = static_cast<bf16>((std::exp(static_cast<float>(row[t]) - lsep[n]) - 1.0f) * sp[n]);
+    }
+  });
+  return grad;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rotate", &rotate, "rotate-half RoPE of bf16 heads, rounded once");
+  m.def("swiglu", &swiglu, "silu(gate) * up of bf16 rows, rounded once");
+  m.def("swiglu_backward", &swiglu_backward, "the gradient of swiglu");
+  m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows into bf16");
+  m.def("rms_norm_backward", &rms_norm_backward, "the gradient of rms_norm");
+  m.def("cross_entropy_rows", &cross_entropy_rows, "log-sum-exp and target logit of bf16 logit rows");
+  m.def("cross_entropy_grad", &cross_entropy_grad, "the cross-entropy gradient of bf16 logit rows");
+}

@@ -1,0 +1,101 @@
+"""The C++ glue kernels of a bf16 step for CPUs with AVX-512 BF16 (csrc/glue_bf16.cpp): RoPE,
+SwiGLU, RMSNorm and the chunked cross-entropy's softmax in one pass each, forward and backward.
+
+PyTorch runs each as several elementwise kernels with promotions and temporaries between them:
+RoPE alone took about 14 ms a call for one `small` layer's heads at 8 x 1024 tokens, 8% of a bf16
+training step. Built on first use on the avx512_bf16 kernel path (cpu_kernels.py); elsewhere, and
+under torch.compile (which fuses the plain ops itself), the callers' PyTorch ops run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from hybridlm.model.cpu_kernels import cpu_extension
+
+
+def _extension():
+    return cpu_extension("hybridlm_glue", "glue_bf16.cpp", "bf16 glue kernels", ("avx512_bf16",))
+
+
+def _on_path(*tensors: torch.Tensor) -> bool:
+    """Plain CPU tensors (not a tensor-parallel DTensor), eager, on the avx512_bf16 path."""
+    return (all(t.device.type == "cpu" and not isinstance(t, DTensor) for t in tensors)
+            and not torch.compiler.is_compiling() and _extension() is not None)
+
+
+def rope_kernel_applies(x_BTND: torch.Tensor) -> bool:
+    """bf16 CPU heads (B, T, heads, D) with unit stride along D, on the avx512_bf16 path."""
+    return x_BTND.dtype is torch.bfloat16 and x_BTND.dim() == 4 and x_BTND.stride(3) == 1 and _on_path(x_BTND)
+
+
+def rotate_bf16(x_BTND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """(x1 cos - sign x2 sin, x2 cos + sign x1 sin) in fp32, rounded to bf16 once; cos and sin fp32,
+    broadcastable to (B, T, 1, D/2). Returns a contiguous (B, T, heads, D) tensor."""
+    return _extension().rotate(x_BTND, cos.float(), sin.float(), sign)
+
+
+def swiglu_kernel_applies(x: torch.Tensor) -> bool:
+    """bf16 CPU [gate | up] rows on the avx512_bf16 path."""
+    return x.dtype is torch.bfloat16 and _on_path(x)
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of x = [gate | up] (..., 2F) -> (..., F), in fp32 and rounded once; the
+    backward writes both halves' gradients in one pass (PyTorch: silu, mul, their backwards and a cat)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        flat = x.reshape(-1, x.shape[-1])
+        return _extension().swiglu(flat).view(*x.shape[:-1], x.shape[-1] // 2)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        grad = _extension().swiglu_backward(grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]))
+        return grad.view(x.shape)
+
+
+def rms_norm_kernel_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """fp32 rows and weight under bf16 CPU autocast (a training step), on the avx512_bf16 path."""
+    return (x.dtype is torch.float32 and weight is not None and weight.dtype is torch.float32
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
+            and _on_path(x, weight))
+
+
+class RMSNormToBF16(torch.autograd.Function):
+    """RMSNorm of fp32 rows written in bf16, the dtype autocast's next matmul casts them to anyway:
+    one pass forward (PyTorch: pow, mean, add, rsqrt, two muls, then the cast) and one backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        y, rstd = _extension().rms_norm(flat, weight, eps)
+        ctx.save_for_backward(flat, weight, rstd)
+        ctx.shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        flat, weight, rstd = ctx.saved_tensors
+        grad_x, grad_w = _extension().rms_norm_backward(grad_y.reshape(flat.shape), flat, weight, rstd)
+        return grad_x.view(ctx.shape), grad_w, None
+
+
+def cross_entropy_kernel_applies(logits_NV: torch.Tensor) -> bool:
+    """A chunk of bf16 CPU logits on the avx512_bf16 path."""
+    return logits_NV.dtype is torch.bfloat16 and logits_NV.dim() == 2 and _on_path(logits_NV)
+
+
+def cross_entropy_rows(logits_NV: torch.Tensor, targets_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp, the target's logit) of each row, fp32, read straight from bf16 logits."""
+    lse, picked = _extension().cross_entropy_rows(logits_NV, targets_N)
+    return lse, picked
+
+
+def cross_entropy_grad(logits_NV: torch.Tensor, targets_N: torch.Tensor, lse_N: torch.Tensor,
+                       scale_N: torch.Tensor) -> torch.Tensor:
+    """(softmax - onehot(target)) * scale of each row, in fp32 and rounded to bf16 once."""
+    return _extension().cross_entropy_grad(logits_NV, targets_N, lse_N, scale_N)

@@ -175,9 +175,14 @@ def _repeat_kv(x_BHSD: torch.Tensor, n_head: int) -> torch.Tensor:
     return x_BHSD if n_kv == n_head else x_BHSD.repeat_interleave(n_head // n_kv, dim=1)
 
 
+def first_strided_position(begin: int, stride: int) -> int:
+    """The first absolute position p >= begin with (p + 1) % stride == 0."""
+    return begin + (-(begin + 1)) % stride
+
+
 def strided_positions(begin: int, end: int, stride: int, device: torch.device) -> torch.Tensor:
     """Absolute positions p in [begin, end) with (p + 1) % stride == 0."""
-    first = begin + (-(begin + 1)) % stride
+    first = first_strided_position(begin, stride)
     return torch.arange(first, max(first, end), stride, device=device)
 
 

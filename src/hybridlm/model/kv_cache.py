@@ -13,6 +13,7 @@ import torch
 
 from hybridlm.model.attention import (
     dense_causal_attention,
+    first_strided_position,
     sparse_causal_attention,
     strided_positions,
 )
@@ -149,8 +150,7 @@ class SparseKVCache:
     def _roll(self, run_k: torch.Tensor, run_v: torch.Tensor, new_length: int) -> None:
         """Keep the last window-1 keys; move strided keys that leave the run to the far store."""
         keep_from = max(self.run_start, new_length - (self.window - 1))
-        first_strided = self.run_start + (-(self.run_start + 1)) % self.stride
-        if first_strided < keep_from:  # (checked in ints first: most decode steps evict nothing)
+        if first_strided_position(self.run_start, self.stride) < keep_from:  # (checked in ints first: most decode steps evict nothing)
             evicted = strided_positions(self.run_start, keep_from, self.stride, run_k.device) - self.run_start
             far_k, far_v = run_k.index_select(2, evicted), run_v.index_select(2, evicted)
             self.far_k = far_k if self.far_k is None else torch.cat([self.far_k, far_k], 2)

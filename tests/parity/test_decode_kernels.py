@@ -141,10 +141,12 @@ def test_forcing_the_torch_path_gives_the_same_decoding(kernel, layers, monkeypa
     [
         ("avx512_bf16", frozenset({"avx", "avx2", "fma"}), "needs the CPU flags avx512_bf16 avx512bw avx512f avx512vl, "
                                                           "which this CPU lacks \\(its SIMD flags: avx avx2\\)"),
-        ("amx", frozenset({"amx_bf16", "avx512_bf16"}), "no AMX kernel of its own yet"),
+        ("amx", frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16"}),
+         "HYBRIDLM_KERNEL=amx needs the CPU flags amx_tile, which this CPU lacks \\(its SIMD flags: amx_bf16 avx512_bf16 "
+         "avx512bw avx512f avx512vl\\)"),
         ("avx2", frozenset({"avx", "sse4_2"}), "needs the CPU flags avx2 fma, which this CPU lacks \\(its SIMD "
                                                "flags: avx\\)"),
-        ("fast", frozenset(), "'fast' is not a kernel path; use auto, avx512_bf16, avx2, torch"),
+        ("fast", frozenset(), "'fast' is not a kernel path; use auto, amx, avx512_bf16, avx2, torch"),
     ],
 )
 def test_a_kernel_path_the_cpu_cannot_run_is_refused_by_name(value, flags, message, monkeypatch):
@@ -157,6 +159,9 @@ def test_the_kernel_path_follows_the_cpu_flags(monkeypatch):
     monkeypatch.delenv("HYBRIDLM_KERNEL", raising=False)
     assert kernel_path(frozenset({"avx", "avx2"})) == "torch"  # AVX2 without FMA
     assert kernel_path(frozenset({"avx2", "fma"})) == "avx2"
-    assert kernel_path(frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})) == "avx512_bf16"
+    avx512_bf16 = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
+    assert kernel_path(avx512_bf16) == "avx512_bf16"
+    assert kernel_path(avx512_bf16 | {"amx_bf16", "amx_tile", "amx_int8"}) == "amx"
+    assert kernel_path(avx512_bf16 | {"amx_int8", "amx_tile"}) == "avx512_bf16"  # AMX without its bf16 part
     monkeypatch.setenv("HYBRIDLM_KERNEL", "torch")
     assert kernel_path(frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})) == "torch"

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from hybridlm.model.attention import FLASH_BLOCK, blockwise_sparse_attention, fused_sparse_attention, sparse_causal_attention
 from hybridlm.model.sparse_flash import SparseFlashAttention
-from hybridlm.model.sparse_kernel_bf16 import SparseAttentionBF16, kernel_applies
+from hybridlm.model.sparse_kernel_bf16 import SparseAttentionBF16, avx512_extension, brgemm_extension, kernel_applies
 from reference import assert_same_with_grads, masked_sparse_attention, sparse_mask
 
 # Both kernel paths, and the dispatcher the model calls (which picks one by length).
@@ -77,7 +77,20 @@ def _cpp_kernel(*args):
     return SparseAttentionBF16.apply(*args)
 
 
-BF16_KERNELS = {"pytorch-kernel": SparseFlashAttention.apply, "cpp": _cpp_kernel}
+def _brgemm():
+    """The AMX path's kernel, forced: it runs on any AVX-512 BF16 CPU (oneDNN's brgemm takes AVX-512
+    BF16 where the CPU has no AMX), so these tests check its layouts and masks on every such CPU."""
+    module = brgemm_extension(("amx", "avx512_bf16"))
+    if module is None:
+        pytest.skip("the brgemm kernel needs a CPU with avx512_bf16 and a C++ compiler")
+    return module
+
+
+def _brgemm_kernel(*args):
+    return SparseAttentionBF16.apply(*args, _brgemm())
+
+
+BF16_KERNELS = {"pytorch-kernel": SparseFlashAttention.apply, "cpp": _cpp_kernel, "brgemm": _brgemm_kernel}
 
 
 @pytest.mark.parametrize("kernel", BF16_KERNELS)
@@ -125,6 +138,30 @@ def test_bf16_fused_is_as_accurate_as_pytorch_bf16_attention(n, window, stride, 
         scale = want.abs() + want.abs().mean()  # near-zero elements are not held to zero error
         our_rel, peer_rel = (our_err / scale).max().item(), (peer_err / scale).max().item()
         assert our_rel <= 3 * peer_rel, (tuple(want.shape), our_rel, peer_rel)
+
+
+@pytest.mark.parametrize(
+    "n,dim,window,stride,n_global",
+    [(5000, 64, 256, 64, 8),  # long: the remote segment spans several 64-key tiles
+     (2100, 128, 2100, 2101, 0),  # dense causal at head dim 128: two 64-dim blocks
+     (333, 32, 40, 7, 3)],  # odd length, head dim 32
+)
+def test_the_brgemm_kernel_matches_ours_where_the_reference_is_too_big(n, dim, window, stride, n_global):
+    """The two C++ kernels run one algorithm with different matrix micro-kernels, so they agree to
+    fp32 summation order plus one bf16 rounding of the result (2^-8 relative to the largest entry)."""
+    if not kernel_applies(torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16)):
+        pytest.skip("the C++ kernel needs a CPU with avx512_bf16 and a C++ compiler")
+    tensors = _inputs(1, 3, 3, n, dim, n_global, seed=11, dtype=torch.bfloat16)
+    upstream = torch.randn(1, 3, n, dim, generator=torch.Generator().manual_seed(5)).bfloat16()
+
+    def run(*kernel):
+        ins = [t.detach().requires_grad_() for t in tensors]
+        glob = ins[3:] if n_global else (None, None)
+        out = SparseAttentionBF16.apply(*ins[:3], *glob, window, stride, FLASH_BLOCK, *kernel)
+        return [out, *torch.autograd.grad(out, ins, upstream)]
+
+    for ours, theirs in zip(run(avx512_extension()), run(_brgemm())):
+        assert (ours.float() - theirs.float()).abs().max() <= 2**-7 * theirs.float().abs().max()
 
 
 def test_reference_mask_matches_the_definition():

@@ -11,20 +11,11 @@
 // Two micro-kernels do all matrix work:
 //   dot_keys: C[r][c] = sum_d A[r][d] * B[c][d]  (B packed key-major: the 16 lanes are 16 keys)
 //   acc_dims: C[r][d] = sum_c A(r,c) * B[c][d]   (A read as bf16 pairs, B packed pair-major: lanes are dims)
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "sparse_common.h"
 
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <vector>
+#include <ATen/Parallel.h>
 
 namespace {
-
-using bf16 = uint16_t;
-
-inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------- packing (once per batch*head)
 
@@ -143,91 +134,6 @@ void acc_dims(const uint32_t* A32, int64_t row_stride, int64_t pair_stride, int 
   }
 }
 
-// ---------------------------------------------------------------- vector helpers
-
-inline __m512 exp512(__m512 x) {  // e^x, relative error ~1e-7 on [-87, 88]
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __m256i to_bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
-
-// fp32 -> bf16 (round to nearest even); count is a multiple of 16 (head dims are).
-void store_bf16(const float* src, int64_t count, bf16* dst) {
-  for (int64_t i = 0; i < count; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), to_bf16x16(_mm512_loadu_ps(src + i)));
-}
-
-// Two rows of 16 fp32 -> 16 interleaved bf16 pairs (a0, b0, a1, b1, ...).
-inline __m512i interleave_bf16(__m512 a, __m512 b) {
-  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // low 16 = a, high 16 = b
-  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  return _mm512_permutexvar_epi16(idx, both);
-}
-
-// ---------------------------------------------------------------- geometry and block layout
-
-struct Geometry {
-  int n, D, g, window, stride, block, n16, n_strided, r16;
-  float scale;
-};
-
-Geometry geometry(const at::Tensor& q, int64_t g, int64_t window, int64_t stride, int64_t block) {
-  Geometry G;
-  G.n = (int)q.size(1); G.D = (int)q.size(2); G.g = (int)g;
-  G.window = (int)window; G.stride = (int)stride; G.block = (int)block;
-  G.n16 = round_up(G.n, 16);
-  G.n_strided = G.n >= G.stride ? (G.n - G.stride) / G.stride + 1 : 0;  // positions s-1, 2s-1, ... < n
-  G.r16 = round_up(G.g + G.n_strided, 16);
-  G.scale = 1.0f / std::sqrt((float)G.D);
-  return G;
-}
-
-// What one block of queries [i0, i1) sees: remote prefix (global + far strided) and a span slice.
-struct BlockKeys {
-  int remote_count;  // visible remote keys: g + far strided
-  int remote_tiles;  // tiles of the remote segment used (the rest of the last tile is masked)
-  int span_lo, span_hi;  // span positions [span_lo, span_hi), multiples of 16
-  int kp() const { return 16 * remote_tiles + (span_hi - span_lo); }
-};
-
-BlockKeys block_keys(const Geometry& G, int i0, int i1) {
-  BlockKeys b;
-  b.span_lo = std::max(0, i0 - G.window + 1) / 16 * 16;
-  b.span_hi = round_up(i1, 16);
-  b.remote_count = G.g + b.span_lo / G.stride;  // strided p < span_lo
-  b.remote_tiles = (b.remote_count + 15) / 16;
-  return b;
-}
-
-// Which of 16 key columns starting at c0 row i may see (bit per lane).
-inline __mmask16 visible16(const Geometry& G, const BlockKeys& b, const int32_t* strided_flag, int c0, int i) {
-  const int remote_cols = 16 * b.remote_tiles;
-  if (c0 < remote_cols) {
-    const int left = b.remote_count - c0;
-    return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
-  }
-  const int p0 = b.span_lo + (c0 - remote_cols);
-  const __m512i pos = _mm512_add_epi32(_mm512_set1_epi32(p0), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  const __mmask16 le = _mm512_cmple_epi32_mask(pos, _mm512_set1_epi32(i));
-  const __mmask16 near = _mm512_cmpgt_epi32_mask(pos, _mm512_set1_epi32(i - G.window));
-  const __m512i flags = _mm512_loadu_si512(strided_flag + p0);
-  const __mmask16 strided = _mm512_test_epi32_mask(flags, flags);
-  return le & (near | strided);
-}
-
 // Packed keys/values of one batch*head: remote segment and span segment, in the needed layouts.
 struct Packed {
   std::vector<bf16> k_lanes, v_lanes, k_pairs, v_pairs;     // span segment (all positions, n16)
@@ -314,51 +220,15 @@ void forward_block(const Geometry& G, const Packed& P, const int32_t* strided_fl
   s.probs.resize((size_t)rows * kp);
   s.out.resize((size_t)rows * G.D);
   scores_both(G, b, Q + (int64_t)i0 * G.D, rows, P.rk_lanes.data(), P.k_lanes.data(), s.scores.data(), kp);
-  const __m512 scale = _mm512_set1_ps(G.scale), minus_inf = _mm512_set1_ps(-INFINITY);
-  for (int r = 0; r < rows; ++r) {
-    const int i = i0 + r;
-    float* row = s.scores.data() + (int64_t)r * kp;
-    __m512 mx = minus_inf;
-    for (int c = 0; c < kp; c += 16) {
-      const __mmask16 vis = visible16(G, b, strided_flag, c, i);
-      const __m512 x = _mm512_mask_mul_ps(minus_inf, vis, _mm512_loadu_ps(row + c), scale);
-      _mm512_storeu_ps(row + c, x);
-      mx = _mm512_max_ps(mx, x);
-    }
-    const float m = _mm512_reduce_max_ps(mx);
-    const __m512 vm = _mm512_set1_ps(m);
-    __m512 sum = _mm512_setzero_ps();
-    for (int c = 0; c < kp; c += 16) {
-      const __m512 x = _mm512_loadu_ps(row + c);
-      const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_OQ), exp512(_mm512_sub_ps(x, vm)));
-      _mm512_storeu_ps(row + c, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    const float total = _mm512_reduce_add_ps(sum);
-    const __m512 inv = _mm512_set1_ps(1.f / total);
-    bf16* p = s.probs.data() + (int64_t)r * kp;
-    for (int c = 0; c < kp; c += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), to_bf16x16(_mm512_mul_ps(_mm512_loadu_ps(row + c), inv)));
-    LSE[i] = m + std::log(total);
-  }
+  for (int r = 0; r < rows; ++r)
+    LSE[i0 + r] = softmax_row(G, b, strided_flag, i0 + r, s.scores.data() + (int64_t)r * kp, kp,
+                              s.probs.data() + (int64_t)r * kp);
   values_both(G, b, reinterpret_cast<const uint32_t*>(s.probs.data()), rows, kp, P.rv_pairs.data(),
               P.v_pairs.data(), s.out.data(), false);
-  bf16* o = O + (int64_t)i0 * G.D;
-  for (int64_t e = 0; e < (int64_t)rows * G.D; e += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + e), to_bf16x16(_mm512_loadu_ps(s.out.data() + e)));
+  store_bf16(s.out.data(), (int64_t)rows * G.D, O + (int64_t)i0 * G.D);
 }
 
 // ---------------------------------------------------------------- backward
-
-inline __m512 load_bf16x16(const bf16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-
-float row_dot(const bf16* a, const bf16* b, int D) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(load_bf16x16(a + d), load_bf16x16(b + d), acc);
-  return _mm512_reduce_add_ps(acc);
-}
 
 // Gradient rows C (one per remote column c0 <= c < c1) added to dKG (global slots) or to the
 // strided rows of dK.
@@ -468,16 +338,6 @@ void backward_block(const Geometry& G, const Packed& P, const int32_t* strided_f
 }
 
 // ---------------------------------------------------------------- entry points
-
-const bf16* ptr(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
-bf16* mut_ptr(at::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>()); }
-
-
-std::vector<int32_t> strided_flags(const Geometry& G) {
-  std::vector<int32_t> flags(G.n16 + 16, 0);
-  for (int p = G.stride - 1; p < G.n16 + 16; p += G.stride) flags[p] = 1;
-  return flags;
-}
 
 std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kg, at::Tensor vg,
                                 int64_t window, int64_t stride, int64_t block) {

@@ -1,17 +1,20 @@
 """Which CPU kernel path runs, and the builder of our C++ extensions.
 
 The path is chosen from the CPU's flags, the first of these the CPU can run:
+- `amx` (AMX-BF16 tiles, Intel Xeon since Sapphire Rapids): training attention on oneDNN's brgemm
+  micro-kernel (csrc/sparse_attention_brgemm.cpp), which runs its block matmuls on the tiles; the
+  other kernels are the avx512_bf16 builds;
 - `avx512_bf16`: all our C++ kernels (csrc/, built on first use): training attention and decoding;
 - `avx2` (AVX2 + FMA, every x86-64 CPU since about 2013): the decode kernels, built for AVX2;
 - `torch`: PyTorch's own kernels only.
 HYBRIDLM_KERNEL forces one (`auto` or a path); forcing a path this CPU cannot run is refused in
 one line that names the flags found, rather than dying on an illegal instruction. `bench` and
-`eval efficiency` report the path that ran. There is no AMX path of our own yet: on AMX CPUs the
-AVX-512 BF16 kernels run, and PyTorch's matmuls and SDPA use AMX through oneDNN.
+`eval efficiency` report the path that ran.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -22,18 +25,22 @@ from pathlib import Path
 from hybridlm.device import cpu_flags, cpu_model
 from hybridlm.errors import UserError
 
-KERNEL_PATHS = ("avx512_bf16", "avx2", "torch")
+KERNEL_PATHS = ("amx", "avx512_bf16", "avx2", "torch")
 """Best first: `auto` takes the first one the CPU's flags allow."""
-_NEEDS = {"avx512_bf16": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}, "avx2": {"avx2", "fma"}, "torch": set()}
-_FLAGS = {"avx512_bf16": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
-          "avx2": ["-O3", "-mavx2", "-mfma", "-fopenmp"]}
+_AVX512_BF16 = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+_NEEDS = {"amx": _AVX512_BF16 | {"amx_bf16", "amx_tile"}, "avx512_bf16": _AVX512_BF16, "avx2": {"avx2", "fma"},
+          "torch": set()}
+_BUILDS = {"amx": ("amx", "avx512_bf16"), "avx512_bf16": ("avx512_bf16",), "avx2": ("avx2",), "torch": ()}
+"""The extension builds each path runs, best first: an AMX CPU also runs the avx512_bf16 builds."""
+_AVX512_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+_FLAGS = {"amx": _AVX512_FLAGS, "avx512_bf16": _AVX512_FLAGS, "avx2": ["-O3", "-mavx2", "-mfma", "-fopenmp"]}
 SOURCES = Path(__file__).resolve().parents[1] / "csrc"
 STALE_LOCK_S = 300
 """torch's build lock older than this is left over from a killed process (a build takes 30-80 s)."""
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # by module name
 _failed: set[str] = set()
-_chosen: dict[tuple[str, str], object] = {}  # (extension, HYBRIDLM_KERNEL) -> its module, or None
+_chosen: dict[tuple[str, tuple[str, ...], str], object] = {}  # (extension, paths, HYBRIDLM_KERNEL) -> module or None
 
 
 def kernel_path(flags: frozenset[str] | None = None) -> str:
@@ -43,9 +50,6 @@ def kernel_path(flags: frozenset[str] | None = None) -> str:
     forced = os.environ.get("HYBRIDLM_KERNEL", "auto")
     if forced == "auto":
         return next(path for path in KERNEL_PATHS if _NEEDS[path] <= flags)
-    if forced == "amx":
-        raise UserError("HYBRIDLM_KERNEL=amx: hybridlm has no AMX kernel of its own yet (on AMX CPUs the avx512_bf16 "
-                        f"path runs, and PyTorch's matmuls use AMX); set HYBRIDLM_KERNEL to auto, {', '.join(KERNEL_PATHS)}")
     if forced not in KERNEL_PATHS:
         raise UserError(f"HYBRIDLM_KERNEL={forced!r} is not a kernel path; use auto, {', '.join(KERNEL_PATHS)}")
     missing = _NEEDS[forced] - flags
@@ -58,7 +62,8 @@ def kernel_path(flags: frozenset[str] | None = None) -> str:
 
 def machine() -> dict:
     """What a speed figure ran on: the CPU model, the SIMD flags that pick a path, and the path."""
-    flags = sorted(f for f in cpu_flags() if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"))
+    flags = sorted(f for f in cpu_flags() if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile",
+                                                     "amx_int8"))
     return {"cpu": cpu_model(), "cpu_flags": " ".join(flags), "kernel_path": kernel_path()}
 
 
@@ -78,19 +83,19 @@ def clear_stale_lock(name: str) -> bool:
 
 
 def cpu_extension(name: str, source: str, what: str, paths: tuple[str, ...]):
-    """The compiled extension from csrc/`source` for this process's kernel path when it is one of
-    `paths` (module `name`_PATH, built once per process, cached on disk by torch), or None on other
-    paths or when it cannot be built here (one warning, then PyTorch's kernels)."""
-    key = (name, os.environ.get("HYBRIDLM_KERNEL", "auto"))
+    """The compiled extension from csrc/`source` when this process's kernel path runs one of the
+    builds `paths` (module `name`_BUILD, built once per process, cached on disk by torch), or None
+    on other paths or when it cannot be built here (one warning, then PyTorch's kernels)."""
+    key = (name, paths, os.environ.get("HYBRIDLM_KERNEL", "auto"))
     if key in _chosen:
         return _chosen[key]  # the per-call fast path: decided, and the path has not been forced away since
-    path = kernel_path()
+    build = next((b for b in _BUILDS[kernel_path()] if b in paths), None)
     module = None
-    if path in paths:
-        module_name = f"{name}_{path}"
+    if build is not None:
+        module_name = f"{name}_{build}"
         with _lock:
             if module_name not in _built and module_name not in _failed:
-                built = _build(module_name, SOURCES / source, what, _FLAGS[path])
+                built = _build(module_name, SOURCES / source, what, _FLAGS[build])
                 if built is None:
                     _failed.add(module_name)
                 else:
@@ -109,7 +114,9 @@ def _build(name: str, source: Path, what: str, flags: list[str]):
         if venv_bin not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
         print(f"hybridlm: loading the {what} (the first time compiles it, 30-80 s)", file=sys.stderr, flush=True)
-        return load(name, [str(source)], extra_cflags=flags, verbose=False)
+        # torch rebuilds when a source or a flag changes, not a header: the headers' digest is a flag
+        headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))).hexdigest()[:16]
+        return load(name, [str(source)], extra_cflags=[*flags, f"-DHYBRIDLM_HEADERS={headers}"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the portable path
         warnings.warn(f"the C++ {what} could not be built ({exc}); using PyTorch's kernels", stacklevel=2)
         return None

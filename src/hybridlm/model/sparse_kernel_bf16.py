@@ -1,9 +1,15 @@
-"""The C++ sparse attention kernel for CPUs with AVX-512 BF16 (csrc/sparse_attention_bf16.cpp).
+"""The C++ sparse attention kernels for bf16 whole-sequence attention on CPUs with AVX-512 BF16.
 
-It is compiled on first use with torch's extension builder (about 30 s, cached under
-~/.cache/torch_extensions) and used for bf16 whole-sequence attention on the avx512_bf16 kernel
-path (cpu_kernels.py; HYBRIDLM_KERNEL=torch stays on PyTorch's kernels); a failed build falls back
-to them with one warning.
+Two kernels, one algorithm (csrc/sparse_common.h), by the kernel path (cpu_kernels.py):
+- `amx`: csrc/sparse_attention_brgemm.cpp, whose matrix products are calls to oneDNN's brgemm
+  micro-kernel (PyTorch's `at::native::cpublas::brgemm`, the one its own CPU flash attention uses),
+  which runs them on the AMX tiles;
+- `avx512_bf16`: csrc/sparse_attention_bf16.cpp, our own AVX-512 BF16 micro-kernels. The brgemm
+  kernel runs on these CPUs too (oneDNN falls back to AVX-512 BF16), but measured 0.69-1.05x of
+  this one there (docs/benchmarks.md), so `auto` keeps this one off AMX CPUs.
+Each is compiled on first use with torch's extension builder (about 30 s, cached under
+~/.cache/torch_extensions); a failed build falls back to the next kernel, then to PyTorch's
+kernels, with one warning. HYBRIDLM_KERNEL=torch stays on PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -15,9 +21,21 @@ from hybridlm.model.cpu_kernels import cpu_extension
 _HEAD_DIMS = (32, 64, 128)
 
 
-def _extension():
-    """The compiled module, or None when it cannot be had here."""
+def brgemm_extension(paths: tuple[str, ...] = ("amx",)):
+    """The brgemm kernel's module on the kernel paths `paths` (by default the AMX path only; tests
+    also take it on avx512_bf16 CPUs), or None."""
+    return cpu_extension("hybridlm_sparse_brgemm", "sparse_attention_brgemm.cpp", "AMX (brgemm) attention kernel",
+                         paths)
+
+
+def avx512_extension():
+    """Our own AVX-512 BF16 kernel's module (on the avx512_bf16 and amx paths), or None."""
     return cpu_extension("hybridlm_sparse", "sparse_attention_bf16.cpp", "bf16 attention kernel", ("avx512_bf16",))
+
+
+def _extension():
+    """This path's kernel module, or None when none can be had here."""
+    return brgemm_extension() or avx512_extension()
 
 
 def kernel_applies(q: torch.Tensor) -> bool:
@@ -27,18 +45,21 @@ def kernel_applies(q: torch.Tensor) -> bool:
 
 
 class SparseAttentionBF16(torch.autograd.Function):
-    """Exact sparse causal attention in one fused C++ kernel (forward and backward)."""
+    """Exact sparse causal attention in one fused C++ kernel (forward and backward): this path's, or
+    the compiled `kernel` module given (a test forcing one)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_global, v_global, window: int, stride: int, block: int):
+    def forward(ctx, q, k, v, k_global, v_global, window: int, stride: int, block: int, kernel=None):
+        kernel = kernel or _extension()
         B, H, n, D = q.shape
         flat = [t.reshape(B * H, -1, D).contiguous() for t in (q, k, v)]
         if k_global is None:
             k_global = v_global = q.new_zeros(B, H, 0, D)
         glob = [t.reshape(B * H, -1, D).contiguous() for t in (k_global, v_global)]
-        out, lse = _extension().forward(*flat, *glob, window, stride, block)
+        out, lse = kernel.forward(*flat, *glob, window, stride, block)
         ctx.save_for_backward(*flat, *glob, out, lse)
         ctx.geometry = (B, H, window, stride, block)
+        ctx.kernel = kernel
         return out.view(B, H, n, D)
 
     @staticmethod
@@ -46,10 +67,10 @@ class SparseAttentionBF16(torch.autograd.Function):
         q, k, v, kg, vg, out, lse = ctx.saved_tensors
         B, H, window, stride, block = ctx.geometry
         g = grad_out.reshape(B * H, -1, q.shape[-1]).contiguous().to(q.dtype)
-        dq, dk, dv, dkg, dvg = _extension().backward(g, q, k, v, kg, vg, out, lse, window, stride, block)
+        dq, dk, dv, dkg, dvg = ctx.kernel.backward(g, q, k, v, kg, vg, out, lse, window, stride, block)
         shape = (B, H, -1, q.shape[-1])
         glob = (dkg.view(shape).to(q.dtype), dvg.view(shape).to(q.dtype)) if kg.shape[1] else (None, None)
-        return dq.view(shape), dk.view(shape), dv.view(shape), *glob, None, None, None
+        return dq.view(shape), dk.view(shape), dv.view(shape), *glob, None, None, None, None
 
 
 @torch.compiler.disable

@@ -13,8 +13,6 @@
 //   acc_dims: C[r][d] = sum_c A(r,c) * B[c][d]   (A read as bf16 pairs, B packed pair-major: lanes are dims)
 #include "sparse_common.h"
 
-#include <ATen/Parallel.h>
-
 namespace {
 
 // ---------------------------------------------------------------- packing (once per batch*head)
@@ -143,24 +141,19 @@ struct Packed {
 void pack_head(const Geometry& G, const bf16* K, const bf16* V, const bf16* KG, const bf16* VG, bool backward,
                Packed& P) {
   const int64_t D = G.D;
-  auto span_row = [&](const bf16* X) { return [&, X](int i) -> const bf16* { return i < G.n ? X + i * D : nullptr; }; };
-  auto remote_row = [&](const bf16* X, const bf16* XG) {
-    return [&, X, XG](int c) -> const bf16* {
-      if (c < G.g) return XG + c * D;
-      const int k = c - G.g;
-      return k < G.n_strided ? X + ((int64_t)(k + 1) * G.stride - 1) * D : nullptr;
-    };
-  };
+  auto span = [&](const bf16* X) { return [&, X](int i) { return span_row(G, X, i); }; };
+  auto remote = [&](const bf16* X, const bf16* XG) { return [&, X, XG](int c) { return remote_row(G, X, XG, c); }; };
   // One tensor (K or V) into one layout, for both segments.
-  auto pack = [&](const bf16* X, const bf16* XG, bool lanes, std::vector<bf16>& span, std::vector<bf16>& remote) {
-    span.resize((size_t)G.n16 * D);
-    remote.resize((size_t)G.r16 * D);
+  auto pack = [&](const bf16* X, const bf16* XG, bool lanes, std::vector<bf16>& span_out,
+                  std::vector<bf16>& remote_out) {
+    span_out.resize((size_t)G.n16 * D);
+    remote_out.resize((size_t)G.r16 * D);
     if (lanes) {
-      pack_lanes(span_row(X), G.n16, G.D, span.data());
-      pack_lanes(remote_row(X, XG), G.r16, G.D, remote.data());
+      pack_lanes(span(X), G.n16, G.D, span_out.data());
+      pack_lanes(remote(X, XG), G.r16, G.D, remote_out.data());
     } else {
-      pack_pairs(span_row(X), G.n16, G.D, span.data());
-      pack_pairs(remote_row(X, XG), G.r16, G.D, remote.data());
+      pack_pairs(span(X), G.n16, G.D, span_out.data());
+      pack_pairs(remote(X, XG), G.r16, G.D, remote_out.data());
     }
   };
   pack(K, KG, true, P.k_lanes, P.rk_lanes);    // scores: Q . K
@@ -279,43 +272,23 @@ void backward_block(const Geometry& G, const Packed& P, const int32_t* strided_f
   s.dscores_pairs.resize((size_t)rows_even * width_max);
   s.out.resize((size_t)width_max * D);
   s.dq.resize((size_t)rows * D);
-  s.row_lse.resize(rows_even);
-  s.row_delta.resize(rows_even);
+  row_constants(G, LSE, dO, O, i0, rows, s.row_lse, s.row_delta);
   const bf16* q = Q + (int64_t)i0 * D;
   const bf16* dout = dO + (int64_t)i0 * D;
-  for (int r = 0; r < rows_even; ++r) {
-    const int rr = std::min(r, rows - 1);
-    s.row_lse[r] = LSE[i0 + rr];
-    s.row_delta[r] = row_dot(dout + (int64_t)rr * D, O + (int64_t)(i0 + rr) * D, D);
-  }
   const bf16* qp = q_pairs + (int64_t)(i0 / 2) * D * 2;
   const bf16* dop = do_pairs + (int64_t)(i0 / 2) * D * 2;
-  const __m512 scale = _mm512_set1_ps(G.scale);
   bool first = true;
   key_chunks(G, P, b, s.chunks);
   for (const KeyChunk& k : s.chunks) {
     const int w = k.width;
     dot_keys(q, D, rows, k.k_lanes, w / 16, D, s.scores.data(), w);
     dot_keys(dout, D, rows, k.v_lanes, w / 16, D, s.dprobs.data(), w);
-    for (int r = 0; r < rows_even; r += 2) {  // rows in pairs: P and dS are also stored interleaved by row pair
-      for (int c = 0; c < w; c += 16) {
-        __m512 prob[2], ds[2];
-        for (int h = 0; h < 2; ++h) {
-          const int rr = r + h;
-          if (rr >= rows) { prob[h] = ds[h] = _mm512_setzero_ps(); continue; }
-          const __mmask16 vis = visible16(G, b, strided_flag, k.col + c, i0 + rr);
-          const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s.scores.data() + (int64_t)rr * w + c), scale,
-                                           _mm512_set1_ps(s.row_lse[rr]));
-          prob[h] = _mm512_maskz_mov_ps(vis, exp512(x));
-          const __m512 dp = _mm512_loadu_ps(s.dprobs.data() + (int64_t)rr * w + c);
-          ds[h] = _mm512_mul_ps(_mm512_mul_ps(prob[h], _mm512_sub_ps(dp, _mm512_set1_ps(s.row_delta[rr]))), scale);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.dscores.data() + (int64_t)rr * w + c), to_bf16x16(ds[h]));
-        }
-        const int64_t at = ((int64_t)(r / 2) * w + c) * 2;
-        _mm512_storeu_si512(s.probs_pairs.data() + at, interleave_bf16(prob[0], prob[1]));
-        _mm512_storeu_si512(s.dscores_pairs.data() + at, interleave_bf16(ds[0], ds[1]));
-      }
-    }
+    probs_and_dscores(G, b, strided_flag, i0, rows, rows_even, k.col, w, s.scores.data(), s.dprobs.data(),
+                      s.row_lse.data(), s.row_delta.data(), s.dscores.data(), [&](int r, int c, __m512i p, __m512i ds) {
+      const int64_t at = ((int64_t)(r / 2) * w + c) * 2;  // pairs of rows interleaved, per key column
+      _mm512_storeu_si512(s.probs_pairs.data() + at, p);
+      _mm512_storeu_si512(s.dscores_pairs.data() + at, ds);
+    });
     // dQ += dS . K over this chunk's keys
     acc_dims(reinterpret_cast<const uint32_t*>(s.dscores.data()), w / 2, 1, rows, k.k_pairs, w / 2, D, s.dq.data(),
              D, !first);
@@ -341,64 +314,38 @@ void backward_block(const Geometry& G, const Packed& P, const int32_t* strided_f
 
 std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kg, at::Tensor vg,
                                 int64_t window, int64_t stride, int64_t block) {
-  // q, k, v: (BH, n, D) bf16 contiguous; kg, vg: (BH, g, D) (g may be 0).
-  TORCH_CHECK(block % 16 == 0, "block must be a multiple of 16");
-  const Geometry G = geometry(q, kg.size(1), window, stride, block);
-  const int64_t bh = q.size(0), n_blocks = (G.n + G.block - 1) / G.block;
-  const auto flags = strided_flags(G);
-  std::vector<Packed> packed(bh);
-  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t h = begin; h < end; ++h)
-      pack_head(G, ptr(k) + h * G.n * G.D, ptr(v) + h * G.n * G.D, ptr(kg) + h * G.g * G.D,
-                ptr(vg) + h * G.g * G.D, false, packed[h]);
-  });
-  auto out = at::empty_like(q);
-  auto lse = at::empty({bh, G.n}, q.options().dtype(at::kFloat));
-  at::parallel_for(0, bh * n_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t h = task / n_blocks, blk = task % n_blocks;
-      const int i0 = (int)(blk * G.block), i1 = std::min(G.n, i0 + G.block);
-      forward_block(G, packed[h], flags.data(), ptr(q) + h * G.n * G.D, i0, i1,
-                    mut_ptr(out) + h * G.n * G.D,
-                    lse.data_ptr<float>() + h * G.n);
-    }
-  });
-  return {out, lse};
+  return forward_entry<Packed>(q, k, v, kg, vg, window, stride, block, pack_head, forward_block, [] {});
 }
+
+// One thread's buffers for the backward of its heads.
+struct BackwardState {
+  Packed packed;
+  std::vector<bf16> q_pairs, do_pairs;
+  std::vector<float> dk_h, dv_h;
+};
 
 std::vector<at::Tensor> backward(at::Tensor grad_out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kg,
                                  at::Tensor vg, at::Tensor out, at::Tensor lse, int64_t window, int64_t stride,
                                  int64_t block) {
-  const Geometry G = geometry(q, kg.size(1), window, stride, block);
-  const int64_t bh = q.size(0), D = G.D;
-  const auto flags = strided_flags(G);
-  // dK, dV accumulate in fp32 per head in each thread's own buffers and are stored as bf16:
-  // the full-size fp32 gradients would triple the backward's memory at long sequences.
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  auto f32 = q.options().dtype(at::kFloat);
-  auto dkg = at::zeros(kg.sizes(), f32), dvg = at::zeros(vg.sizes(), f32);
-  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
-    Packed packed;
-    std::vector<bf16> q_pairs((size_t)round_up(G.n, 2) * D), do_pairs((size_t)round_up(G.n, 2) * D);
-    std::vector<float> dk_h((size_t)G.n16 * D), dv_h((size_t)G.n16 * D);
-    for (int64_t h = begin; h < end; ++h) {
-      const int64_t off = h * G.n * D, goff = h * G.g * D;
-      pack_head(G, ptr(k) + off, ptr(v) + off, ptr(kg) + goff, ptr(vg) + goff, true, packed);
-      const bf16* qh = ptr(q) + off;
-      const bf16* doh = ptr(grad_out) + off;
-      pack_pairs([&](int i) -> const bf16* { return i < G.n ? qh + (int64_t)i * D : nullptr; }, round_up(G.n, 2), G.D, q_pairs.data());
-      pack_pairs([&](int i) -> const bf16* { return i < G.n ? doh + (int64_t)i * D : nullptr; }, round_up(G.n, 2), G.D, do_pairs.data());
-      std::fill(dk_h.begin(), dk_h.end(), 0.f);
-      std::fill(dv_h.begin(), dv_h.end(), 0.f);
-      for (int i0 = 0; i0 < G.n; i0 += G.block)
-        backward_block(G, packed, flags.data(), qh, doh, ptr(out) + off, lse.data_ptr<float>() + h * G.n,
-                       q_pairs.data(), do_pairs.data(), i0, std::min(G.n, i0 + G.block), mut_ptr(dq) + off, dk_h.data(),
-                       dv_h.data(), dkg.data_ptr<float>() + goff, dvg.data_ptr<float>() + goff);
-      store_bf16(dk_h.data(), G.n * D, mut_ptr(dk) + off);
-      store_bf16(dv_h.data(), G.n * D, mut_ptr(dv) + off);
-    }
-  });
-  return {dq, dk, dv, dkg, dvg};
+  auto head = [&](const Geometry& G, const int32_t* flags, BackwardState& st, int64_t h, std::vector<at::Tensor>& grads) {
+    const int64_t D = G.D, off = h * G.n * D, goff = h * G.g * D;
+    pack_head(G, ptr(k) + off, ptr(v) + off, ptr(kg) + goff, ptr(vg) + goff, true, st.packed);
+    const bf16* qh = ptr(q) + off;
+    const bf16* doh = ptr(grad_out) + off;
+    st.q_pairs.resize((size_t)round_up(G.n, 2) * D);
+    st.do_pairs.resize((size_t)round_up(G.n, 2) * D);
+    pack_pairs([&](int i) { return span_row(G, qh, i); }, round_up(G.n, 2), G.D, st.q_pairs.data());
+    pack_pairs([&](int i) { return span_row(G, doh, i); }, round_up(G.n, 2), G.D, st.do_pairs.data());
+    st.dk_h.assign((size_t)G.n16 * D, 0.f);
+    st.dv_h.assign((size_t)G.n16 * D, 0.f);
+    for (int i0 = 0; i0 < G.n; i0 += G.block)
+      backward_block(G, st.packed, flags, qh, doh, ptr(out) + off, lse.data_ptr<float>() + h * G.n, st.q_pairs.data(),
+                     st.do_pairs.data(), i0, std::min(G.n, i0 + G.block), mut_ptr(grads[0]) + off, st.dk_h.data(),
+                     st.dv_h.data(), grads[3].data_ptr<float>() + goff, grads[4].data_ptr<float>() + goff);
+    store_bf16(st.dk_h.data(), G.n * D, mut_ptr(grads[1]) + off);
+    store_bf16(st.dv_h.data(), G.n * D, mut_ptr(grads[2]) + off);
+  };
+  return backward_entry<BackwardState>(q, kg, window, stride, block, head, [] {});
 }
 
 }  // namespace

@@ -9,7 +9,6 @@
 // keys, accumulated per head and transposed once at its end.
 #include "sparse_common.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
 namespace {
@@ -85,14 +84,8 @@ struct HeadKeys {
 void pack_head(const Geometry& G, const bf16* K, const bf16* V, const bf16* KG, const bf16* VG, bool backward,
                HeadKeys& H) {
   const int64_t D = G.D;
-  auto span_row = [&](const bf16* X) { return [&, X](int i) -> const bf16* { return i < G.n ? X + i * D : nullptr; }; };
-  auto remote_row = [&](const bf16* X, const bf16* XG) {
-    return [&, X, XG](int c) -> const bf16* {
-      if (c < G.g) return XG + c * D;
-      const int k = c - G.g;
-      return k < G.n_strided ? X + ((int64_t)(k + 1) * G.stride - 1) * D : nullptr;
-    };
-  };
+  auto span = [&](const bf16* X) { return [&, X](int i) { return span_row(G, X, i); }; };
+  auto remote = [&](const bf16* X, const bf16* XG) { return [&, X, XG](int c) { return remote_row(G, X, XG, c); }; };
   auto pack = [&](Segment& seg, int keys, auto k_row, auto v_row) {
     seg.padded = round_up(keys, KT);
     const size_t size = (size_t)seg.padded * D;
@@ -107,8 +100,8 @@ void pack_head(const Geometry& G, const bf16* K, const bf16* V, const bf16* KG, 
       pack_row_pairs(k_row, seg.padded, G.D, seg.k_pairs.data());
     }
   };
-  pack(H.remote, G.g + G.n_strided, remote_row(K, KG), remote_row(V, VG));
-  pack(H.span, G.n, span_row(K), span_row(V));
+  pack(H.remote, G.g + G.n_strided, remote(K, KG), remote(V, VG));
+  pack(H.span, G.n, span(K), span(V));
 }
 
 // ---------------------------------------------------------------- products
@@ -163,8 +156,10 @@ void forward_block(const Geometry& G, const HeadKeys& H, const int32_t* strided_
 
 // ---------------------------------------------------------------- backward
 
-// Per head: Q^T and dO^T (the A operands of dK^T and dV^T), and those two accumulators per segment.
+// One thread's backward buffers: its head's packed keys, Q^T and dO^T (the A operands of dK^T and
+// dV^T), and those two accumulators per segment.
 struct HeadGrads {
+  HeadKeys keys;
   std::vector<bf16> qt, dot;
   std::vector<float> dkt_remote, dvt_remote, dkt_span, dvt_span;
 };
@@ -181,40 +176,21 @@ void backward_block(const Geometry& G, const HeadKeys& H, HeadGrads& A, const in
   s.p_tiles.resize((size_t)rows16 * width_max);
   s.ds_tiles.resize((size_t)rows16 * width_max);
   s.dq.resize((size_t)rows * D);
-  s.row_lse.resize(rows);
-  s.row_delta.resize(rows);
+  row_constants(G, LSE, dO, O, i0, rows, s.row_lse, s.row_delta);
   const bf16* q = Q + (int64_t)i0 * D;
   const bf16* dout = dO + (int64_t)i0 * D;
-  for (int r = 0; r < rows; ++r) {
-    s.row_lse[r] = LSE[i0 + r];
-    s.row_delta[r] = row_dot(dout + (int64_t)r * D, O + (int64_t)(i0 + r) * D, D);
-  }
   const int ld_t = H.span.padded;  // of Q^T and dO^T
-  const __m512 scale = _mm512_set1_ps(G.scale);
   bool first = true;
   // Keys [start, start + w) of one segment, which are the block's columns col0..: all four products.
   auto chunk = [&](const Segment& seg, int start, int col0, int w, float* dkt, float* dvt) {
     key_products(G, q, rows, seg.k_tiles, start, w, s.scores.data(), w);
     key_products(G, dout, rows, seg.v_tiles, start, w, s.dprobs.data(), w);
-    for (int r = 0; r < rows16; r += 2) {  // P and dS also as pair tiles: row pairs interleaved per key
-      for (int c = 0; c < w; c += 16) {
-        __m512 prob[2], ds[2];
-        for (int h = 0; h < 2; ++h) {
-          const int rr = r + h;
-          if (rr >= rows) { prob[h] = ds[h] = _mm512_setzero_ps(); continue; }
-          const __mmask16 vis = visible16(G, b, strided_flag, col0 + c, i0 + rr);
-          const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s.scores.data() + (int64_t)rr * w + c), scale,
-                                           _mm512_set1_ps(s.row_lse[rr]));
-          prob[h] = _mm512_maskz_mov_ps(vis, exp512(x));
-          const __m512 dp = _mm512_loadu_ps(s.dprobs.data() + (int64_t)rr * w + c);
-          ds[h] = _mm512_mul_ps(_mm512_mul_ps(prob[h], _mm512_sub_ps(dp, _mm512_set1_ps(s.row_delta[rr]))), scale);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.dscores.data() + (int64_t)rr * w + c), to_bf16x16(ds[h]));
-        }
-        const int64_t at = (((int64_t)(c / KT) * (rows16 / 2) + r / 2) * KT + c % KT) * 2;
-        _mm512_storeu_si512(s.p_tiles.data() + at, interleave_bf16(prob[0], prob[1]));
-        _mm512_storeu_si512(s.ds_tiles.data() + at, interleave_bf16(ds[0], ds[1]));
-      }
-    }
+    probs_and_dscores(G, b, strided_flag, i0, rows, rows16, col0, w, s.scores.data(), s.dprobs.data(),
+                      s.row_lse.data(), s.row_delta.data(), s.dscores.data(), [&](int r, int c, __m512i p, __m512i ds) {
+      const int64_t at = (((int64_t)(c / KT) * (rows16 / 2) + r / 2) * KT + c % KT) * 2;  // 64-key pair tiles
+      _mm512_storeu_si512(s.p_tiles.data() + at, p);
+      _mm512_storeu_si512(s.ds_tiles.data() + at, ds);
+    });
     row_products(G, s.dscores.data(), w, rows, seg, seg.k_pairs, start, w, s.dq.data(), !first);  // dQ += dS . K
     first = false;
     for (int t = 0; t < w / KT; ++t) {  // dK^T += Q^T . dS and dV^T += dO^T . P, one key tile at a time
@@ -247,66 +223,37 @@ void scatter_remote(const Geometry& G, const HeadKeys& H, const float* remote_t,
 
 std::vector<at::Tensor> forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kg, at::Tensor vg,
                                 int64_t window, int64_t stride, int64_t block) {
-  // q, k, v: (BH, n, D) bf16 contiguous; kg, vg: (BH, g, D) (g may be 0).
-  TORCH_CHECK(block % 16 == 0, "block must be a multiple of 16");
-  const Geometry G = geometry(q, kg.size(1), window, stride, block);
-  const int64_t bh = q.size(0), n_blocks = (G.n + G.block - 1) / G.block;
-  const auto flags = strided_flags(G);
-  std::vector<HeadKeys> heads(bh);
-  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t h = begin; h < end; ++h)
-      pack_head(G, ptr(k) + h * G.n * G.D, ptr(v) + h * G.n * G.D, ptr(kg) + h * G.g * G.D,
-                ptr(vg) + h * G.g * G.D, false, heads[h]);
-  });
-  auto out = at::empty_like(q);
-  auto lse = at::empty({bh, G.n}, q.options().dtype(at::kFloat));
-  at::parallel_for(0, bh * n_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t h = task / n_blocks, blk = task % n_blocks;
-      const int i0 = (int)(blk * G.block), i1 = std::min(G.n, i0 + G.block);
-      forward_block(G, heads[h], flags.data(), ptr(q) + h * G.n * G.D, i0, i1, mut_ptr(out) + h * G.n * G.D,
-                    lse.data_ptr<float>() + h * G.n);
-    }
-    at::native::cpublas::brgemm_release(true);  // hand the AMX tile state back (a no-op without AMX)
-  });
-  return {out, lse};
+  // the AMX tile state is handed back at the end of each worker (a no-op without AMX)
+  return forward_entry<HeadKeys>(q, k, v, kg, vg, window, stride, block, pack_head, forward_block,
+                                 [] { at::native::cpublas::brgemm_release(true); });
 }
 
 std::vector<at::Tensor> backward(at::Tensor grad_out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kg,
                                  at::Tensor vg, at::Tensor out, at::Tensor lse, int64_t window, int64_t stride,
                                  int64_t block) {
-  const Geometry G = geometry(q, kg.size(1), window, stride, block);
-  const int64_t bh = q.size(0), D = G.D;
-  const auto flags = strided_flags(G);
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  auto f32 = q.options().dtype(at::kFloat);
-  auto dkg = at::zeros(kg.sizes(), f32), dvg = at::zeros(vg.sizes(), f32);
-  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
-    HeadKeys H;
-    HeadGrads A;
-    for (int64_t h = begin; h < end; ++h) {
-      const int64_t off = h * G.n * D, goff = h * G.g * D;
-      pack_head(G, ptr(k) + off, ptr(v) + off, ptr(kg) + goff, ptr(vg) + goff, true, H);
-      const int sp = H.span.padded, rp = H.remote.padded;
-      A.qt.resize((size_t)D * sp);
-      A.dot.resize((size_t)D * sp);
-      transpose_rows(ptr(q) + off, G.n, sp, G.D, A.qt.data());
-      transpose_rows(ptr(grad_out) + off, G.n, sp, G.D, A.dot.data());
-      A.dkt_span.assign((size_t)D * sp, 0.f);
-      A.dvt_span.assign((size_t)D * sp, 0.f);
-      A.dkt_remote.assign((size_t)D * rp, 0.f);
-      A.dvt_remote.assign((size_t)D * rp, 0.f);
-      for (int i0 = 0; i0 < G.n; i0 += G.block)
-        backward_block(G, H, A, flags.data(), ptr(q) + off, ptr(grad_out) + off, ptr(out) + off,
-                       lse.data_ptr<float>() + h * G.n, i0, std::min(G.n, i0 + G.block), mut_ptr(dq) + off);
-      scatter_remote(G, H, A.dkt_remote.data(), A.dkt_span.data(), dkg.data_ptr<float>() + goff);
-      scatter_remote(G, H, A.dvt_remote.data(), A.dvt_span.data(), dvg.data_ptr<float>() + goff);
-      untranspose_to_bf16(A.dkt_span.data(), G.n, sp, G.D, mut_ptr(dk) + off);
-      untranspose_to_bf16(A.dvt_span.data(), G.n, sp, G.D, mut_ptr(dv) + off);
-    }
-    at::native::cpublas::brgemm_release(true);
-  });
-  return {dq, dk, dv, dkg, dvg};
+  auto head = [&](const Geometry& G, const int32_t* flags, HeadGrads& A, int64_t h, std::vector<at::Tensor>& grads) {
+    const int64_t D = G.D, off = h * G.n * D, goff = h * G.g * D;
+    HeadKeys& H = A.keys;
+    pack_head(G, ptr(k) + off, ptr(v) + off, ptr(kg) + goff, ptr(vg) + goff, true, H);
+    const int sp = H.span.padded, rp = H.remote.padded;
+    A.qt.resize((size_t)D * sp);
+    A.dot.resize((size_t)D * sp);
+    transpose_rows(ptr(q) + off, G.n, sp, G.D, A.qt.data());
+    transpose_rows(ptr(grad_out) + off, G.n, sp, G.D, A.dot.data());
+    A.dkt_span.assign((size_t)D * sp, 0.f);
+    A.dvt_span.assign((size_t)D * sp, 0.f);
+    A.dkt_remote.assign((size_t)D * rp, 0.f);
+    A.dvt_remote.assign((size_t)D * rp, 0.f);
+    for (int i0 = 0; i0 < G.n; i0 += G.block)
+      backward_block(G, H, A, flags, ptr(q) + off, ptr(grad_out) + off, ptr(out) + off, lse.data_ptr<float>() + h * G.n,
+                     i0, std::min(G.n, i0 + G.block), mut_ptr(grads[0]) + off);
+    scatter_remote(G, H, A.dkt_remote.data(), A.dkt_span.data(), grads[3].data_ptr<float>() + goff);
+    scatter_remote(G, H, A.dvt_remote.data(), A.dvt_span.data(), grads[4].data_ptr<float>() + goff);
+    untranspose_to_bf16(A.dkt_span.data(), G.n, sp, G.D, mut_ptr(grads[1]) + off);
+    untranspose_to_bf16(A.dvt_span.data(), G.n, sp, G.D, mut_ptr(grads[2]) + off);
+  };
+  return backward_entry<HeadGrads>(q, kg, window, stride, block, head,
+                                   [] { at::native::cpublas::brgemm_release(true); });
 }
 
 }  // namespace

@@ -2,6 +2,9 @@
 // the key geometry (which keys a block of queries sees, and the mask), the AVX-512 vector helpers,
 // and the masked softmax of one query row. Only the matrix products differ between the two.
 #pragma once
+#include "avx512_exp.h"
+
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <immintrin.h>
 
@@ -17,22 +20,6 @@ using bf16 = uint16_t;
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------- vector helpers
-
-inline __m512 exp512(__m512 x) {  // e^x, relative error ~1e-7 on [-87, 88]
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 inline __m256i to_bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
@@ -116,6 +103,16 @@ const bf16* ptr(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.da
 bf16* mut_ptr(at::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>()); }
 
 
+// Row i of the span segment (every position), or nullptr past the sequence.
+inline const bf16* span_row(const Geometry& G, const bf16* X, int i) { return i < G.n ? X + (int64_t)i * G.D : nullptr; }
+
+// Row c of the remote segment (the global slots XG, then every strided key of X), or nullptr past its end.
+inline const bf16* remote_row(const Geometry& G, const bf16* X, const bf16* XG, int c) {
+  if (c < G.g) return XG + (int64_t)c * G.D;
+  const int k = c - G.g;
+  return k < G.n_strided ? X + ((int64_t)(k + 1) * G.stride - 1) * G.D : nullptr;
+}
+
 // 1 at every strided position, with room for a 16-lane load at any tile start of a 64-padded span.
 std::vector<int32_t> strided_flags(const Geometry& G) {
   const int size = round_up(G.n, 64) + 16;
@@ -141,7 +138,7 @@ inline float softmax_row(const Geometry& G, const BlockKeys& b, const int32_t* s
   __m512 sum = _mm512_setzero_ps();
   for (int c = 0; c < kp; c += 16) {
     const __m512 x = _mm512_loadu_ps(row + c);
-    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_OQ), exp512(_mm512_sub_ps(x, vm)));
+    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(x, vm)));
     _mm512_storeu_ps(row + c, e);
     sum = _mm512_add_ps(sum, e);
   }
@@ -150,6 +147,95 @@ inline float softmax_row(const Geometry& G, const BlockKeys& b, const int32_t* s
   for (int c = 0; c < kp; c += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), to_bf16x16(_mm512_mul_ps(_mm512_loadu_ps(row + c), inv)));
   return m + std::log(total);
+}
+
+// P and dS of one key chunk (block columns col0.., w of them) for the block's rows from i0: P
+// recomputed from the scores and each row's log-sum-exp, dS = P * (dP - delta) * scale. dS goes to
+// `dscores` as bf16 rows (rows x w); both go, rows in pairs (zeros for rows past `rows`, up to
+// `padded_rows`), to store_pairs(r, c, P pair, dS pair) as 16 interleaved bf16 pairs.
+template <class StorePairs>
+inline void probs_and_dscores(const Geometry& G, const BlockKeys& b, const int32_t* strided_flag, int i0, int rows,
+                              int padded_rows, int col0, int w, const float* scores, const float* dprobs,
+                              const float* lse, const float* delta, bf16* dscores, StorePairs store_pairs) {
+  const __m512 scale = _mm512_set1_ps(G.scale);
+  for (int r = 0; r < padded_rows; r += 2)
+    for (int c = 0; c < w; c += 16) {
+      __m512 prob[2], ds[2];
+      for (int h = 0; h < 2; ++h) {
+        const int rr = r + h;
+        if (rr >= rows) { prob[h] = ds[h] = _mm512_setzero_ps(); continue; }
+        const __mmask16 vis = visible16(G, b, strided_flag, col0 + c, i0 + rr);
+        const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(scores + (int64_t)rr * w + c), scale, _mm512_set1_ps(lse[rr]));
+        prob[h] = _mm512_maskz_mov_ps(vis, exp16(x));
+        const __m512 dp = _mm512_loadu_ps(dprobs + (int64_t)rr * w + c);
+        ds[h] = _mm512_mul_ps(_mm512_mul_ps(prob[h], _mm512_sub_ps(dp, _mm512_set1_ps(delta[rr]))), scale);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dscores + (int64_t)rr * w + c), to_bf16x16(ds[h]));
+      }
+      store_pairs(r, c, interleave_bf16(prob[0], prob[1]), interleave_bf16(ds[0], ds[1]));
+    }
+}
+
+// Each row's backward constants: its saved log-sum-exp and delta = rowsum(dO * O).
+inline void row_constants(const Geometry& G, const float* LSE, const bf16* dO, const bf16* O, int i0, int rows,
+                          std::vector<float>& lse, std::vector<float>& delta) {
+  lse.resize(rows);
+  delta.resize(rows);
+  for (int r = 0; r < rows; ++r) {
+    lse[r] = LSE[i0 + r];
+    delta[r] = row_dot(dO + (int64_t)(i0 + r) * G.D, O + (int64_t)(i0 + r) * G.D, G.D);
+  }
+}
+
+// A kernel's forward entry point. q, k, v: (BH, n, D) bf16 contiguous; kg, vg: (BH, g, D) (g may
+// be 0). pack_head(G, K, V, KG, VG, false, head) packs each head's keys once, then
+// forward_block(G, head, flags, Q, i0, i1, O, LSE) runs every (head, query block) in parallel, and
+// done() ends each worker. Returns {out, lse}.
+template <class Head, class PackHead, class ForwardBlock, class Done>
+std::vector<at::Tensor> forward_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& kg, const at::Tensor& vg, int64_t window, int64_t stride,
+                                      int64_t block, PackHead pack_head, ForwardBlock forward_block, Done done) {
+  TORCH_CHECK(block % 16 == 0, "block must be a multiple of 16");
+  const Geometry G = geometry(q, kg.size(1), window, stride, block);
+  const auto flags = strided_flags(G);
+  const int64_t bh = q.size(0), n_blocks = (G.n + G.block - 1) / G.block;
+  const int64_t nD = (int64_t)G.n * G.D, gD = (int64_t)G.g * G.D;
+  std::vector<Head> heads(bh);
+  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h)
+      pack_head(G, ptr(k) + h * nD, ptr(v) + h * nD, ptr(kg) + h * gD, ptr(vg) + h * gD, false, heads[h]);
+  });
+  auto out = at::empty_like(q);
+  auto lse = at::empty({bh, G.n}, q.options().dtype(at::kFloat));
+  at::parallel_for(0, bh * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / n_blocks, blk = task % n_blocks;
+      const int i0 = (int)(blk * G.block);
+      forward_block(G, heads[h], flags.data(), ptr(q) + h * nD, i0, std::min(G.n, i0 + G.block),
+                    mut_ptr(out) + h * nD, lse.data_ptr<float>() + h * G.n);
+    }
+    done();
+  });
+  return {out, lse};
+}
+
+// A kernel's backward entry point: every head in parallel, each thread with its own `State`.
+// backward_head(G, flags, state, h, grads) fills head h of grads = {dq, dk, dv (bf16, like q),
+// dkg, dvg (fp32, zeroed, like kg)}, and done() ends each worker. dK and dV accumulate in fp32 per
+// head in a thread's own buffers: full-size fp32 gradients would triple the memory at long sequences.
+template <class State, class BackwardHead, class Done>
+std::vector<at::Tensor> backward_entry(const at::Tensor& q, const at::Tensor& kg, int64_t window, int64_t stride,
+                                       int64_t block, BackwardHead backward_head, Done done) {
+  const Geometry G = geometry(q, kg.size(1), window, stride, block);
+  const auto flags = strided_flags(G);
+  const auto f32 = q.options().dtype(at::kFloat);
+  std::vector<at::Tensor> grads{at::empty_like(q), at::empty_like(q), at::empty_like(q), at::zeros(kg.sizes(), f32),
+                                at::zeros(kg.sizes(), f32)};
+  at::parallel_for(0, q.size(0), 1, [&](int64_t begin, int64_t end) {
+    State state;
+    for (int64_t h = begin; h < end; ++h) backward_head(G, flags.data(), state, h, grads);
+    done();
+  });
+  return grads;
 }
 
 }  // namespace

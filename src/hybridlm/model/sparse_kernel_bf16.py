@@ -39,7 +39,7 @@ def _extension():
 
 
 def kernel_applies(q: torch.Tensor) -> bool:
-    """bf16 CPU tensors with a supported head dim, on the avx512_bf16 kernel path."""
+    """bf16 CPU tensors with a supported head dim, on a path with one of our kernels (amx, avx512_bf16)."""
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-1] in _HEAD_DIMS
             and _extension() is not None)
 

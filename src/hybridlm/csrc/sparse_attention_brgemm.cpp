@@ -41,13 +41,20 @@ void pack_key_tiles(RowFn row, int padded, int D, bf16* out) {
 }
 
 // rows(i) -> row pairs in dim blocks [D/DB][padded/2][DB][2]: block b is the B operand of dims b*DB.. .
+// Two rows at a time, 16 dims per step, so that every write is one whole 64-byte line (an element
+// at a time this was a fifth of the backward on an AMX Xeon).
 template <class RowFn>
 void pack_row_pairs(RowFn row, int padded, int D, bf16* out) {
   const int DB = dim_block(D);
-  for (int i = 0; i < padded; ++i) {
-    const bf16* src = row(i);
-    for (int d = 0; d < D; ++d)
-      out[(((int64_t)(d / DB) * (padded / 2) + i / 2) * DB + d % DB) * 2 + i % 2] = src ? src[d] : 0;
+  auto load16 = [](const bf16* src, int d) {
+    return src ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d)) : _mm256_setzero_si256();
+  };
+  for (int i = 0; i < padded; i += 2) {
+    const bf16 *a = row(i), *b = row(i + 1);
+    for (int d = 0; d < D; d += 16) {
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(load16(a, d)), load16(b, d), 1);
+      _mm512_storeu_si512(out + (((int64_t)(d / DB) * (padded / 2) + i / 2) * DB + d % DB) * 2, interleave_halves(both));
+    }
   }
 }
 

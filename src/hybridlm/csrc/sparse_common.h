@@ -29,13 +29,15 @@ void store_bf16(const float* src, int64_t count, bf16* dst) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), to_bf16x16(_mm512_loadu_ps(src + i)));
 }
 
-// Two rows of 16 fp32 -> 16 interleaved bf16 pairs (a0, b0, a1, b1, ...).
-inline __m512i interleave_bf16(__m512 a, __m512 b) {
-  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // low 16 = a, high 16 = b
+// 32 bf16 (low 16 = row a, high 16 = row b) -> 16 interleaved pairs (a0, b0, a1, b1, ...).
+inline __m512i interleave_halves(__m512i both) {
   const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   return _mm512_permutexvar_epi16(idx, both);
 }
+
+// Two rows of 16 fp32 -> 16 interleaved bf16 pairs.
+inline __m512i interleave_bf16(__m512 a, __m512 b) { return interleave_halves((__m512i)_mm512_cvtne2ps_pbh(b, a)); }
 
 // ---------------------------------------------------------------- geometry and block layout
 

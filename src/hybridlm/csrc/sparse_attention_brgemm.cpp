@@ -42,7 +42,7 @@ void pack_key_tiles(RowFn row, int padded, int D, bf16* out) {
 
 // rows(i) -> row pairs in dim blocks [D/DB][padded/2][DB][2]: block b is the B operand of dims b*DB.. .
 // Two rows at a time, 16 dims per step, so that every write is one whole 64-byte line (an element
-// at a time this was a fifth of the backward on an AMX Xeon).
+// at a time it took a fifth of the kernel's fwd+bwd time at n = 16384 on an AMX Xeon, by perf).
 template <class RowFn>
 void pack_row_pairs(RowFn row, int padded, int D, bf16* out) {
   const int DB = dim_block(D);

@@ -83,6 +83,8 @@ inline __mmask16 visible16(const Geometry& G, const BlockKeys& b, const int32_t*
     return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
   }
   const int p0 = b.span_lo + (c0 - remote_cols);
+  if (p0 + 15 <= i && p0 > i - G.window) return (__mmask16)0xFFFF;  // all local: most columns of long spans
+  if (p0 > i) return (__mmask16)0;
   const __m512i pos = _mm512_add_epi32(_mm512_set1_epi32(p0), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   const __mmask16 le = _mm512_cmple_epi32_mask(pos, _mm512_set1_epi32(i));
   const __mmask16 near = _mm512_cmpgt_epi32_mask(pos, _mm512_set1_epi32(i - G.window));

@@ -91,6 +91,13 @@ def _brgemm_kernel(*args):
 
 
 BF16_KERNELS = {"pytorch-kernel": SparseFlashAttention.apply, "cpp": _cpp_kernel, "brgemm": _brgemm_kernel}
+BF16_MODULES = {"pytorch-kernel": lambda: None, "cpp": avx512_extension, "brgemm": _brgemm}
+
+
+def _block(module, n: int, window: int) -> int:
+    """The query block a layer calls the kernel `module` with: its dense_block for dense layers
+    (window >= n: 256 rows for the brgemm kernel, so its partial row and K tiles are covered), else FLASH_BLOCK."""
+    return module.dense_block if module is not None and window >= n else FLASH_BLOCK
 
 
 @pytest.mark.parametrize("kernel", BF16_KERNELS)
@@ -117,8 +124,10 @@ def test_bf16_fused_is_as_accurate_as_pytorch_bf16_attention(n, window, stride, 
         out = fn(*ins)
         return [out, *torch.autograd.grad((out.float() * upstream).sum(), ins)]
 
+    block = _block(BF16_MODULES[kernel](), n, window)
+
     def fused(q, k, v, *g):
-        return BF16_KERNELS[kernel](q, k, v, *(g or (None, None)), window, stride, FLASH_BLOCK)
+        return BF16_KERNELS[kernel](q, k, v, *(g or (None, None)), window, stride, block)
 
     def masked(q, k, v, *g):
         return masked_sparse_attention(q, k, v, window, stride, *(g or (None, None)))
@@ -157,10 +166,10 @@ def test_the_brgemm_kernel_matches_ours_where_the_reference_is_too_big(n, dim, w
     tensors = _inputs(1, 3, 3, n, dim, n_global, seed=11, dtype=torch.bfloat16)
     upstream = torch.randn(1, 3, n, dim, generator=torch.Generator().manual_seed(5)).bfloat16()
 
-    def run(*kernel):
+    def run(kernel):  # each with the block a layer would give it (the dense case: 64 and 256 rows)
         ins = [t.detach().requires_grad_() for t in tensors]
         glob = ins[3:] if n_global else (None, None)
-        out = SparseAttentionBF16.apply(*ins[:3], *glob, window, stride, FLASH_BLOCK, *kernel)
+        out = SparseAttentionBF16.apply(*ins[:3], *glob, window, stride, _block(kernel, n, window), kernel)
         return [out, *torch.autograd.grad(out, ins, upstream)]
 
     names = ("out", "dq", "dk", "dv", "dkg", "dvg")

@@ -353,4 +353,5 @@ std::vector<at::Tensor> backward(at::Tensor grad_out, at::Tensor q, at::Tensor k
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "sparse attention forward (bf16)");
   m.def("backward", &backward, "sparse attention backward (bf16)");
+  m.attr("dense_block") = 64;  // the query block for dense layers: no slower than 32 or 128 at n = 1024..16384
 }

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from hybridlm.model.decode_kernel_bf16 import attention_applies, decode_attention_bf16
 from hybridlm.model.sparse_flash import FAST_DTYPES, SparseFlashAttention
-from hybridlm.model.sparse_kernel_bf16 import kernel_applies, sparse_attention_bf16
+from hybridlm.model.sparse_kernel_bf16 import dense_block, kernel_applies, sparse_attention_bf16
 
 DEFAULT_BLOCK = 256  # query block of the block loop; measured fastest of 64/128/256 at n = 256..1024
-FLASH_BLOCK = 64  # query block of both fused paths; measured no slower than 32/128 at n = 1024..16384
+FLASH_BLOCK = 64  # query block of the fused paths' sparse layers (dense layers: the kernel's dense_block); measured no slower than 32/128 at n = 1024..16384
 FLASH_MIN_LEN = 1024  # below this, PyTorch-kernel path's two kernel calls cost more than the block loop
 _dense_backend = {"name": "auto"}
 
@@ -37,7 +37,7 @@ def dense_causal_attention(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: t
     if n_query == n_key and _dense_backend["name"] == "auto" and kernel_applies(q_BHTD):
         n_head = q_BHTD.shape[1]
         k, v = _repeat_kv(k_BHSD, n_head).contiguous(), _repeat_kv(v_BHSD, n_head).contiguous()
-        return sparse_attention_bf16(q_BHTD.contiguous(), k, v, None, None, n_key, n_key + 1, FLASH_BLOCK)
+        return sparse_attention_bf16(q_BHTD.contiguous(), k, v, None, None, n_key, n_key + 1, dense_block())
     if n_query == n_key:
         return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True, enable_gqa=gqa)
     if n_query == 1:

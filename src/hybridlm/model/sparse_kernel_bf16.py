@@ -38,6 +38,12 @@ def _extension():
     return brgemm_extension() or avx512_extension()
 
 
+def dense_block() -> int:
+    """The query block this path's kernel runs dense layers (window >= T) fastest with: its module's
+    own measured choice (256 rows for the AMX kernel, 64 for the AVX-512 one)."""
+    return _extension().dense_block
+
+
 def kernel_applies(q: torch.Tensor) -> bool:
     """bf16 CPU tensors with a supported head dim, on a path with one of our kernels (amx, avx512_bf16)."""
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-1] in _HEAD_DIMS

@@ -1,4 +1,4 @@
-"""The C++ glue kernels (glue_kernels_bf16.py: SwiGLU, RMSNorm, the cross-entropy's softmax) against
+"""The C++ glue kernels (glue_kernels_bf16.py: SwiGLU, GELU, RMSNorm, the cross-entropy's softmax) against
 float64 references, on the avx512_bf16 path and on PyTorch's ops (HYBRIDLM_KERNEL=torch).
 
 Tolerances: the kernels compute in fp32 and round each bf16 result once, so they stay within one
@@ -19,7 +19,7 @@ from hybridlm.model.cpu_kernels import kernel_path
 from hybridlm.model.glue_kernels_bf16 import (
     cross_entropy_kernel_applies,
     rms_norm_kernel_applies,
-    swiglu_kernel_applies,
+    activation_kernel_applies,
 )
 from hybridlm.model.loss import IGNORE_INDEX, chunked_cross_entropy
 from hybridlm.model.transformer import ACTIVATIONS, RMSNorm
@@ -46,7 +46,7 @@ def _within(got: torch.Tensor, exact: torch.Tensor, relative: float, share_of_ma
 def test_swiglu_and_its_gradient(path, width):
     gen = torch.Generator().manual_seed(width)
     x = (3 * torch.randn(2, 33, 2 * width, generator=gen)).bfloat16().requires_grad_()
-    assert swiglu_kernel_applies(x) == (path == "avx512_bf16")
+    assert activation_kernel_applies(x) == (path == "avx512_bf16")
     y = ACTIVATIONS["swiglu"](x)
     grad_y = torch.randn(y.shape, generator=gen).bfloat16()
     (grad_x,) = torch.autograd.grad(y, x, grad_y)
@@ -56,6 +56,25 @@ def test_swiglu_and_its_gradient(path, width):
     (exact_grad,) = torch.autograd.grad(exact, x64, grad_y.double())
     assert y.dtype is torch.bfloat16 and y.shape == exact.shape
     assert _within(y, exact, ONE_ROUNDING if path == "avx512_bf16" else 2 * ONE_ROUNDING)
+    assert _within(grad_x, exact_grad, 2 * ONE_ROUNDING, share_of_max=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(2, 33, 1536), (5, 7)])  # (5, 7): fewer values than one 16-wide step
+def test_gelu_tanh_and_its_gradient(path, shape):
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = (3 * torch.randn(shape, generator=gen)).bfloat16().requires_grad_()
+    assert activation_kernel_applies(x) == (path == "avx512_bf16")
+    y = ACTIVATIONS["gelu_tanh"](x)
+    grad_y = torch.randn(y.shape, generator=gen).bfloat16()
+    (grad_x,) = torch.autograd.grad(y, x, grad_y)
+    x64 = x.detach().double().requires_grad_()
+    exact = F.gelu(x64, approximate="tanh")  # PyTorch's float64 op: an independent formula from ours
+    (exact_grad,) = torch.autograd.grad(exact, x64, grad_y.double())
+    assert y.dtype is torch.bfloat16 and y.shape == exact.shape
+    # y = x sigmoid(2u) is a product, accurate relative to itself, except where float64's own
+    # 1 + tanh(u) rounds to 0 (x < -6): 1e-6 of the largest value absolute; the slope passes through
+    # a cancellation near x = -0.75, hence the gradient's larger absolute allowance
+    assert _within(y, exact, ONE_ROUNDING, share_of_max=1e-6)
     assert _within(grad_x, exact_grad, 2 * ONE_ROUNDING, share_of_max=1e-3)
 
 

@@ -1,5 +1,5 @@
 """The C++ glue kernels of a bf16 step for CPUs with AVX-512 BF16 (csrc/glue_bf16.cpp): RoPE,
-SwiGLU, RMSNorm and the chunked cross-entropy's softmax in one pass each, forward and backward.
+SwiGLU, GELU (tanh form), RMSNorm and the chunked cross-entropy's softmax in one pass each, forward and backward.
 
 PyTorch runs each as several elementwise kernels with promotions and temporaries between them:
 RoPE alone took about 14 ms a call for one `small` layer's heads at 8 x 1024 tokens, 8% of a bf16
@@ -36,8 +36,8 @@ def rotate_bf16(x_BTND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign
     return _extension().rotate(x_BTND, cos.float(), sin.float(), sign)
 
 
-def swiglu_kernel_applies(x: torch.Tensor) -> bool:
-    """bf16 CPU [gate | up] rows on the avx512_bf16 path."""
+def activation_kernel_applies(x: torch.Tensor) -> bool:
+    """A bf16 CPU tensor (SwiGLU: [gate | up] rows) on the avx512_bf16 path: SwiGLU's and GELU's kernels take it."""
     return x.dtype is torch.bfloat16 and _on_path(x)
 
 
@@ -56,6 +56,22 @@ class SwiGLU(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad = _extension().swiglu_backward(grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]))
         return grad.view(x.shape)
+
+
+class GELUTanh(torch.autograd.Function):
+    """GELU in its tanh form (GPT-2's) of bf16 values, in fp32 and rounded once, forward and backward:
+    PyTorch's bf16 gelu took 22 ms forward and 24 ms backward a GPT-2-shaped layer (8 x 1024 x 1536)
+    on an AMX Xeon, 13% of the training step."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return _extension().gelu_tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return _extension().gelu_tanh_backward(grad_y.to(x.dtype), x)
 
 
 def rms_norm_kernel_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:

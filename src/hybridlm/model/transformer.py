@@ -23,7 +23,13 @@ from hybridlm.model.attention import (
 )
 from hybridlm.model.decode_kernel_bf16 import linear_applies, linear_bf16, widens_bf16
 from hybridlm.model.decode_step import fused_logits
-from hybridlm.model.glue_kernels_bf16 import RMSNormToBF16, SwiGLU, rms_norm_kernel_applies, swiglu_kernel_applies
+from hybridlm.model.glue_kernels_bf16 import (
+    GELUTanh,
+    RMSNormToBF16,
+    SwiGLU,
+    activation_kernel_applies,
+    rms_norm_kernel_applies,
+)
 from hybridlm.model.kv_cache import DenseKVCache, ModelCache, SparseKVCache
 from hybridlm.model.layout import LayerSpec, resolve_layers
 from hybridlm.model.loss import chunked_cross_entropy, target_log_probs
@@ -35,13 +41,19 @@ LayerCache = DenseKVCache | SparseKVCache
 
 
 def _swiglu(y: torch.Tensor) -> torch.Tensor:
-    if swiglu_kernel_applies(y):
+    if activation_kernel_applies(y):
         return SwiGLU.apply(y)
     gate, up = y.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
-ACTIVATIONS = {"none": lambda y: y, "gelu_tanh": partial(F.gelu, approximate="tanh"), "swiglu": _swiglu}
+def _gelu_tanh(y: torch.Tensor) -> torch.Tensor:
+    if activation_kernel_applies(y):
+        return GELUTanh.apply(y)
+    return F.gelu(y, approximate="tanh")
+
+
+ACTIVATIONS = {"none": lambda y: y, "gelu_tanh": _gelu_tanh, "swiglu": _swiglu}
 """What may follow a Linear layer (the decode kernel fuses each into the layer's output)."""
 
 

@@ -18,11 +18,11 @@ from hybridlm.model import loss as loss_module
 from hybridlm.model.cpu_kernels import kernel_path
 from hybridlm.model.glue_kernels_bf16 import (
     cross_entropy_kernel_applies,
-    rms_norm_kernel_applies,
+    norm_kernel_applies,
     activation_kernel_applies,
 )
 from hybridlm.model.loss import IGNORE_INDEX, chunked_cross_entropy
-from hybridlm.model.transformer import ACTIVATIONS, RMSNorm
+from hybridlm.model.transformer import ACTIVATIONS, LayerNorm, RMSNorm
 
 ONE_ROUNDING = 2.0**-8
 
@@ -78,32 +78,46 @@ def test_gelu_tanh_and_its_gradient(path, shape):
     assert _within(grad_x, exact_grad, 2 * ONE_ROUNDING, share_of_max=1e-3)
 
 
+def _exact_norm(kind: str, x64, w64, b64):
+    """The float64 norm, written out (not PyTorch's module): RMSNorm, or LayerNorm with(out) a bias."""
+    if kind == "rmsnorm":
+        return x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    centered = x64 - x64.mean(-1, keepdim=True)
+    y = centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    return y if b64 is None else y + b64
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm", "layernorm-nobias"])
 @pytest.mark.parametrize("width", [384, 70])
-def test_rms_norm_under_bf16_autocast_and_its_gradients(path, width):
+def test_norm_under_bf16_autocast_and_its_gradients(path, kind, width):
     """A training step's norm: fp32 rows and weight under bf16 autocast, the output feeding a matmul."""
     gen = torch.Generator().manual_seed(width)
-    norm = RMSNorm(width, eps=1e-5)
+    norm = RMSNorm(width, eps=1e-5) if kind == "rmsnorm" else LayerNorm(width, eps=1e-5, bias=kind == "layernorm")
     with torch.no_grad():
         norm.weight.copy_(1 + 0.3 * torch.randn(width, generator=gen))
-    x = (2 * torch.randn(3, 17, width, generator=gen)).requires_grad_()
+        if kind == "layernorm":
+            norm.bias.copy_(0.5 * torch.randn(width, generator=gen))
+    params = [p for p in (norm.weight, getattr(norm, "bias", None)) if p is not None]
+    x = (2 * torch.randn(3, 17, width, generator=gen) + 0.7).requires_grad_()  # an offset, for LayerNorm's mean
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert rms_norm_kernel_applies(x, norm.weight) == (path == "avx512_bf16")
+        assert norm_kernel_applies(x, norm.weight, getattr(norm, "bias", None)) == (path == "avx512_bf16")
         y = norm(x)
     grad_y = torch.randn(y.shape, generator=gen).to(y.dtype)
-    grad_x, grad_w = torch.autograd.grad(y, (x, norm.weight), grad_y)
-    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
-    exact = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
-    exact_grad_x, exact_grad_w = torch.autograd.grad(exact, (x64, w64), grad_y.double())
+    grads = torch.autograd.grad(y, (x, *params), grad_y)
+    x64 = x.detach().double().requires_grad_()
+    params64 = [p.detach().double().requires_grad_() for p in params]
+    exact = _exact_norm(kind, x64, params64[0], params64[1] if len(params64) > 1 else None)
+    exact_grads = torch.autograd.grad(exact, (x64, *params64), grad_y.double())
     assert _within(y.to(torch.bfloat16), exact, 2 * ONE_ROUNDING)  # PyTorch's way rounds twice
-    assert grad_x.dtype is torch.float32 and grad_w.dtype is torch.float32
-    assert _within(grad_x, exact_grad_x, 1e-4, share_of_max=1e-5)
-    assert _within(grad_w, exact_grad_w, 1e-4, share_of_max=1e-5)
+    for got, want in zip(grads, exact_grads, strict=True):
+        assert got.dtype is torch.float32
+        assert _within(got, want, 1e-4, share_of_max=1e-5)
 
 
 def test_rms_norm_leaves_fp32_steps_and_bf16_models_to_pytorch():
     norm = RMSNorm(64, eps=1e-5)
     x = torch.randn(4, 64)
-    assert not rms_norm_kernel_applies(x, norm.weight)  # no autocast: an fp32 step
+    assert not norm_kernel_applies(x, norm.weight)  # no autocast: an fp32 step
     assert torch.equal(norm(x), torch.nn.RMSNorm(64, eps=1e-5)(x))
 
 

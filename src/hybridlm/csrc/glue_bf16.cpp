@@ -1,5 +1,5 @@
 // The elementwise glue of a bf16 training step in one pass each, for CPUs with AVX-512 BF16:
-// rotate-half RoPE, SwiGLU, GELU (tanh form), RMSNorm and the cross-entropy's softmax, forward and backward.
+// rotate-half RoPE, SwiGLU, GELU (tanh form), RMSNorm/LayerNorm and the cross-entropy's softmax, forward and backward.
 //
 // PyTorch runs each as several elementwise kernels with bf16/fp32 promotions and temporaries in
 // between: RoPE took about 14 ms to rotate the q and k heads of one `small` layer at 8 x 1024
@@ -213,69 +213,125 @@ at::Tensor gelu_tanh_backward(at::Tensor dy, at::Tensor x) {
   return dx;
 }
 
-// RMSNorm of fp32 rows x (N, C) with fp32 weight (C), written in bf16 (what autocast's next
-// matmul reads) -> (y (N, C) bf16, rstd (N) fp32 for the backward).
-std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, double eps) {
+inline float sum_of(const float* row, int64_t C, float shift, bool squares) {
+  const __m512 sv = _mm512_set1_ps(shift);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= C; i += 16) {
+    const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(row + i), sv);
+    acc = squares ? _mm512_fmadd_ps(v, v, acc) : _mm512_add_ps(acc, v);
+  }
+  float total = _mm512_reduce_add_ps(acc);
+  for (; i < C; ++i) total += squares ? (row[i] - shift) * (row[i] - shift) : row[i] - shift;
+  return total;
+}
+
+// The norm of fp32 rows x (N, C), written in bf16 (what autocast's next matmul reads): RMSNorm,
+// or with `center` LayerNorm (mean subtracted first), times weight (C, fp32) plus bias (C, fp32;
+// empty for none) -> (y (N, C) bf16, mean (N), rstd (N): fp32, for the backward).
+std::vector<at::Tensor> norm(at::Tensor x, at::Tensor weight, at::Tensor bias, double eps, bool center) {
   x = x.contiguous();
+  const bool has_bias = bias.numel() > 0;
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
-                  weight.numel() == x.size(1) && weight.is_contiguous(),
-              "rms_norm: x (N, C) and weight (C) must be fp32");
+                  weight.numel() == x.size(1) && weight.is_contiguous() &&
+                  (!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == x.size(1) && bias.is_contiguous())),
+              "norm: x (N, C), weight (C) and bias (C or empty) must be fp32");
   const int64_t N = x.size(0), C = x.size(1);
   auto y = at::empty({N, C}, x.options().dtype(at::kBFloat16));
-  auto rstd = at::empty({N}, x.options());
-  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  auto mean = at::empty({N}, x.options()), rstd = at::empty({N}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>(), *bp = has_bias ? bias.data_ptr<float>() : nullptr;
   bf16* yp = y.data_ptr<bf16>();
-  float* rp = rstd.data_ptr<float>();
+  float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float* row = xp + n * C;
-      __m512 acc = _mm512_setzero_ps();
-      int64_t i = 0;
-      for (; i + 16 <= C; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(row + i), acc);
-      float squares = _mm512_reduce_add_ps(acc);
-      for (; i < C; ++i) squares += row[i] * row[i];
-      const float r = 1.0f / std::sqrt(squares / C + static_cast<float>(eps));
+      const float mu = center ? sum_of(row, C, 0.f, false) / C : 0.f;  // two passes: no E[x^2] - E[x]^2 cancellation
+      const float r = 1.0f / std::sqrt(sum_of(row, C, mu, true) / C + static_cast<float>(eps));
+      mp[n] = mu;
       rp[n] = r;
-      const __m512 rv = _mm512_set1_ps(r);
-      for (i = 0; i + 16 <= C; i += 16)
-        store16(yp + n * C + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(row + i), rv), _mm512_loadu_ps(wp + i)));
-      for (; i < C; ++i) yp[n * C + i] = static_cast<bf16>(row[i] * r * wp[i]);
+      const __m512 rv = _mm512_set1_ps(r), mv = _mm512_set1_ps(mu);
+      int64_t i = 0;
+      for (; i + 16 <= C; i += 16) {
+        const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), mv), rv),
+                                            _mm512_loadu_ps(wp + i));
+        store16(yp + n * C + i, bp ? _mm512_add_ps(scaled, _mm512_loadu_ps(bp + i)) : scaled);
+      }
+      for (; i < C; ++i) yp[n * C + i] = static_cast<bf16>((row[i] - mu) * r * wp[i] + (bp ? bp[i] : 0.f));
     }
   });
-  return {y, rstd};
+  return {y, mean, rstd};
 }
 
-// dx (N, C) fp32 and dweight (C) fp32 of rms_norm for dy (N, C) bf16: with x^ = x rstd and
-// g = dy w, dx = rstd (g - x^ mean(g x^)) and dweight = sum over rows of dy x^ (each thread
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+// dx (N, C) fp32, dweight (C) and dbias (C; empty without a bias) fp32 of norm for dy (N, C),
+// bf16 or fp32. With x^ = (x - mean) rstd and g = dy w: dx = rstd (g - mean(g) - x^ mean(g x^))
+// (no mean(g) term for RMSNorm), dweight = sum over rows of dy x^, dbias = sum of dy (each thread
 // sums its rows, then the partial sums are added).
-std::vector<at::Tensor> rms_norm_backward(at::Tensor dy, at::Tensor x, at::Tensor weight, at::Tensor rstd) {
-  dy = dy.contiguous().to(at::kFloat);
-  x = x.contiguous();
+template <class DY>
+std::vector<at::Tensor> norm_backward_of(const DY* dyp, const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& mean, const at::Tensor& rstd, bool center, bool has_bias) {
   const int64_t N = x.size(0), C = x.size(1);
-  TORCH_CHECK(dy.sizes() == x.sizes() && rstd.numel() == N, "rms_norm_backward: bad shapes");
   auto dx = at::empty_like(x);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
-  auto partial = at::zeros({chunks, C}, x.options());
-  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>(), *dyp = dy.data_ptr<float>(),
+  auto partial = at::zeros({2, chunks, C}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>(), *mp = mean.data_ptr<float>(),
               *rp = rstd.data_ptr<float>();
   float *dxp = dx.data_ptr<float>(), *pp = partial.data_ptr<float>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      float* dw = pp + c * C;
+      float *dw = pp + c * C, *db = pp + (chunks + c) * C;
       for (int64_t n = c * N / chunks; n < (c + 1) * N / chunks; ++n) {
-        const float *row = xp + n * C, *d = dyp + n * C, r = rp[n];
-        float dot = 0.0f;
-        for (int64_t i = 0; i < C; ++i) {
-          const float xhat = row[i] * r;
-          dot += d[i] * wp[i] * xhat;
-          dw[i] += d[i] * xhat;
+        const float* row = xp + n * C;
+        const DY* d = dyp + n * C;
+        const float mu = mp[n], r = rp[n];
+        const __m512 mv = _mm512_set1_ps(mu), rv = _mm512_set1_ps(r);
+        __m512 g_acc = _mm512_setzero_ps(), gx_acc = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= C; i += 16) {
+          const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), mv), rv), dv = load16(d + i);
+          const __m512 g = _mm512_mul_ps(dv, _mm512_loadu_ps(wp + i));
+          g_acc = _mm512_add_ps(g_acc, g);
+          gx_acc = _mm512_fmadd_ps(g, xhat, gx_acc);
+          _mm512_storeu_ps(dw + i, _mm512_fmadd_ps(dv, xhat, _mm512_loadu_ps(dw + i)));
+          _mm512_storeu_ps(db + i, _mm512_add_ps(dv, _mm512_loadu_ps(db + i)));
         }
-        const float mean = dot / C;
-        for (int64_t i = 0; i < C; ++i) dxp[n * C + i] = r * (d[i] * wp[i] - row[i] * r * mean);
+        float sum_g = _mm512_reduce_add_ps(g_acc), sum_gx = _mm512_reduce_add_ps(gx_acc);
+        for (; i < C; ++i) {
+          const float xhat = (row[i] - mu) * r, dv = static_cast<float>(d[i]), g = dv * wp[i];
+          sum_g += g;
+          sum_gx += g * xhat;
+          dw[i] += dv * xhat;
+          db[i] += dv;
+        }
+        const float mean_g = center ? sum_g / C : 0.f, mean_gx = sum_gx / C;
+        const __m512 mgv = _mm512_set1_ps(mean_g), mgxv = _mm512_set1_ps(mean_gx);
+        for (i = 0; i + 16 <= C; i += 16) {
+          const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), mv), rv);
+          const __m512 g = _mm512_mul_ps(load16(d + i), _mm512_loadu_ps(wp + i));
+          _mm512_storeu_ps(dxp + n * C + i, _mm512_mul_ps(rv, _mm512_sub_ps(_mm512_sub_ps(g, mgv), _mm512_mul_ps(xhat, mgxv))));
+        }
+        for (; i < C; ++i) {
+          const float xhat = (row[i] - mu) * r, g = static_cast<float>(d[i]) * wp[i];
+          dxp[n * C + i] = r * (g - mean_g - xhat * mean_gx);
+        }
       }
     }
   });
-  return {dx, partial.sum(0)};
+  auto sums = partial.sum(1);
+  return {dx, sums[0], has_bias ? sums[1] : at::empty({0}, x.options())};
+}
+
+std::vector<at::Tensor> norm_backward(at::Tensor dy, at::Tensor x, at::Tensor weight, at::Tensor mean, at::Tensor rstd,
+                                      bool center, bool has_bias) {
+  dy = dy.contiguous();
+  x = x.contiguous();
+  TORCH_CHECK(dy.sizes() == x.sizes() && rstd.numel() == x.size(0) && mean.numel() == x.size(0),
+              "norm_backward: bad shapes");
+  if (dy.scalar_type() == at::kBFloat16)
+    return norm_backward_of(dy.data_ptr<bf16>(), x, weight, mean, rstd, center, has_bias);
+  dy = dy.to(at::kFloat);
+  return norm_backward_of(dy.data_ptr<float>(), x, weight, mean, rstd, center, has_bias);
 }
 
 // Per row of bf16 logits (N, V): the log-sum-exp in fp32 and the target's logit -> (lse, picked).
@@ -347,8 +403,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_backward", &swiglu_backward, "the gradient of swiglu");
   m.def("gelu_tanh", &gelu_tanh, "GELU (tanh form) of bf16 values, rounded once");
   m.def("gelu_tanh_backward", &gelu_tanh_backward, "the gradient of gelu_tanh");
-  m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows into bf16");
-  m.def("rms_norm_backward", &rms_norm_backward, "the gradient of rms_norm");
+  m.def("norm", &norm, "RMSNorm or LayerNorm of fp32 rows into bf16");
+  m.def("norm_backward", &norm_backward, "the gradient of norm");
   m.def("cross_entropy_rows", &cross_entropy_rows, "log-sum-exp and target logit of bf16 logit rows");
   m.def("cross_entropy_grad", &cross_entropy_grad, "the cross-entropy gradient of bf16 logit rows");
 }

@@ -1,5 +1,5 @@
 """The C++ glue kernels of a bf16 step for CPUs with AVX-512 BF16 (csrc/glue_bf16.cpp): RoPE,
-SwiGLU, GELU (tanh form), RMSNorm and the chunked cross-entropy's softmax in one pass each, forward and backward.
+SwiGLU, GELU (tanh form), RMSNorm/LayerNorm and the chunked cross-entropy's softmax in one pass each, forward and backward.
 
 PyTorch runs each as several elementwise kernels with promotions and temporaries between them:
 RoPE alone took about 14 ms a call for one `small` layer's heads at 8 x 1024 tokens, 8% of a bf16
@@ -74,30 +74,34 @@ class GELUTanh(torch.autograd.Function):
         return _extension().gelu_tanh_backward(grad_y.to(x.dtype), x)
 
 
-def rms_norm_kernel_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    """fp32 rows and weight under bf16 CPU autocast (a training step), on the avx512_bf16 path."""
-    return (x.dtype is torch.float32 and weight is not None and weight.dtype is torch.float32
+def norm_kernel_applies(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> bool:
+    """fp32 rows, weight and bias under bf16 CPU autocast (a training step), on the avx512_bf16 path."""
+    params = [weight] if bias is None else [weight, bias]
+    return (x.dtype is torch.float32 and weight is not None and all(t.dtype is torch.float32 for t in params)
             and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
-            and _on_path(x, weight))
+            and _on_path(x, *params))
 
 
-class RMSNormToBF16(torch.autograd.Function):
-    """RMSNorm of fp32 rows written in bf16, the dtype autocast's next matmul casts them to anyway:
-    one pass forward (PyTorch: pow, mean, add, rsqrt, two muls, then the cast) and one backward."""
+class NormToBF16(torch.autograd.Function):
+    """RMSNorm, or with center=True LayerNorm, of fp32 rows written in bf16, the dtype autocast's
+    next matmul casts them to anyway: one pass forward (PyTorch: the norm's ops, then the cast) and
+    one backward that reads the bf16 gradient as it comes (PyTorch casts it to fp32 first)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                center: bool) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        y, rstd = _extension().rms_norm(flat, weight, eps)
-        ctx.save_for_backward(flat, weight, rstd)
-        ctx.shape = x.shape
+        y, mean, rstd = _extension().norm(flat, weight, weight.new_empty(0) if bias is None else bias, eps, center)
+        ctx.save_for_backward(flat, weight, mean, rstd)
+        ctx.shape, ctx.center, ctx.has_bias = x.shape, center, bias is not None
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        flat, weight, rstd = ctx.saved_tensors
-        grad_x, grad_w = _extension().rms_norm_backward(grad_y.reshape(flat.shape), flat, weight, rstd)
-        return grad_x.view(ctx.shape), grad_w, None
+        flat, weight, mean, rstd = ctx.saved_tensors
+        grad_x, grad_w, grad_b = _extension().norm_backward(grad_y.reshape(flat.shape), flat, weight, mean, rstd,
+                                                            ctx.center, ctx.has_bias)
+        return grad_x.view(ctx.shape), grad_w, grad_b if ctx.has_bias else None, None, None
 
 
 def cross_entropy_kernel_applies(logits_NV: torch.Tensor) -> bool:

@@ -25,10 +25,10 @@ from hybridlm.model.decode_kernel_bf16 import linear_applies, linear_bf16, widen
 from hybridlm.model.decode_step import fused_logits
 from hybridlm.model.glue_kernels_bf16 import (
     GELUTanh,
-    RMSNormToBF16,
+    NormToBF16,
     SwiGLU,
     activation_kernel_applies,
-    rms_norm_kernel_applies,
+    norm_kernel_applies,
 )
 from hybridlm.model.kv_cache import DenseKVCache, ModelCache, SparseKVCache
 from hybridlm.model.layout import LayerSpec, resolve_layers
@@ -84,15 +84,24 @@ class RMSNorm(nn.RMSNorm):
     pass each way, written in bf16 for the next matmul (glue_kernels_bf16.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.eps is not None and rms_norm_kernel_applies(x, self.weight):
-            return RMSNormToBF16.apply(x, self.weight, self.eps)
+        if self.eps is not None and norm_kernel_applies(x, self.weight):
+            return NormToBF16.apply(x, self.weight, None, self.eps, False)
+        return super().forward(x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm with RMSNorm's fused bf16-autocast passes (glue_kernels_bf16.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if norm_kernel_applies(x, self.weight, self.bias):
+            return NormToBF16.apply(x, self.weight, self.bias, self.eps, True)
         return super().forward(x)
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+    return LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class Attention(nn.Module):

@@ -205,12 +205,13 @@ Scratch& scratch() {
 
 // ---------------------------------------------------------------- forward
 
-// Query row i's online softmax over one key chunk (block columns col0.., w of them): `x` (scores,
-// overwritten) -> `p` (exp(x - running max), bf16), updating the row's running max m and sum l.
-// Returns the factor the row's output so far must be scaled by (0 while nothing was visible).
+// Query row i's online softmax over one key chunk (block columns col0.., w of them), in base 2:
+// `x` (scores, overwritten with scores * scale * log2 e) -> `p` (2^(x - running max), bf16),
+// updating the row's running max m and sum l (log2 units). Returns the factor the row's output so
+// far must be scaled by (0 while nothing was visible).
 inline float softmax_chunk(const Geometry& G, const BlockKeys& b, const int32_t* strided_flag, int i, int col0, float* x,
                            int w, bf16* p, float& m, float& l) {
-  const __m512 scale = _mm512_set1_ps(G.scale), minus_inf = _mm512_set1_ps(-INFINITY);
+  const __m512 scale = _mm512_set1_ps(G.scale * LOG2E), minus_inf = _mm512_set1_ps(-INFINITY);
   __m512 mx = minus_inf;
   for (int c = 0; c < w; c += 16) {
     const __mmask16 vis = visible16(G, b, strided_flag, col0 + c, i);
@@ -220,15 +221,15 @@ inline float softmax_chunk(const Geometry& G, const BlockKeys& b, const int32_t*
   }
   const float m_new = std::max(m, _mm512_reduce_max_ps(mx));
   const __m512 vm = _mm512_set1_ps(m_new);
-  __m512 sum = _mm512_setzero_ps();
+  __m512 sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two chains: the adds' latency, not the exps, bound one
   for (int c = 0; c < w; c += 16) {  // all zeros while m_new is still -inf
     const __m512 v = _mm512_loadu_ps(x + c);
-    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, minus_inf, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(v, vm)));
+    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, minus_inf, _CMP_NEQ_OQ), exp2_16(_mm512_sub_ps(v, vm)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), to_bf16x16(e));
-    sum = _mm512_add_ps(sum, e);
+    sum[(c / 16) & 1] = _mm512_add_ps(sum[(c / 16) & 1], e);
   }
-  const float alpha = m == -INFINITY ? 0.f : std::exp(m - m_new);
-  l = l * alpha + _mm512_reduce_add_ps(sum);
+  const float alpha = m == -INFINITY ? 0.f : std::exp2(m - m_new);
+  l = l * alpha + _mm512_reduce_add_ps(_mm512_add_ps(sum[0], sum[1]));
   m = m_new;
   return alpha;
 }
@@ -265,7 +266,7 @@ void forward_block(const Geometry& G, const HeadKeys& H, const int32_t* strided_
   });
   for (int r = 0; r < rows; ++r) {
     scale_row(s.out.data() + (int64_t)r * G.D, G.D, 1.f / s.row_sum[r]);
-    LSE[i0 + r] = s.row_max[r] + std::log(s.row_sum[r]);
+    LSE[i0 + r] = (s.row_max[r] + std::log2(s.row_sum[r])) * LN2;  // back to natural log
   }
   store_bf16(s.out.data(), (int64_t)rows * G.D, O + (int64_t)i0 * G.D);
 }

@@ -161,7 +161,7 @@ template <class StorePairs>
 inline void probs_and_dscores(const Geometry& G, const BlockKeys& b, const int32_t* strided_flag, int i0, int rows,
                               int padded_rows, int col0, int w, const float* scores, const float* dprobs,
                               const float* lse, const float* delta, bf16* dscores, StorePairs store_pairs) {
-  const __m512 scale = _mm512_set1_ps(G.scale);
+  const __m512 scale = _mm512_set1_ps(G.scale), scale2 = _mm512_set1_ps(G.scale * LOG2E);
   for (int r = 0; r < padded_rows; r += 2)
     for (int c = 0; c < w; c += 16) {
       __m512 prob[2], ds[2];
@@ -169,8 +169,10 @@ inline void probs_and_dscores(const Geometry& G, const BlockKeys& b, const int32
         const int rr = r + h;
         if (rr >= rows) { prob[h] = ds[h] = _mm512_setzero_ps(); continue; }
         const __mmask16 vis = visible16(G, b, strided_flag, col0 + c, i0 + rr);
-        const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(scores + (int64_t)rr * w + c), scale, _mm512_set1_ps(lse[rr]));
-        prob[h] = _mm512_maskz_mov_ps(vis, exp16(x));
+        // P = exp(s scale - lse) = 2^(s scale log2 e - lse log2 e)
+        const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(scores + (int64_t)rr * w + c), scale2,
+                                         _mm512_set1_ps(lse[rr] * LOG2E));
+        prob[h] = _mm512_maskz_mov_ps(vis, exp2_16(x));
         const __m512 dp = _mm512_loadu_ps(dprobs + (int64_t)rr * w + c);
         ds[h] = _mm512_mul_ps(_mm512_mul_ps(prob[h], _mm512_sub_ps(dp, _mm512_set1_ps(delta[rr]))), scale);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dscores + (int64_t)rr * w + c), to_bf16x16(ds[h]));

@@ -38,10 +38,10 @@ def _hooked(model: nn.Module) -> bool:
 def build_plan(model: nn.Module):
     """The C++ DecodePlan over `model`'s weights, or None where the fused step does not apply
     (see the module docstring) or the decode kernels cannot be built here."""
-    from hybridlm.model.transformer import FeedForward, Linear, RMSNorm
+    from hybridlm.model.transformer import FeedForward, LayerNorm, Linear, RMSNorm
 
     extension = decode_extension()
-    norm_types = (nn.LayerNorm, RMSNorm)
+    norm_types = (LayerNorm, RMSNorm)
     if extension is None or _hooked(model) or type(model.norm_f) not in norm_types or type(model.lm_head) is not Linear:
         return None
     rms = isinstance(model.norm_f, RMSNorm)

@@ -1,9 +1,9 @@
-// Fused sparse causal attention (local window + strided + global keys) on oneDNN's brgemm
-// micro-kernel, the one PyTorch's own CPU flash attention uses: on CPUs with AMX it runs the block
-// matmuls on the tile engine, elsewhere on AVX-512 BF16. The geometry and mask are those of
-// sparse_attention_bf16.cpp (sparse_common.h); here every matrix product is one brgemm call
+// Fused sparse causal attention (local window + strided + global keys) as block matrix products:
+// on CPUs with AMX our own tile micro-kernel (amx_gemm.h), elsewhere oneDNN's brgemm micro-kernel
+// (the one PyTorch's own CPU flash attention uses; AVX-512 BF16 there). The geometry and mask are
+// those of sparse_attention_bf16.cpp (sparse_common.h); here every matrix product is one call
 //   C (M x N, fp32) (+)= A (M x K, bf16 row-major) . B (K x N, bf16 VNNI pairs [K/2][N][2]),
-// with N one of 16/32/48/64 and ld_b = N, the B shapes oneDNN's AMX kernels take. Hence the layouts:
+// with N one of 16/32/48/64 and ld_b = N. Hence the layouts:
 // K^T and V^T in tiles of 64 keys (scores, dP), K and V as row pairs in blocks of 64 dims (P.V, dS.K),
 // and the backward's dK^T = Q^T . dS and dV^T = dO^T . P with P and dS written as pair tiles of 64
 // keys, accumulated per head in fp32 tiles and transposed once at its end. Both passes walk a

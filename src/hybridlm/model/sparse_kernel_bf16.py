@@ -1,9 +1,9 @@
 """The C++ sparse attention kernels for bf16 whole-sequence attention on CPUs with AVX-512 BF16.
 
 Two kernels, one algorithm (csrc/sparse_common.h), by the kernel path (cpu_kernels.py):
-- `amx`: csrc/sparse_attention_brgemm.cpp, whose matrix products are calls to oneDNN's brgemm
-  micro-kernel (PyTorch's `at::native::cpublas::brgemm`, the one its own CPU flash attention uses),
-  which runs them on the AMX tiles;
+- `amx`: csrc/sparse_attention_brgemm.cpp, whose matrix products run on the AMX tiles through our
+  own micro-kernel (csrc/amx_gemm.h), or, on a CPU without AMX (a test forcing this kernel there),
+  through oneDNN's brgemm (PyTorch's `at::native::cpublas::brgemm`);
 - `avx512_bf16`: csrc/sparse_attention_bf16.cpp, our own AVX-512 BF16 micro-kernels. The brgemm
   kernel runs on these CPUs too (oneDNN falls back to AVX-512 BF16), but measured 0.66-1.11x of
   this one there (benchmarks/attention_kernels.py), so `auto` takes it only on AMX CPUs, where it measured 1.30-2.76x this one.

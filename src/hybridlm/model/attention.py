@@ -18,7 +18,9 @@ from hybridlm.model.sparse_flash import FAST_DTYPES, SparseFlashAttention
 from hybridlm.model.sparse_kernel_bf16 import dense_block, kernel_applies, sparse_attention_bf16
 
 DEFAULT_BLOCK = 256  # query block of the block loop; measured fastest of 64/128/256 at n = 256..1024
-FLASH_BLOCK = 64  # query block of the fused paths' sparse layers (dense layers: the kernel's dense_block); measured no slower than 32/128 at n = 1024..16384
+# query block of the fused paths' sparse layers (dense layers take the kernel's own dense_block);
+# measured no slower than 32/128 at n = 1024..16384
+FLASH_BLOCK = 64
 FLASH_MIN_LEN = 1024  # below this, PyTorch-kernel path's two kernel calls cost more than the block loop
 _dense_backend = {"name": "auto"}
 

@@ -1,5 +1,6 @@
 """The C++ glue kernels of a bf16 step for CPUs with AVX-512 BF16 (csrc/glue_bf16.cpp): RoPE,
-SwiGLU, GELU (tanh form), RMSNorm/LayerNorm and the chunked cross-entropy's softmax in one pass each, forward and backward.
+SwiGLU, GELU (tanh form), RMSNorm/LayerNorm and the chunked cross-entropy's softmax in one pass
+each, forward and backward.
 
 PyTorch runs each as several elementwise kernels with promotions and temporaries between them:
 RoPE alone took about 14 ms a call for one `small` layer's heads at 8 x 1024 tokens, 8% of a bf16

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist (scripts/test runs one worker per core) each worker and the subprocesses
+    it starts get their share of the cores: without it every worker's PyTorch spins a thread per
+    core and the workers slow each other down."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+_share_the_cores()  # before torch is imported: it reads OMP_NUM_THREADS once
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from hybridlm.config import ModelConfig
 from hybridlm.data.prepare import prepare

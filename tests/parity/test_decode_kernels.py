@@ -62,10 +62,11 @@ def test_linear_kernel_takes_leading_dims_and_only_inference_calls(kernel):
 @torch.no_grad()
 @pytest.mark.parametrize("heads,kv_heads", [(6, 6), (6, 2), (4, 1)])
 @pytest.mark.parametrize("length", [1, 17, 1000])
-@pytest.mark.parametrize("dim", [64, 48])
+@pytest.mark.parametrize("dim", [32, 64, 128, 48])
 def test_decode_attention_equals_sdpa_on_a_cache_slice(kernel, heads, kv_heads, length, dim):
     """Keys and values are a slice of a larger cache buffer (strided), as DenseKVCache passes them;
-    grouped and multi-query heads; a head dim with a masked tail."""
+    grouped and multi-query heads; lengths under, over and not a multiple of the AVX-512 kernel's
+    16-key blocks; each head dim it keeps in registers, and one with a masked tail."""
     q = _bf16(2, heads, 1, dim, seed=4)
     k_buffer, v_buffer = _bf16(2, kv_heads, length + 30, dim, seed=5), _bf16(2, kv_heads, length + 30, dim, seed=6)
     k, v = k_buffer[:, :, :length], v_buffer[:, :, :length]

@@ -26,7 +26,18 @@ constexpr int kMaxRows = 8;
 // decode step waiting on memory at about half the bandwidth it reaches with the hint.
 constexpr int kPrefetchTiles = 2;
 
+// Keys (and values) ahead of the one in use that the loops ask the cache for: the hardware
+// prefetcher alone left a decode step waiting on memory.
+constexpr int64_t kPrefetchKeys = 8;
+
+// Asks for the cache lines of n bf16 values at p (a hint: never faults, even past the end).
+inline void prefetch_row(const bf16* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 32) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+
 #if defined(__AVX512BF16__)
+
+#include "avx512_exp.h"
 
 inline __m512bh load_pairs(const bf16* p, __mmask32 mask) {
   return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
@@ -68,6 +79,12 @@ void dot_tile(const bf16* x, int64_t K, const bf16* w, const bf16* bias, int64_t
   }
 }
 
+// Sixteen bf16 values widened to fp32: a bf16 is the top half of an fp32.
+inline __m512 widen16(const bf16* p) {
+  const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+
 // q . k for one key row (D bf16 values each).
 inline float dot_row(const bf16* q, const bf16* k, int64_t D) {
   __m512 acc = _mm512_setzero_ps();
@@ -78,16 +95,96 @@ inline float dot_row(const bf16* q, const bf16* k, int64_t D) {
   return _mm512_reduce_add_ps(acc);
 }
 
+// The 16 lane sums of v[0..15], in order, in one vector: three rounds of pairwise adds, each
+// halving the vectors (45 instructions for 16 sums; _mm512_reduce_add_ps takes about 8 for one).
+inline __m512 sum16x16(__m512 v[16]) {
+  __m512 x[8], y[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit block: sums for keys 2i, 2i + 1, 2i, 2i + 1
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit block: keys 4i .. 4i + 3
+    const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
+    y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // add the 128-bit blocks pairwise, then again, leaving block i = keys 4i .. 4i + 3
+  const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+  const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x88), _mm512_shuffle_f32x4(y[2], y[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xDD));
+}
+
+// out[s] = scale * q . k[s * stride, + D) for s < n, 16 keys at a time; returns their max.
+inline float key_scores(const bf16* q, const bf16* k, int64_t n, int64_t stride, int64_t D, float scale, float* out) {
+  const __m512 sv = _mm512_set1_ps(scale);
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 16 <= n; s += 16) {
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) {
+      prefetch_row(k + (s + j + kPrefetchKeys) * stride, D);
+      acc[j] = _mm512_setzero_ps();
+    }
+    for (int64_t d = 0; d < D; d += 32) {
+      const __mmask32 mask = tail_mask(D - d);
+      const __m512bh qv = load_pairs(q + d, mask);
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], load_pairs(k + (s + j) * stride + d, mask), qv);
+    }
+    const __m512 scores = _mm512_mul_ps(sum16x16(acc), sv);
+    _mm512_storeu_ps(out + s, scores);
+    top = _mm512_max_ps(top, scores);
+  }
+  float best = _mm512_reduce_max_ps(top);
+  for (; s < n; ++s) best = std::max(best, out[s] = dot_row(q, k + s * stride, D) * scale);
+  return best;
+}
+
+// scores[i] = exp(scores[i] - top) for i < n, returning their sum: 16 lanes at a time (exp16).
+inline float exp_and_sum(float* scores, int64_t n, float top) {
+  const __m512 tv = _mm512_set1_ps(top);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + i), tv));
+    _mm512_mask_storeu_ps(scores + i, mask, e);
+    sum = _mm512_mask_add_ps(sum, mask, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// acc[0, D) += sum over s < n of p[s] * v[s * stride, + D), the accumulators in registers (16 D
+// values each, up to 128) while the rows stream past.
+template <int kVectors>
+void weighted_rows(const float* p, const bf16* v, int64_t n, int64_t stride, float* acc) {
+  __m512 a[kVectors];
+  for (int j = 0; j < kVectors; ++j) a[j] = _mm512_loadu_ps(acc + 16 * j);
+  for (int64_t s = 0; s < n; ++s) {
+    prefetch_row(v + (s + kPrefetchKeys) * stride, 16 * kVectors);
+    const __m512 pv = _mm512_set1_ps(p[s]);
+    for (int j = 0; j < kVectors; ++j) a[j] = _mm512_fmadd_ps(pv, widen16(v + s * stride + 16 * j), a[j]);
+  }
+  for (int j = 0; j < kVectors; ++j) _mm512_storeu_ps(acc + 16 * j, a[j]);
+}
+
 // acc[0, D) += p * row[0, D)
 inline void axpy_row(float p, const bf16* row, int64_t D, float* acc) {
   const __m512 pv = _mm512_set1_ps(p);
   int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    __m512 vv = _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d))), 16));
-    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, vv, _mm512_loadu_ps(acc + d)));
-  }
+  for (; d + 16 <= D; d += 16)
+    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, widen16(row + d), _mm512_loadu_ps(acc + d)));
   for (; d < D; ++d) acc[d] += p * static_cast<float>(row[d]);
+}
+
+// acc[0, D) += sum over s < n of p[s] * v[s * stride, + D): in registers for the head dims the
+// models use, a row at a time through memory for any other.
+inline void weighted_values(const float* p, const bf16* v, int64_t n, int64_t stride, int64_t D, float* acc) {
+  switch (D) {
+    case 32: return weighted_rows<2>(p, v, n, stride, acc);
+    case 64: return weighted_rows<4>(p, v, n, stride, acc);
+    case 128: return weighted_rows<8>(p, v, n, stride, acc);
+    default:
+      for (int64_t s = 0; s < n; ++s) {
+        prefetch_row(v + (s + kPrefetchKeys) * stride, D);
+        axpy_row(p[s], v + s * stride, D, acc);
+      }
+  }
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -178,11 +275,36 @@ inline float dot_row(const bf16* q, const bf16* k, int64_t D) {
   return reduce8(acc) + tail;
 }
 
+// out[s] = scale * q . k[s * stride, + D) for s < n; returns their max.
+inline float key_scores(const bf16* q, const bf16* k, int64_t n, int64_t stride, int64_t D, float scale, float* out) {
+  float best = -INFINITY;
+  for (int64_t s = 0; s < n; ++s) {
+    prefetch_row(k + (s + kPrefetchKeys) * stride, D);
+    best = std::max(best, out[s] = dot_row(q, k + s * stride, D) * scale);
+  }
+  return best;
+}
+
+// scores[i] = exp(scores[i] - top) for i < n, returning their sum.
+inline float exp_and_sum(float* scores, int64_t n, float top) {
+  float total = 0.0f;
+  for (int64_t i = 0; i < n; ++i) total += scores[i] = std::exp(scores[i] - top);
+  return total;
+}
+
 inline void axpy_row(float p, const bf16* row, int64_t D, float* acc) {
   const __m256 pv = _mm256_set1_ps(p);
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, load8(row + d), _mm256_loadu_ps(acc + d)));
   for (; d < D; ++d) acc[d] += p * static_cast<float>(row[d]);
+}
+
+// acc[0, D) += sum over s < n of p[s] * v[s * stride, + D).
+inline void weighted_values(const float* p, const bf16* v, int64_t n, int64_t stride, int64_t D, float* acc) {
+  for (int64_t s = 0; s < n; ++s) {
+    prefetch_row(v + (s + kPrefetchKeys) * stride, D);
+    axpy_row(p[s], v + s * stride, D, acc);
+  }
 }
 
 #else
@@ -243,37 +365,21 @@ struct Keys {
   int64_t length, stride;
 };
 
-// Keys (and values) ahead of the one in use that the loops ask the cache for: the hardware
-// prefetcher alone left a decode step waiting on memory.
-constexpr int64_t kPrefetchKeys = 8;
-
-// Asks for the cache lines of n bf16 values at p (a hint: never faults, even past the end).
-inline void prefetch_row(const bf16* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 32) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
-}
-
 // One query row (D) against the key sets: softmax(q.K * scale) V over all of them together.
 void attend_one(const bf16* q, const std::vector<Keys>& sets, int64_t D, float scale, float* scores, bf16* out) {
   float top = -INFINITY;
   int64_t i = 0;
-  for (const Keys& set : sets)
-    for (int64_t s = 0; s < set.length; ++s, ++i) {
-      prefetch_row(set.k + (s + kPrefetchKeys) * set.stride, D);
-      scores[i] = dot_row(q, set.k + s * set.stride, D) * scale;
-      top = std::max(top, scores[i]);
-    }
-  float total = 0.0f;
-  for (int64_t s = 0; s < i; ++s) {
-    scores[s] = std::exp(scores[s] - top);
-    total += scores[s];
+  for (const Keys& set : sets) {
+    top = std::max(top, key_scores(q, set.k, set.length, set.stride, D, scale, scores + i));
+    i += set.length;
   }
+  const float total = exp_and_sum(scores, i, top);
   std::vector<float> acc(D, 0.0f);
   i = 0;
-  for (const Keys& set : sets)
-    for (int64_t s = 0; s < set.length; ++s, ++i) {
-      prefetch_row(set.v + (s + kPrefetchKeys) * set.stride, D);
-      axpy_row(scores[i], set.v + s * set.stride, D, acc.data());
-    }
+  for (const Keys& set : sets) {
+    weighted_values(scores + i, set.v, set.length, set.stride, D, acc.data());
+    i += set.length;
+  }
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<bf16>(acc[d] / total);
 }
 

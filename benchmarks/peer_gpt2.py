@@ -24,6 +24,7 @@ from hybridlm.config import ModelConfig
 from hybridlm.inference.decode import generate_ids
 from hybridlm.inference.sampling import SamplingParams
 from hybridlm.model import HybridLM
+from hybridlm.model.cpu_kernels import machine
 from hybridlm.model.info import flops_per_token
 from hybridlm.timing import median_seconds
 
@@ -125,12 +126,13 @@ def main() -> None:
             decode_tokens_per_s_hf(model, prompt, args.new_tokens) if name == "hf-gpt2"
             else decode_tokens_per_s_ours(model, prompt, args.new_tokens)
         )
-    result = {"seq": args.seq, "batch": args.batch, "peak_flops": peak, "rows": rows}
+    result = {"machine": machine(), "seq": args.seq, "batch": args.batch, "peak_flops": peak, "rows": rows}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"matmul peak: bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s; "
-          f"T={args.seq}, batch {args.batch}")
+          f"T={args.seq}, batch {args.batch}; {result['machine']['cpu']} ({result['machine']['cpu_flags']}), "
+          f"kernel path {result['machine']['kernel_path']}")
     print("| model | train tokens/s | MFU (bf16 peak) | decode tokens/s (batch 1) |")
     print("|---|---|---|---|")
     for row in rows:

@@ -12,7 +12,8 @@ from pathlib import Path
 def _share_the_cores() -> None:
     """Under pytest-xdist (scripts/test runs one worker per core) each worker and the subprocesses
     it starts get their share of the cores: without it every worker's PyTorch spins a thread per
-    core and the workers slow each other down."""
+    core and the workers slow each other down. (The parity tests take two threads again, to check
+    the kernels' partitioning: tests/parity/conftest.py.)"""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))

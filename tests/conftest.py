@@ -13,7 +13,7 @@ def _share_the_cores() -> None:
     """Under pytest-xdist (scripts/test runs one worker per core) each worker and the subprocesses
     it starts get their share of the cores: without it every worker's PyTorch spins a thread per
     core and the workers slow each other down. (The parity tests take two threads again, to check
-    the kernels' partitioning: tests/parity/conftest.py.)"""
+    the kernels' partitioning: kernel_threads below.)"""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
@@ -36,6 +36,21 @@ from hybridlm.tokenizer import train_tokenizer
 from hybridlm.train.config import RunConfig, TrainConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+KERNEL_TEST_THREADS = 2
+
+
+@pytest.fixture(autouse=True)
+def kernel_threads(request):
+    """The parity tests run our kernels on at least two threads, even in an xdist worker given
+    one: the kernels split rows, heads and key blocks across threads (and add per-thread partial
+    sums), and that partitioning is part of what those tests check."""
+    if request.node.path.parent.name != "parity":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, KERNEL_TEST_THREADS))
+    yield
+    torch.set_num_threads(before)
 
 
 def free_port() -> int:

@@ -628,8 +628,11 @@ def _bench_command(bench: str, default_seq: str, default_pass: str):
     @click.option("--pass", "passes", default=default_pass, show_default=True, help="Comma-separated passes.")
     @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per point (median).")
     @click.option("--preset", "preset_name", default=None, help="Model preset (train, generate).")
+    @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+                  help="generate only: weight-only quantized blocks (int4 in groups of 64), both models alike.")
     @json_option
-    def command(seq: str, dtype: str, passes: str, repeats: int, preset_name: str | None, as_json: bool) -> None:
+    def command(seq: str, dtype: str, passes: str, repeats: int, preset_name: str | None, quantize: str | None,
+                as_json: bool) -> None:
         from hybridlm.bench.runner import compare, format_row
 
         dtypes = [d for d in dtype.split(",") if d]
@@ -645,6 +648,13 @@ def _bench_command(bench: str, default_seq: str, default_pass: str):
                 raise UserError("bench attention measures one layer and takes no --preset; use bench train or generate")
             preset(preset_name)  # validates the name before any subprocess starts
             options["preset"] = preset_name
+        if quantize:
+            if bench != "generate":
+                raise UserError(f"bench {bench} takes no --quantize (weight-only quantization is for decoding); "
+                                "use bench generate --quantize")
+            if "bf16" not in dtypes or len(dtypes) > 1:
+                raise UserError("--quantize runs with bf16 activations; use --dtype bf16")
+            options["quantize"] = quantize
         from hybridlm.model.cpu_kernels import machine
 
         ran_on = machine()

@@ -175,5 +175,14 @@ def test_bench_json_pairs_dense_and_sparse():
     (row,) = report["results"]
     assert row["pass"] == "decode" and row["sparse_kv_cache_mb"] < row["dense_kv_cache_mb"]
     assert row["dense_prefill_tokens_per_s"] > 0 and row["sparse_prefill_tokens_per_s"] > 0
+    quantized = hybridlm("bench", "generate", "--preset", "tiny", "--seq", "200", "--repeats", "1", "--quantize",
+                         "int8", "--json")
+    assert quantized.returncode == 0, quantized.stderr
+    (int8_row,) = json.loads(quantized.stdout)["results"]
+    for kind in ("dense", "sparse"):  # the blocks' weights went from 2 bytes to 1 (plus scales)
+        assert int8_row[f"{kind}_weights_mb"] < 0.75 * row[f"{kind}_weights_mb"]
+        assert int8_row[f"{kind}_kv_cache_mb"] == row[f"{kind}_kv_cache_mb"]
+    _bad(hybridlm("bench", "train", "--quantize", "int8"), "takes no --quantize")
+    _bad(hybridlm("bench", "generate", "--quantize", "int4", "--dtype", "fp32"), "use --dtype bf16")
     _bad(hybridlm("bench", "train", "--pass", "decode"), "measures passes train")
     _bad(hybridlm("bench", "attention", "--preset", "small"), "takes no --preset")

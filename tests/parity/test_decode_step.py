@@ -15,6 +15,7 @@ import torch
 
 from hybridlm.config import preset
 from hybridlm.model import HybridLM
+from hybridlm.model.converters.quant import quantizable_layers, quantize_linears
 from hybridlm.model.decode_step import build_plan
 from hybridlm.model.kv_cache import SparseKVCache
 
@@ -75,6 +76,49 @@ def test_fused_step_equals_the_module_path_and_the_whole_forward(kernel, name):
         else:
             torch.testing.assert_close(ours.k_BHSD[:, :, :81].float(), theirs.k_BHSD[:, :, :81].float(),
                                        atol=0.05, rtol=0.02)
+
+
+def _quantized(name: str, kind: str, group_size: int) -> HybridLM:
+    model = _model(CONFIGS[name])
+    return quantize_linears(model, quantizable_layers(model), kind, group_size)
+
+
+@pytest.mark.parametrize(("name", "kind", "group_size"), [("hybrid-gqa", "int8", 64), ("gpt2", "int8", 64),
+                                                          ("hybrid-gqa", "int4", 32), ("gpt2", "int4", 64)])
+def test_fused_step_reads_quantized_layers_as_the_module_path(kernel, name, kind, group_size):
+    """Weight-only int8 and int4 layers in the fused step: the same logits as the module path
+    (aten's integer kernels) to a few bf16 roundings, and each layer's kernel output against the
+    fp32 product with the weight its codes stand for."""
+    model = _quantized(name, kind, group_size)
+    ids = torch.randint(0, model.cfg.vocab_size, (61,), generator=torch.Generator().manual_seed(2)).tolist()
+    fused, fused_cache = _teacher_forced(model, ids, 20, module_path=False)
+    modules, module_cache = _teacher_forced(model, ids, 20, module_path=True)
+    assert fused_cache._plan is not None and module_cache._plan is None
+    scale = modules.abs().max()
+    assert (fused - modules).abs().max() <= 4 * 2.0**-8 * scale
+    assert (fused.argmax(-1) == modules.argmax(-1)).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize(("kind", "group_size", "in_features"), [("int8", 64, 200), ("int4", 32, 96),
+                                                                 ("int4", 64, 384)])
+@torch.no_grad()
+def test_the_quantized_linear_kernel_equals_the_dequantized_fp32_product(kernel, kind, group_size, in_features):
+    """One quantized layer through the plan's Linear kernel (a one-layer plan's qkv, through the
+    step's first projection) against fp32 F.linear on the dequantized weight: off by one bf16
+    rounding of the result at most. 200 inputs leave a tail past the int8 tiles' vectors."""
+    from hybridlm.model.converters.quant import QuantizedLinear
+    from hybridlm.model.decode_kernel_bf16 import decode_extension
+
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(in_features, 48, bias=True)
+    layer = QuantizedLinear.from_linear(linear, kind, group_size).to(torch.bfloat16)
+    extension = decode_extension()
+    x = torch.randn(3, in_features).to(torch.bfloat16)
+    zeros = layer.zeros if kind == "int4" else None
+    ours = extension.quantized_linear(x, layer.qweight, layer.scales, zeros, layer.bias).float()
+    exact = torch.nn.functional.linear(x.float(), layer.dequantized(), layer.bias.float())
+    assert (ours - exact).abs().max() <= 2.0**-8 * exact.abs().max()
+    torch.testing.assert_close(ours, exact.to(torch.bfloat16).float(), atol=2e-2, rtol=2.0**-7)
 
 
 @torch.no_grad()

@@ -98,10 +98,16 @@ def train_point(spec: dict) -> dict:
 @torch.no_grad()
 def generate_point(spec: dict) -> dict:
     """Batch-1 decoding after a prefill of `seq` tokens (one forward into the caches, as the
-    server's prefill takes it): seconds per new token, prefill tokens/s and KV-cache bytes. The
+    server's prefill takes it): seconds per new token, prefill tokens/s, KV-cache and weight bytes. The
     model runs as the engine runs it (`hybridlm generate`): weights cast to the dtype once, both
-    kinds on the engine's kernels (the peer here is the all-dense model, not another kernel)."""
+    kinds on the engine's kernels (the peer here is the all-dense model, not another kernel), and
+    with `quantize` both with weight-only int8 or int4 (groups of 64) blocks, as `hybridlm quantize`
+    makes them."""
     model = _model(spec).eval().to(torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32)
+    if spec.get("quantize"):
+        from hybridlm.model.converters.quant import DEFAULT_GROUP_SIZE, quantizable_layers, quantize_linears
+
+        quantize_linears(model, quantizable_layers(model), spec["quantize"], DEFAULT_GROUP_SIZE)
     ids = torch.randint(0, model.cfg.vocab_size, (1, spec["seq"] + spec["new_tokens"]),
                         generator=torch.Generator().manual_seed(0))
 
@@ -122,6 +128,7 @@ def generate_point(spec: dict) -> dict:
     result["tokens_per_s"] = 1.0 / result["seconds"]
     result["prefill_tokens_per_s"] = spec["seq"] / statistics.median(prefill_s[1:])  # the warm runs
     result["kv_cache_mb"] = cache_bytes[-1] / 2**20
+    result["weights_mb"] = sum(t.nbytes for t in model.state_dict().values()) / 2**20  # read once per token
     return result
 
 

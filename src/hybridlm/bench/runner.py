@@ -42,7 +42,7 @@ def compare(bench: str, seqs: list[int], dtypes: list[str], passes: list[str], r
         row = {"seq": seq, "dtype": dtype, "pass": pass_, "dense_s": dense["seconds"], "sparse_s": sparse["seconds"],
                "speedup": dense["seconds"] / sparse["seconds"], "dense_peak_mb": dense["peak_mb"],
                "sparse_peak_mb": sparse["peak_mb"]}
-        for key in ("tokens_per_s", "prefill_tokens_per_s", "kv_cache_mb"):
+        for key in ("tokens_per_s", "prefill_tokens_per_s", "kv_cache_mb", "weights_mb"):
             if key in dense:
                 row[f"dense_{key}"], row[f"sparse_{key}"] = dense[key], sparse[key]
         results.append(row)
@@ -59,6 +59,8 @@ def format_row(row: dict) -> str:
         extra += f"  prefill tok/s {row['dense_prefill_tokens_per_s']:,.0f} -> {row['sparse_prefill_tokens_per_s']:,.0f}"
     if "dense_kv_cache_mb" in row:
         extra += f"  KV {row['dense_kv_cache_mb']:.1f} -> {row['sparse_kv_cache_mb']:.1f} MB"
+    if "dense_weights_mb" in row:
+        extra += f"  weights {row['dense_weights_mb']:.1f} -> {row['sparse_weights_mb']:.1f} MB"
     return (f"seq {row['seq']:>6}  {row['dtype']:<4} {row['pass']:<7} dense {row['dense_s']:.4f}s  "
             f"sparse {row['sparse_s']:.4f}s  speedup {row['speedup']:.2f}x  peak MB {row['dense_peak_mb']:.0f} -> "
             f"{row['sparse_peak_mb']:.0f}{extra}")

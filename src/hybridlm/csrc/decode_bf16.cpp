@@ -7,7 +7,8 @@
 // reaches about a tenth of the memory bandwidth there (without native bf16, far less); PyTorch's
 // flash-attention kernel for CPUs splits work by query blocks, so one query per head leaves it
 // mostly idle. Both kernels here read each weight (or key and value) once, with fp32 accumulation
-// and one bf16 rounding of the result, as torch's bf16 matmul does.
+// and one bf16 rounding of the result, as torch's bf16 matmul does. The Linear kernels also read
+// weight-only int8 and int4 layers (model/converters/quant.py's stored form) in the fused step.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -187,6 +188,26 @@ inline void weighted_values(const float* p, const bf16* v, int64_t n, int64_t st
   }
 }
 
+// fp32 vectors as the quantized tiles use them (16 lanes), and their codes widened to fp32.
+struct Lanes {
+  using F = __m512;
+  static constexpr int L = 16;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(F v) { return _mm512_reduce_add_ps(v); }
+  static F int8s(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // L bytes of two 4-bit codes each: the low nibbles (codes 0, 2, 4, ...) and the high ones (1, 3, ...).
+  static void nibbles(const uint8_t* p, F& lo, F& hi) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+  }
+};
+
 #elif defined(__AVX2__) && defined(__FMA__)
 
 // Eight bf16 values widened to fp32: a bf16 is the top half of an fp32.
@@ -307,9 +328,128 @@ inline void weighted_values(const float* p, const bf16* v, int64_t n, int64_t st
   }
 }
 
+// fp32 vectors as the quantized tiles use them (8 lanes), and their codes widened to fp32.
+struct Lanes {
+  using F = __m256;
+  static constexpr int L = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(F v) { return reduce8(v); }
+  static F int8s(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  // L bytes of two 4-bit codes each: the low nibbles (codes 0, 2, 4, ...) and the high ones (1, 3, ...).
+  static void nibbles(const uint8_t* p, F& lo, F& hi) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+  }
+};
+
 #else
 #error "decode_bf16.cpp needs AVX-512 BF16 or AVX2 with FMA"
 #endif
+
+// --- Weight-only int8 and int4 layers ------------------------------------------------------------
+// int8: w[n, k] = q[n, k] * scale[n]. int4: codes c in 0..15, two per byte (low nibble first),
+// w[n, k] = (c - 8) * scale[n, g] + zero[n, g] for the group g of `group` inputs holding k. The
+// tiles widen the codes and the input (exactly: a bf16 is an fp32) to fp32 and apply a scale once
+// per row (int8) or group (int4), using x . ((c - 8) s + z) = s (x . c) + (z - 8 s) sum(x): the
+// sums of the dequantized fp32 weight, up to rounding order.
+
+// res[m][j] = x[m, :] . w[n0 + j, :] (+ bias) of an int8 layer; x widened to fp32 in order.
+template <int kRows, int kOuts>
+void int8_tile(const float* x, int64_t K, const int8_t* q, const bf16* scales, const bf16* bias, int64_t n0,
+               float (*res)[4]) {
+  using V = Lanes;
+  V::F acc[kRows][kOuts];
+  for (int m = 0; m < kRows; ++m)
+    for (int j = 0; j < kOuts; ++j) acc[m][j] = V::zero();
+  const int64_t KL = K - K % V::L;
+  for (int64_t k = 0; k < KL; k += V::L) {
+    V::F wv[kOuts];
+    for (int j = 0; j < kOuts; ++j) {
+      if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(q + (n0 + kPrefetchTiles * kOuts + j) * K + k), _MM_HINT_T0);
+      wv[j] = V::int8s(q + (n0 + j) * K + k);
+    }
+    for (int m = 0; m < kRows; ++m) {
+      const V::F xv = V::load(x + m * K + k);
+      for (int j = 0; j < kOuts; ++j) acc[m][j] = V::fma(wv[j], xv, acc[m][j]);
+    }
+  }
+  for (int j = 0; j < kOuts; ++j) {
+    const float s = static_cast<float>(scales[n0 + j]), b = bias ? static_cast<float>(bias[n0 + j]) : 0.0f;
+    for (int m = 0; m < kRows; ++m) {
+      float tail = 0.0f;
+      for (int64_t k = KL; k < K; ++k) tail += static_cast<float>(q[(n0 + j) * K + k]) * x[m * K + k];
+      res[m][j] = (V::sum(acc[m][j]) + tail) * s + b;
+    }
+  }
+}
+
+// The same for an int4 layer: x widened to fp32 with each block of 2L inputs as its even inputs
+// then its odd ones (the order `nibbles` gives the codes), xsum[m, g] = sum of row m's group g.
+template <int kRows, int kOuts>
+void int4_tile(const float* x, const float* xsum, int64_t K, int64_t group, const uint8_t* q, const bf16* scales,
+               const bf16* zeros, const bf16* bias, int64_t n0, float (*res)[4]) {
+  using V = Lanes;
+  const int64_t G = K / group, row_bytes = K / 2;
+  V::F acc[kRows][kOuts];
+  float offset[kRows][kOuts] = {};
+  for (int m = 0; m < kRows; ++m)
+    for (int j = 0; j < kOuts; ++j) acc[m][j] = V::zero();
+  for (int64_t g = 0; g < G; ++g) {
+    V::F part[kRows][kOuts];
+    for (int m = 0; m < kRows; ++m)
+      for (int j = 0; j < kOuts; ++j) part[m][j] = V::zero();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 2 * V::L) {
+      V::F lo[kOuts], hi[kOuts];
+      for (int j = 0; j < kOuts; ++j) {
+        const uint8_t* row = q + (n0 + j) * row_bytes + k / 2;
+        if ((k / 2) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchTiles * kOuts * row_bytes), _MM_HINT_T0);
+        V::nibbles(row, lo[j], hi[j]);
+      }
+      for (int m = 0; m < kRows; ++m) {
+        const V::F even = V::load(x + m * K + k), odd = V::load(x + m * K + k + V::L);
+        for (int j = 0; j < kOuts; ++j) part[m][j] = V::fma(hi[j], odd, V::fma(lo[j], even, part[m][j]));
+      }
+    }
+    for (int j = 0; j < kOuts; ++j) {
+      const float s = static_cast<float>(scales[(n0 + j) * G + g]), z = static_cast<float>(zeros[(n0 + j) * G + g]);
+      const V::F sv = V::set1(s);
+      for (int m = 0; m < kRows; ++m) {
+        acc[m][j] = V::fma(sv, part[m][j], acc[m][j]);
+        offset[m][j] += (z - 8.0f * s) * xsum[m * G + g];
+      }
+    }
+  }
+  for (int j = 0; j < kOuts; ++j) {
+    const float b = bias ? static_cast<float>(bias[n0 + j]) : 0.0f;
+    for (int m = 0; m < kRows; ++m) res[m][j] = V::sum(acc[m][j]) + offset[m][j] + b;
+  }
+}
+
+// The rows (M, K) widened to fp32; with `paired`, each block of 2L inputs as its even inputs then
+// its odd ones (int4_tile's order; K is then a multiple of 2L).
+const float* widened_rows(const bf16* x, int64_t M, int64_t K, bool paired, std::vector<float>& buffer) {
+  buffer.resize(M * K);
+  constexpr int64_t L = Lanes::L;
+  for (int64_t i = 0; i < M * K; ++i) {
+    const int64_t k = i % K, in_block = k % (2 * L);
+    const int64_t to = paired ? i - in_block + (in_block % 2) * L + in_block / 2 : i;
+    buffer[to] = static_cast<float>(x[i]);
+  }
+  return buffer.data();
+}
+
+// sums[m, g] = the sum of row m's inputs in group g.
+const float* group_sums(const float* x, int64_t M, int64_t K, int64_t group, std::vector<float>& sums) {
+  sums.assign(M * (K / group), 0.0f);
+  for (int64_t i = 0; i < M * K; ++i) sums[i / group] += x[i];
+  return sums.data();
+}
 
 enum Activation { kNone = 0, kGeluTanh = 1, kSwiGLU = 2 };
 
@@ -317,14 +457,48 @@ inline float gelu_tanh(float y) {
   return 0.5f * y * (1.0f + std::tanh(0.7978845608028654f * (y + 0.044715f * y * y * y)));
 }
 
+// The tiles of one call: its rows (from the first of a group of up to four) against one layer.
+struct Bf16Tiles {
+  static constexpr int kAccumulators = kMaxAccumulators;
+  const XRow* x;
+  int64_t K;
+  const bf16 *w, *bias;
+  Bf16Tiles from_row(int64_t m) const { return {x + m * K, K, w, bias}; }
+  template <int kRows, int kOuts>
+  void dot(int64_t n0, float (*res)[4]) const { dot_tile<kRows, kOuts>(x, K, w, bias, n0, res); }
+};
+
+struct Int8Tiles {
+  static constexpr int kAccumulators = kMaxAccumulators;
+  const float* x;
+  int64_t K;
+  const int8_t* q;
+  const bf16 *scales, *bias;
+  Int8Tiles from_row(int64_t m) const { return {x + m * K, K, q, scales, bias}; }
+  template <int kRows, int kOuts>
+  void dot(int64_t n0, float (*res)[4]) const { int8_tile<kRows, kOuts>(x, K, q, scales, bias, n0, res); }
+};
+
+struct Int4Tiles {
+  static constexpr int kAccumulators = kMaxAccumulators / 4;  // a group's partial sums beside the totals
+  const float *x, *xsum;
+  int64_t K, group;
+  const uint8_t* q;
+  const bf16 *scales, *zeros, *bias;
+  Int4Tiles from_row(int64_t m) const { return {x + m * K, xsum + m * (K / group), K, group, q, scales, zeros, bias}; }
+  template <int kRows, int kOuts>
+  void dot(int64_t n0, float (*res)[4]) const {
+    int4_tile<kRows, kOuts>(x, xsum, K, group, q, scales, zeros, bias, n0, res);
+  }
+};
+
 // Outputs [n0, n0 + kOuts) of kRows rows, with the activation applied in fp32 before the one
 // rounding to bf16. SwiGLU reads the gate from weight rows n and the value from rows n + N.
-template <int kRows, int kOuts>
-void output_tile(const XRow* x, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t N, int act,
-                 bf16* out) {
+template <int kRows, int kOuts, class Tiles>
+void output_tile(const Tiles& tiles, int64_t n0, int64_t N, int act, bf16* out) {
   float res[kRows][4], up[kRows][4];
-  dot_tile<kRows, kOuts>(x, K, w, bias, n0, res);
-  if (act == kSwiGLU) dot_tile<kRows, kOuts>(x, K, w, bias, n0 + N, up);
+  tiles.template dot<kRows, kOuts>(n0, res);
+  if (act == kSwiGLU) tiles.template dot<kRows, kOuts>(n0 + N, up);
   for (int m = 0; m < kRows; ++m)
     for (int j = 0; j < kOuts; ++j) {
       float y = res[m][j];
@@ -334,26 +508,25 @@ void output_tile(const XRow* x, int64_t K, const bf16* w, const bf16* bias, int6
     }
 }
 
-template <int kRows>
-void output_rows(const XRow* x, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t n1, int64_t N,
-                 int act, bf16* out) {
-  constexpr int kOuts = std::min(4, std::max(1, kMaxAccumulators / kRows));
+template <int kRows, class Tiles>
+void output_rows(const Tiles& tiles, int64_t n0, int64_t n1, int64_t N, int act, bf16* out) {
+  constexpr int kOuts = std::min(4, std::max(1, Tiles::kAccumulators / kRows));
   int64_t n = n0;
-  for (; n + kOuts <= n1; n += kOuts) output_tile<kRows, kOuts>(x, K, w, bias, n, N, act, out);
-  for (; n < n1; ++n) output_tile<kRows, 1>(x, K, w, bias, n, N, act, out);
+  for (; n + kOuts <= n1; n += kOuts) output_tile<kRows, kOuts>(tiles, n, N, act, out);
+  for (; n < n1; ++n) output_tile<kRows, 1>(tiles, n, N, act, out);
 }
 
 // Rows in groups of up to four, each group in tiles of as many outputs as the registers hold.
-void linear_block(const XRow* x, int64_t M, int64_t K, const bf16* w, const bf16* bias, int64_t n0, int64_t n1,
-                  int64_t N, int act, bf16* out) {
+template <class Tiles>
+void linear_block(const Tiles& tiles, int64_t M, int64_t n0, int64_t n1, int64_t N, int act, bf16* out) {
   for (int64_t m = 0; m < M; m += 4) {
-    const XRow* xm = x + m * K;
+    const Tiles rows = tiles.from_row(m);
     bf16* om = out + m * N;
     switch (std::min<int64_t>(4, M - m)) {
-      case 1: output_rows<1>(xm, K, w, bias, n0, n1, N, act, om); break;
-      case 2: output_rows<2>(xm, K, w, bias, n0, n1, N, act, om); break;
-      case 3: output_rows<3>(xm, K, w, bias, n0, n1, N, act, om); break;
-      default: output_rows<4>(xm, K, w, bias, n0, n1, N, act, om); break;
+      case 1: output_rows<1>(rows, n0, n1, N, act, om); break;
+      case 2: output_rows<2>(rows, n0, n1, N, act, om); break;
+      case 3: output_rows<3>(rows, n0, n1, N, act, om); break;
+      default: output_rows<4>(rows, n0, n1, N, act, om); break;
     }
   }
 }
@@ -383,16 +556,38 @@ void attend_one(const bf16* q, const std::vector<Keys>& sets, int64_t D, float s
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<bf16>(acc[d] / total);
 }
 
-// out (M, N) = act(x (M, K) @ w.T + b) for contiguous bf16 x, w (N or 2N, K) and b; the rows are
-// widened once (prepared_rows) and the outputs split across threads.
-void linear_into(const bf16* x, int64_t M, int64_t K, const at::Tensor& w, const bf16* b, int act, bf16* out) {
-  const int64_t N = act == kSwiGLU ? w.size(0) / 2 : w.size(0);
-  std::vector<float> widened;
-  const XRow* xp = prepared_rows(x, M, K, widened);
-  const bf16* wp = w.data_ptr<bf16>();
+// A Linear layer's weight as the kernels read it: bf16 (N, K); int8 codes (N, K) with bf16
+// scales (N); or int4 codes uint8 (N, K / 2) with bf16 scales and zeros (N, K / group).
+struct Weight {
+  at::Tensor data, scales, zeros;
+  int64_t in_features() const { return data.scalar_type() == at::kByte ? 2 * data.size(1) : data.size(1); }
+};
+
+// out (M, N) = act(x (M, K) @ w.T + b) for contiguous bf16 x and b; the rows are widened once
+// (prepared_rows, widened_rows) and the outputs split across threads.
+void linear_into(const bf16* x, int64_t M, int64_t K, const Weight& w, const bf16* b, int act, bf16* out) {
+  const int64_t N = act == kSwiGLU ? w.data.size(0) / 2 : w.data.size(0);
   // About 16 KiB of weights per task: big enough to amortise the fork, small enough to balance.
-  const int64_t grain = std::max<int64_t>(8, 8192 / std::max<int64_t>(K, 1));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { linear_block(xp, M, K, wp, b, n0, n1, N, act, out); });
+  const int64_t row_bytes = std::max<int64_t>(w.data.size(1) * w.data.element_size(), 1);
+  const int64_t grain = std::max<int64_t>(8, 16384 / row_bytes);
+  auto run = [&](const auto& tiles) {
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { linear_block(tiles, M, n0, n1, N, act, out); });
+  };
+  std::vector<float> widened, sums;
+  switch (w.data.scalar_type()) {
+    case at::kBFloat16:
+      run(Bf16Tiles{prepared_rows(x, M, K, widened), K, w.data.data_ptr<bf16>(), b});
+      break;
+    case at::kChar:
+      run(Int8Tiles{widened_rows(x, M, K, false, widened), K, w.data.data_ptr<int8_t>(), w.scales.data_ptr<bf16>(), b});
+      break;
+    default: {
+      const int64_t group = K / w.scales.size(1);
+      const float* xf = widened_rows(x, M, K, true, widened);
+      run(Int4Tiles{xf, group_sums(xf, M, K, group, sums), K, group, w.data.data_ptr<uint8_t>(),
+                    w.scales.data_ptr<bf16>(), w.zeros.data_ptr<bf16>(), b});
+    }
+  }
 }
 
 inline const bf16* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<bf16>() : nullptr; }
@@ -408,7 +603,40 @@ at::Tensor linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bia
   weight = weight.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   auto out = at::empty({x.size(0), act == kSwiGLU ? weight.size(0) / 2 : weight.size(0)}, x.options());
-  linear_into(x.data_ptr<bf16>(), x.size(0), x.size(1), weight, data_or_null(b), act, out.data_ptr<bf16>());
+  linear_into(x.data_ptr<bf16>(), x.size(0), x.size(1), Weight{weight}, data_or_null(b), act, out.data_ptr<bf16>());
+  return out;
+}
+
+// A quantized layer's codes, scales and zeros as a `Weight`, their dtypes and shapes checked.
+Weight checked_quantized(const at::Tensor& w, const at::Tensor& s, const c10::optional<at::Tensor>& zeros) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu() && s.is_contiguous() &&
+                  s.scalar_type() == at::kBFloat16,
+              "quantized weights: contiguous CPU codes with contiguous bf16 scales");
+  if (w.scalar_type() == at::kChar) {
+    TORCH_CHECK(!zeros.has_value() && s.dim() == 1 && s.size(0) == w.size(0), "quantized weights: int8 takes scales (N)");
+    return {w, s};
+  }
+  TORCH_CHECK(w.scalar_type() == at::kByte && zeros.has_value(), "quantized weights: int8, or int4 as uint8 pairs with zeros");
+  const at::Tensor& z = *zeros;
+  const int64_t K = 2 * w.size(1);
+  TORCH_CHECK(z.is_contiguous() && z.scalar_type() == at::kBFloat16 && s.dim() == 2 && s.sizes() == z.sizes() &&
+                  s.size(0) == w.size(0) && K % s.size(1) == 0 && (K / s.size(1)) % 32 == 0,
+              "quantized weights: int4 takes bf16 scales and zeros (N, K / group), groups a multiple of 32 inputs");
+  return {w, s, z};
+}
+
+// x (M, K) bf16, M <= 8, through a weight-only quantized layer: int8 codes (N, K) with bf16 scales
+// (N), or int4 codes uint8 (N, K / 2) with bf16 scales and zeros (N, K / group); bias (N) bf16 or
+// None -> (M, N) bf16.
+at::Tensor quantized_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> zeros,
+                            c10::optional<at::Tensor> bias) {
+  const Weight w = checked_quantized(codes, scales, zeros);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows && x.size(1) == w.in_features() && x.scalar_type() == at::kBFloat16,
+              "quantized_linear: x must be (M <= 8, in_features) bf16");
+  x = x.contiguous();
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  auto out = at::empty({x.size(0), codes.size(0)}, x.options());
+  linear_into(x.data_ptr<bf16>(), x.size(0), x.size(1), w, data_or_null(b), kNone, out.data_ptr<bf16>());
   return out;
 }
 
@@ -466,7 +694,8 @@ struct Norm {
 // One layer's weights, as HybridLM holds them (nothing is copied).
 struct Layer {
   Norm norm1, norm2;
-  at::Tensor qkv_w, qkv_b, proj_w, proj_b, up_w, up_b, down_w, down_b;
+  Weight qkv_w, proj_w, up_w, down_w;
+  at::Tensor qkv_b, proj_b, up_b, down_b;
   at::Tensor k_global, v_global;  // (KV, G, D) bf16: a sparse layer's global slots, or undefined
   int64_t act;
 };
@@ -523,8 +752,9 @@ using CacheGroup = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, 
 
 class DecodePlan {
  public:
-  // layers[i]: norm1 w, b, qkv w, b, proj w, b, norm2 w, b, up w, b, down w, b, k_global, v_global
-  // (None where absent); acts[i]: the FFN's activation code.
+  // layers[i]: norm1 w, b; qkv w, scales, zeros, b; proj, the same four; norm2 w, b; up and down,
+  // four each; k_global, v_global (None where absent: a bf16 weight has no scales or zeros, an
+  // int8 one no zeros); acts[i]: the FFN's activation code.
   DecodePlan(std::vector<std::vector<c10::optional<at::Tensor>>> layers, std::vector<int64_t> acts, bool rms,
              double eps, c10::optional<at::Tensor> norm_w, c10::optional<at::Tensor> norm_b, at::Tensor head,
              c10::optional<at::Tensor> cos, c10::optional<at::Tensor> sin, int64_t n_head, int64_t n_kv_head,
@@ -533,10 +763,14 @@ class DecodePlan {
     TORCH_CHECK(layers.size() == acts.size() && H_ % KV_ == 0, "DecodePlan: bad layer list");
     for (size_t i = 0; i < layers.size(); ++i) {
       const auto& t = layers[i];
-      TORCH_CHECK(t.size() == 14, "DecodePlan: each layer takes 14 tensors");
+      TORCH_CHECK(t.size() == 22, "DecodePlan: each layer takes 22 tensors");
       auto get = [&](int j) { return t[j].has_value() ? checked(*t[j]) : at::Tensor(); };
-      layers_.push_back({{get(0), get(1)}, {get(6), get(7)}, get(2), get(3), get(4), get(5), get(8), get(9),
-                         get(10), get(11), get(12), get(13), acts[i]});
+      auto weight = [&](int j) {  // a bf16 weight has no scales; a quantized one, codes with scales (and zeros)
+        TORCH_CHECK(t[j].has_value(), "DecodePlan: a Linear layer without a weight");
+        return t[j + 1].has_value() ? checked_quantized(*t[j], *t[j + 1], t[j + 2]) : Weight{checked(*t[j])};
+      };
+      layers_.push_back({{get(0), get(1)}, {get(10), get(11)}, weight(2), weight(6), weight(12), weight(16),
+                         get(5), get(9), get(15), get(19), get(20), get(21), acts[i]});
     }
     norm_f_ = {norm_w.has_value() ? checked(*norm_w) : at::Tensor(), norm_b.has_value() ? checked(*norm_b) : at::Tensor()};
     if (cos.has_value()) {
@@ -569,7 +803,7 @@ class DecodePlan {
       linear_into(attn.data(), R, H_ * D_, L.proj_w, data_or_null(L.proj_b), kNone, out.data());
       add_rows(hp, out.data(), R * C);
       norm_rows(L.norm2, rms_, eps_, hp, R, C, normed.data());
-      const int64_t F = L.down_w.size(1);
+      const int64_t F = L.down_w.in_features();
       std::vector<bf16> hidden(R * F);
       linear_into(normed.data(), R, C, L.up_w, data_or_null(L.up_b), static_cast<int>(L.act), hidden.data());
       linear_into(hidden.data(), R, F, L.down_w, data_or_null(L.down_b), kNone, out.data());
@@ -577,7 +811,7 @@ class DecodePlan {
     }
     norm_rows(norm_f_, rms_, eps_, hp, R, C, normed.data());
     auto logits = at::empty({R, head_.size(0)}, x.options());
-    linear_into(normed.data(), R, C, head_, nullptr, kNone, logits.data_ptr<bf16>());
+    linear_into(normed.data(), R, C, Weight{head_}, nullptr, kNone, logits.data_ptr<bf16>());
     return logits;
   }
 
@@ -658,6 +892,7 @@ class DecodePlan {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "a few bf16 rows through a Linear layer");
+  m.def("quantized_linear", &quantized_linear, "a few bf16 rows through a weight-only int8 or int4 layer");
   m.def("decode_attention", &decode_attention, "one bf16 query per head against a KV cache's key sets");
   py::class_<DecodePlan>(m, "DecodePlan")
       .def(py::init<std::vector<std::vector<c10::optional<at::Tensor>>>, std::vector<int64_t>, bool, double,

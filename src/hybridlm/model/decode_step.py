@@ -7,10 +7,11 @@ a step hands it each layer's cache buffers and gets the logits back. The caches 
 bookkeeping (sparse layers' rolling run and strided store), so prefix caching and the unfused path
 read them as before.
 
-It applies to plain bf16 CPU models in eval mode without autograd: every projection a
-`transformer.Linear`, LayerNorm or RMSNorm, dense FFNs, no hooks (analysis probes, tensor
-parallelism), at most MAX_ROWS rows. Anything else (quantized or LoRA layers, mixtures of experts,
-fp32) takes the module path, which gives the same numbers.
+It applies to bf16 CPU models in eval mode without autograd: every projection a
+`transformer.Linear` or a weight-only int8/int4 `QuantizedLinear` (the kernels read its codes and
+scales as stored), LayerNorm or RMSNorm, dense FFNs, no hooks (analysis probes, tensor
+parallelism), at most MAX_ROWS rows. Anything else (LoRA layers, mixtures of experts, fp32) takes
+the module path, which gives the same numbers up to rounding order.
 """
 
 from __future__ import annotations
@@ -25,6 +26,24 @@ from hybridlm.model.decode_kernel_bf16 import ACTIVATION_CODES, MAX_ROWS, decode
 def _weights_ok(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or (t.dtype is torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous()
                              and not isinstance(t, DTensor)) for t in tensors)
+
+
+def _linear_tensors(layer: nn.Module) -> list[torch.Tensor | None] | None:
+    """(weight, scales, zeros, bias) of a Linear or weight-only quantized layer as the plan reads
+    them, or None for any other layer or one whose tensors it cannot read."""
+    from hybridlm.model.converters.quant import QuantizedLinear
+    from hybridlm.model.transformer import Linear
+
+    if type(layer) is Linear:
+        tensors = [layer.weight, None, None, layer.bias]
+        return tensors if _weights_ok(layer.weight, layer.bias) else None
+    if type(layer) is not QuantizedLinear:
+        return None
+    zeros = layer.zeros if layer.kind == "int4" else None
+    if not (_weights_ok(layer.scales, zeros, layer.bias) and layer.qweight.device.type == "cpu"
+            and layer.qweight.is_contiguous()):
+        return None
+    return [layer.qweight, layer.scales, zeros, layer.bias]
 
 
 def _hooked(model: nn.Module) -> bool:
@@ -48,16 +67,17 @@ def build_plan(model: nn.Module):
     layers, acts = [], []
     for block in model.blocks:
         attn, ffn = block.attn, block.ffn
-        linears = (attn.qkv, attn.proj, getattr(ffn, "up", None), getattr(ffn, "down", None))
         norms = (block.norm1, block.norm2)
-        if (type(ffn) is not FeedForward or any(type(m) is not Linear for m in linears)
+        if (type(ffn) is not FeedForward
                 or any(type(n) is not type(model.norm_f) or n.eps != model.norm_f.eps for n in norms)):
             return None
-        tensors = [block.norm1.weight, getattr(block.norm1, "bias", None), attn.qkv.weight, attn.qkv.bias,
-                   attn.proj.weight, attn.proj.bias, block.norm2.weight, getattr(block.norm2, "bias", None),
-                   ffn.up.weight, ffn.up.bias, ffn.down.weight, ffn.down.bias, attn.k_global, attn.v_global]
-        if not _weights_ok(*tensors):
+        linears = [_linear_tensors(m) for m in (attn.qkv, attn.proj, ffn.up, ffn.down)]
+        others = [block.norm1.weight, getattr(block.norm1, "bias", None), block.norm2.weight,
+                  getattr(block.norm2, "bias", None), attn.k_global, attn.v_global]
+        if any(t is None for t in linears) or not _weights_ok(*others):
             return None
+        qkv, proj, up, down = linears
+        tensors = [*others[:2], *qkv, *proj, *others[2:4], *up, *down, *others[4:]]
         layers.append([None if t is None else t.detach() for t in tensors])
         acts.append(ACTIVATION_CODES["swiglu" if ffn.gated else "gelu_tanh"])
     final = (model.norm_f.weight, getattr(model.norm_f, "bias", None), model.lm_head.weight)

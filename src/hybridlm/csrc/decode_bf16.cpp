@@ -200,11 +200,13 @@ struct Lanes {
   static F int8s(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
-  // L bytes of two 4-bit codes each: the low nibbles (codes 0, 2, 4, ...) and the high ones (1, 3, ...).
+  // L bytes of two 4-bit codes each as the values c - 8: the low nibbles (codes 0, 2, 4, ...) and the
+  // high ones (1, 3, ...). vpermps reads only an index's low 4 bits: one lookup per nibble, no mask.
   static void nibbles(const uint8_t* p, F& lo, F& hi) {
+    const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    lo = _mm512_permutexvar_ps(b, centred);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), centred);
   }
 };
 
@@ -340,11 +342,13 @@ struct Lanes {
   static F int8s(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
-  // L bytes of two 4-bit codes each: the low nibbles (codes 0, 2, 4, ...) and the high ones (1, 3, ...).
+  // L bytes of two 4-bit codes each as the values c - 8: the low nibbles (codes 0, 2, 4, ...) and the
+  // high ones (1, 3, ...).
   static void nibbles(const uint8_t* p, F& lo, F& hi) {
     const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
-    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+    const __m256i eight = _mm256_set1_epi32(8);
+    lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(15)), eight));
+    hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
   }
 };
 
@@ -356,7 +360,7 @@ struct Lanes {
 // int8: w[n, k] = q[n, k] * scale[n]. int4: codes c in 0..15, two per byte (low nibble first),
 // w[n, k] = (c - 8) * scale[n, g] + zero[n, g] for the group g of `group` inputs holding k. The
 // tiles widen the codes and the input (exactly: a bf16 is an fp32) to fp32 and apply a scale once
-// per row (int8) or group (int4), using x . ((c - 8) s + z) = s (x . c) + (z - 8 s) sum(x): the
+// per row (int8) or group (int4), using x . ((c - 8) s + z) = s (x . (c - 8)) + z sum(x): the
 // sums of the dequantized fp32 weight, up to rounding order.
 
 // res[m][j] = x[m, :] . w[n0 + j, :] (+ bias) of an int8 layer; x widened to fp32 in order.
@@ -421,7 +425,7 @@ void int4_tile(const float* x, const float* xsum, int64_t K, int64_t group, cons
       const V::F sv = V::set1(s);
       for (int m = 0; m < kRows; ++m) {
         acc[m][j] = V::fma(sv, part[m][j], acc[m][j]);
-        offset[m][j] += (z - 8.0f * s) * xsum[m * G + g];
+        offset[m][j] += z * xsum[m * G + g];
       }
     }
   }

@@ -62,11 +62,12 @@ def test_linear_kernel_takes_leading_dims_and_only_inference_calls(kernel):
 @torch.no_grad()
 @pytest.mark.parametrize("heads,kv_heads", [(6, 6), (6, 2), (4, 1)])
 @pytest.mark.parametrize("length", [1, 17, 1000])
-@pytest.mark.parametrize("dim", [32, 64, 128, 48])
+@pytest.mark.parametrize("dim", [32, 64, 128, 48, 40])
 def test_decode_attention_equals_sdpa_on_a_cache_slice(kernel, heads, kv_heads, length, dim):
     """Keys and values are a slice of a larger cache buffer (strided), as DenseKVCache passes them;
     grouped and multi-query heads; lengths under, over and not a multiple of the AVX-512 kernel's
-    16-key blocks; each head dim it keeps in registers, and one with a masked tail."""
+    16-key blocks (the AVX2 kernel's 8); each head dim they keep in registers, and ones with a tail
+    past their vectors (48 for AVX-512's 32 bf16 per load, 40 for both)."""
     q = _bf16(2, heads, 1, dim, seed=4)
     k_buffer, v_buffer = _bf16(2, kv_heads, length + 30, dim, seed=5), _bf16(2, kv_heads, length + 30, dim, seed=6)
     k, v = k_buffer[:, :, :length], v_buffer[:, :, :length]

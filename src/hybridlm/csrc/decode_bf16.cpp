@@ -298,20 +298,94 @@ inline float dot_row(const bf16* q, const bf16* k, int64_t D) {
   return reduce8(acc) + tail;
 }
 
-// out[s] = scale * q . k[s * stride, + D) for s < n; returns their max.
+// The 8 lane sums of v[0..7], in order, in one vector (two rounds of hadd, one of 128-bit halves).
+inline __m256 sum8x8(const __m256 v[8]) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// Head dims up to which the query is widened once per key set (on the stack); wider ones go key by key.
+constexpr int64_t kMaxWidenedDim = 512;
+
+// out[s] = scale * q . k[s * stride, + D) for s < n, 8 keys at a time against the query widened
+// once (load16's lane order, which a dot product does not see); returns their max.
 inline float key_scores(const bf16* q, const bf16* k, int64_t n, int64_t stride, int64_t D, float scale, float* out) {
   float best = -INFINITY;
-  for (int64_t s = 0; s < n; ++s) {
+  int64_t s = 0;
+  if (D <= kMaxWidenedDim) {
+    alignas(32) float qf[kMaxWidenedDim];
+    const int64_t D16 = D - D % 16;
+    for (int64_t d = 0; d < D16; d += 16) {
+      __m256 lo, hi;
+      load16(q + d, lo, hi);
+      _mm256_store_ps(qf + d, lo);
+      _mm256_store_ps(qf + d + 8, hi);
+    }
+    const __m256 sv = _mm256_set1_ps(scale);
+    __m256 top = _mm256_set1_ps(-INFINITY);
+    for (; s + 8 <= n; s += 8) {
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) {
+        prefetch_row(k + (s + j + kPrefetchKeys) * stride, D);
+        acc[j] = _mm256_setzero_ps();
+      }
+      for (int64_t d = 0; d < D16; d += 16) {
+        const __m256 q_lo = _mm256_load_ps(qf + d), q_hi = _mm256_load_ps(qf + d + 8);
+        for (int j = 0; j < 8; ++j) {
+          __m256 k_lo, k_hi;
+          load16(k + (s + j) * stride + d, k_lo, k_hi);
+          acc[j] = _mm256_fmadd_ps(k_hi, q_hi, _mm256_fmadd_ps(k_lo, q_lo, acc[j]));
+        }
+      }
+      alignas(32) float tails[8] = {};
+      for (int j = 0; j < 8; ++j)
+        for (int64_t d = D16; d < D; ++d) tails[j] += static_cast<float>(k[(s + j) * stride + d]) * static_cast<float>(q[d]);
+      const __m256 scores = _mm256_mul_ps(_mm256_add_ps(sum8x8(acc), _mm256_load_ps(tails)), sv);
+      _mm256_storeu_ps(out + s, scores);
+      top = _mm256_max_ps(top, scores);
+    }
+    alignas(32) float tops[8];
+    _mm256_store_ps(tops, top);
+    best = *std::max_element(tops, tops + 8);
+  }
+  for (; s < n; ++s) {
     prefetch_row(k + (s + kPrefetchKeys) * stride, D);
     best = std::max(best, out[s] = dot_row(q, k + s * stride, D) * scale);
   }
   return best;
 }
 
-// scores[i] = exp(scores[i] - top) for i < n, returning their sum.
+// exp(x) in fp32 to about 2 ulp for 8 lanes (exp16's method; 2^n built in the exponent bits, so x
+// is clamped to where 2^n stays a normal float: the softmax's arguments are <= 0).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+// scores[i] = exp(scores[i] - top) for i < n, returning their sum: 8 lanes at a time (exp8).
 inline float exp_and_sum(float* scores, int64_t n, float top) {
-  float total = 0.0f;
-  for (int64_t i = 0; i < n; ++i) total += scores[i] = std::exp(scores[i] - top);
+  const __m256 tv = _mm256_set1_ps(top);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + i), tv));
+    _mm256_storeu_ps(scores + i, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float total = reduce8(sum);
+  for (; i < n; ++i) total += scores[i] = std::exp(scores[i] - top);
   return total;
 }
 
@@ -322,8 +396,42 @@ inline void axpy_row(float p, const bf16* row, int64_t D, float* acc) {
   for (; d < D; ++d) acc[d] += p * static_cast<float>(row[d]);
 }
 
-// acc[0, D) += sum over s < n of p[s] * v[s * stride, + D).
+// acc[0, 16 kBlocks) += sum over s < n of p[s] * v[s * stride, + 16 kBlocks), the accumulators in
+// registers (load16's lane order, put back in order at the end) while the rows stream past.
+template <int kBlocks>
+void weighted_rows(const float* p, const bf16* v, int64_t n, int64_t stride, float* acc) {
+  __m256 lo[kBlocks], hi[kBlocks];
+  for (int j = 0; j < kBlocks; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < n; ++s) {
+    prefetch_row(v + (s + kPrefetchKeys) * stride, 16 * kBlocks);
+    const __m256 pv = _mm256_set1_ps(p[s]);
+    for (int j = 0; j < kBlocks; ++j) {
+      __m256 v_lo, v_hi;
+      load16(v + s * stride + 16 * j, v_lo, v_hi);
+      lo[j] = _mm256_fmadd_ps(pv, v_lo, lo[j]);
+      hi[j] = _mm256_fmadd_ps(pv, v_hi, hi[j]);
+    }
+  }
+  for (int j = 0; j < kBlocks; ++j) {  // lo holds values 0-3 and 8-11 of the block, hi 4-7 and 12-15
+    float* a = acc + 16 * j;
+    _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), _mm256_permute2f128_ps(lo[j], hi[j], 0x20)));
+    _mm256_storeu_ps(a + 8, _mm256_add_ps(_mm256_loadu_ps(a + 8), _mm256_permute2f128_ps(lo[j], hi[j], 0x31)));
+  }
+}
+
+// acc[0, D) += sum over s < n of p[s] * v[s * stride, + D): in registers, up to 64 columns at a
+// time, for head dims that are multiples of 16; a row at a time through memory for any other.
 inline void weighted_values(const float* p, const bf16* v, int64_t n, int64_t stride, int64_t D, float* acc) {
+  if (D % 16 == 0) {
+    int64_t d = 0;
+    for (; d + 64 <= D; d += 64) weighted_rows<4>(p, v + d, n, stride, acc + d);
+    switch ((D - d) / 16) {
+      case 3: return weighted_rows<3>(p, v + d, n, stride, acc + d);
+      case 2: return weighted_rows<2>(p, v + d, n, stride, acc + d);
+      case 1: return weighted_rows<1>(p, v + d, n, stride, acc + d);
+      default: return;
+    }
+  }
   for (int64_t s = 0; s < n; ++s) {
     prefetch_row(v + (s + kPrefetchKeys) * stride, D);
     axpy_row(p[s], v + s * stride, D, acc);

@@ -2,23 +2,24 @@
 #pragma once
 #include <immintrin.h>
 
+#include "exp_poly.h"
+
 namespace {
 
-// exp(x) in fp32 to about 2 ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-6 Taylor
-// polynomial, then scaled by 2^n (which also gives 0 and inf past the range).
+// 16 fp32 lanes as exp_reduced (and the decode kernels' quantized tiles) use them.
+struct Ops16 {
+  using F = __m512;
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F round(F v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT); }
+  static F scale2n(F p, F n) { return _mm512_scalef_ps(p, n); }  // also gives 0 and inf past the range
+};
+
+// exp(x) in fp32 to about 2 ulp, clamped to where 2^n is exact as a scale (exp_poly.h).
 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return exp_reduced<Ops16>(_mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.0f)));
 }
 
 // 2^x in fp32 to about 2 ulp, for the softmaxes, whose arguments are scores already scaled by

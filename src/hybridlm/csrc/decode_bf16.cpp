@@ -188,14 +188,11 @@ inline void weighted_values(const float* p, const bf16* v, int64_t n, int64_t st
   }
 }
 
-// fp32 vectors as the quantized tiles use them (16 lanes), and their codes widened to fp32.
-struct Lanes {
-  using F = __m512;
+// 16 fp32 lanes as the quantized tiles use them (Ops16's operations), and the codes widened to fp32.
+struct Lanes : Ops16 {
   static constexpr int L = 16;
   static F zero() { return _mm512_setzero_ps(); }
-  static F set1(float v) { return _mm512_set1_ps(v); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
-  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(F v) { return _mm512_reduce_add_ps(v); }
   static F int8s(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -211,6 +208,8 @@ struct Lanes {
 };
 
 #elif defined(__AVX2__) && defined(__FMA__)
+
+#include "exp_poly.h"
 
 // Eight bf16 values widened to fp32: a bf16 is the top half of an fp32.
 inline __m256 load8(const bf16* p) {
@@ -356,22 +355,38 @@ inline float key_scores(const bf16* q, const bf16* k, int64_t n, int64_t stride,
   return best;
 }
 
-// exp(x) in fp32 to about 2 ulp for 8 lanes (exp16's method; 2^n built in the exponent bits, so x
-// is clamped to where 2^n stays a normal float: the softmax's arguments are <= 0).
+// 8 fp32 lanes as exp_reduced and the quantized tiles use them, and the codes widened to fp32.
+struct Lanes {
+  using F = __m256;
+  static constexpr int L = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F round(F v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F scale2n(F p, F n) {  // 2^n built in the exponent bits: n must keep it a normal float
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
+  }
+  static float sum(F v) { return reduce8(v); }
+  static F int8s(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  // L bytes of two 4-bit codes each as the values c - 8: the low nibbles (codes 0, 2, 4, ...) and the
+  // high ones (1, 3, ...).
+  static void nibbles(const uint8_t* p, F& lo, F& hi) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i eight = _mm256_set1_epi32(8);
+    lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(15)), eight));
+    hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
+  }
+};
+
+// exp(x) for 8 lanes (exp_poly.h), clamped to where scale2n's 2^n stays a normal float (the
+// softmax's arguments are <= 0).
 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+  return exp_reduced<Lanes>(_mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f)));
 }
 
 // scores[i] = exp(scores[i] - top) for i < n, returning their sum: 8 lanes at a time (exp8).
@@ -437,28 +452,6 @@ inline void weighted_values(const float* p, const bf16* v, int64_t n, int64_t st
     axpy_row(p[s], v + s * stride, D, acc);
   }
 }
-
-// fp32 vectors as the quantized tiles use them (8 lanes), and their codes widened to fp32.
-struct Lanes {
-  using F = __m256;
-  static constexpr int L = 8;
-  static F zero() { return _mm256_setzero_ps(); }
-  static F set1(float v) { return _mm256_set1_ps(v); }
-  static F load(const float* p) { return _mm256_loadu_ps(p); }
-  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static float sum(F v) { return reduce8(v); }
-  static F int8s(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-  // L bytes of two 4-bit codes each as the values c - 8: the low nibbles (codes 0, 2, 4, ...) and the
-  // high ones (1, 3, ...).
-  static void nibbles(const uint8_t* p, F& lo, F& hi) {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    const __m256i eight = _mm256_set1_epi32(8);
-    lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(15)), eight));
-    hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
-  }
-};
 
 #else
 #error "decode_bf16.cpp needs AVX-512 BF16 or AVX2 with FMA"

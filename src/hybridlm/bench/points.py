@@ -128,7 +128,8 @@ def generate_point(spec: dict) -> dict:
     result["tokens_per_s"] = 1.0 / result["seconds"]
     result["prefill_tokens_per_s"] = spec["seq"] / statistics.median(prefill_s[1:])  # the warm runs
     result["kv_cache_mb"] = cache_bytes[-1] / 2**20
-    result["weights_mb"] = sum(t.nbytes for t in model.state_dict().values()) / 2**20  # read once per token
+    distinct = {t.data_ptr(): t.nbytes for t in model.state_dict().values()}  # a tied head counted once
+    result["weights_mb"] = sum(distinct.values()) / 2**20
     return result
 
 
